@@ -1,0 +1,729 @@
+"""cdm.py -- Cascaded Diffusion Models, the paper in one file.
+
+Ho, Saharia, Chan, Fleet, Norouzi, Salimans. "Cascaded Diffusion Models for High Fidelity Image
+Generation". arXiv 2106.15282 (v3), JMLR 23(47), 2022.  Cited below as "CDM §n".
+It builds on:
+  DDPM  = Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models" (arXiv 2006.11239)
+  iDDPM = Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models" (2102.09672)
+  ADM   = Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (2105.05233)
+  DDIM  = Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models" (2010.02502)
+  SR3   = Saharia et al. 2021, "Image Super-Resolution via Iterative Refinement" (2104.07636)
+
+Read top to bottom:
+  1. noise schedules                      (DDPM §4, iDDPM §3.2)
+  2. Gaussian diffusion: q, posterior, losses, samplers (DDPM, iDDPM, DDIM)
+  3. conditioning augmentation           (CDM §3.3: Gaussian noise, Gaussian blur)
+  4. the U-Net                            (DDPM App. B, iDDPM, ADM §3; CDM §3.2 for the SR inputs)
+  5. cascade sampling                     (CDM §3.1, Fig. 1)
+  6. checkpoints that rebuild themselves
+
+Vocabulary (the paper's symbols, used everywhere in this project):
+  x0        a clean image at a stage's resolution, in [-1, 1], shape (B, 3, H, W)
+  t         diffusion step, an integer in {1, ..., T}; t = 0 means "clean" (x_0)
+  x_t       the noised image  sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+  eps       standard Gaussian noise; the network predicts it: eps_theta(x_t, t, ...)
+  abar      alphas_cumprod, abar_t = prod_{i<=t} (1 - beta_i), abar_0 = 1
+  c         class label, int64 (B,)
+  z, z0     the low-resolution conditioning image of a super-resolution (SR) stage; z0 is clean
+  s         augmentation time: z_s = sqrt(abar_s) z0 + sqrt(1 - abar_s) eps (CDM §3.3), s = 0: none
+  T         number of diffusion steps of a model
+
+Index convention (a common source of off-by-one bugs): every schedule array here has length T + 1
+and is indexed by the paper's t, with entry 0 describing the clean data (abar_0 = 1, beta_0 = 0).
+"""
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm is optional: without it loops just run silently
+    def tqdm(iterable, **kwargs):
+        return iterable
+
+
+# =============================================================================================
+# 1. Noise schedules
+# =============================================================================================
+
+def linear_schedule(T, beta_1=1e-4, beta_T=0.02):
+    """Linear betas, DDPM §4: beta_t rises linearly from 1e-4 to 0.02 over T = 1000 steps.
+
+    For other T the end points are scaled by 1000 / T (as in the iDDPM code), so that the
+    schedule describes the same continuous process whatever T is. Returns float64 (T + 1,)
+    with beta_0 = 0 by our index convention.
+    """
+    scale = 1000.0 / T
+    betas = np.linspace(scale * beta_1, scale * beta_T, T, dtype=np.float64)
+    return np.concatenate([[0.0], betas])
+
+
+def cosine_schedule(T, offset=0.008, max_beta=0.999):
+    """Cosine schedule, iDDPM §3.2, Eq. (17):
+
+        abar_t = f(t) / f(0),   f(t) = cos^2( (t/T + offset) / (1 + offset) * pi/2 ),
+        beta_t = min(1 - abar_t / abar_{t-1}, 0.999)
+
+    The clip at 0.999 stops beta_T = 1 (a singularity at t = T). Returns float64 (T + 1,).
+    """
+    f = lambda t: np.cos((t / T + offset) / (1 + offset) * np.pi / 2) ** 2
+    t = np.arange(T + 1, dtype=np.float64)
+    abar = f(t) / f(0.0)
+    betas = np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+    return np.concatenate([[0.0], betas])
+
+
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
+def make_betas(schedule, T):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if int(T) < 1:
+        raise ValueError(f"the number of diffusion steps T must be >= 1, got {T}")
+    return SCHEDULES[schedule](int(T))
+
+
+# =============================================================================================
+# 2. Gaussian diffusion
+# =============================================================================================
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL( N(mean1, e^logvar1) || N(mean2, e^logvar2) ), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x0, mean, log_scale):
+    """log p(x0 | x_1) for 8-bit data: DDPM §3.3, Eq. (13), the decoder L_0.
+
+    Pixel values {0..255} map to 256 bins of width 2/255 centred on x0 in [-1, 1]; the edge bins
+    extend to -inf and +inf so the probabilities sum to one:
+
+        p(x0 | x_1) = Phi((x0 + 1/255 - mean) / sd) - Phi((x0 - 1/255 - mean) / sd)
+
+    with Phi the standard normal CDF. Elementwise, in nats.
+    """
+    inv_sd = torch.exp(-log_scale)
+    upper = (x0 - mean + 1.0 / 255) * inv_sd
+    lower = (x0 - mean - 1.0 / 255) * inv_sd
+    log_cdf_upper = torch.special.log_ndtr(upper)          # log Phi(upper), for the x0 = -1 bin
+    log_one_minus_cdf_lower = torch.special.log_ndtr(-lower)  # log(1 - Phi(lower)), for x0 = +1
+    cdf_delta = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+    return torch.where(
+        x0 < -0.999, log_cdf_upper,
+        torch.where(x0 > 0.999, log_one_minus_cdf_lower, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+def mean_flat(x):
+    """Mean over every dimension but the batch: per-example losses, (B,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def spaced_timesteps(T, K, include=()):
+    """K of the steps {1..T}, evenly spaced and always containing T (iDDPM §4), plus `include`.
+
+    `include` is how truncated sampling (CDM §3.3) makes the chain pass through step s exactly.
+    """
+    K = int(K)
+    if not 1 <= K <= T:
+        raise ValueError(f"cannot take {K} sampling steps from a model with T = {T}; use 1..{T}")
+    kept = set(np.round(np.linspace(1, T, K)).astype(int).tolist()) | {int(i) for i in include}
+    if min(kept) < 1 or max(kept) > T:
+        raise ValueError(f"steps to include must lie in 1..{T}, got {sorted(include)}")
+    return sorted(kept)
+
+
+class GaussianDiffusion:
+    """The forward process q, the reverse process p_theta, their losses and samplers.
+
+    betas: float64 array (T + 1,), beta_0 = 0. variance: "fixed" (Sigma = beta~_t, DDPM §3.2) or
+    "learned" (the network outputs v and Sigma interpolates beta and beta~, iDDPM §3.1), trained
+    with L_simple or L_hybrid respectively. `timesteps[i]` is the step of the *training* schedule
+    that index i of this (possibly respaced) schedule stands for: it is what the network is told.
+    """
+
+    def __init__(self, betas, variance="fixed", lambda_vlb=0.001, timesteps=None):
+        if variance not in ("fixed", "learned"):
+            raise ValueError(f"variance must be 'fixed' or 'learned', got {variance!r}")
+        betas = np.asarray(betas, dtype=np.float64)
+        assert betas[0] == 0.0 and np.all(betas[1:] > 0) and np.all(betas <= 1)
+        self.T = len(betas) - 1
+        self.variance, self.lambda_vlb = variance, lambda_vlb
+        self.timesteps = np.arange(self.T + 1) if timesteps is None else np.asarray(timesteps)
+        # Everything below is float64 and indexed by t = 0..T (entry 0: the clean data).
+        self.betas = betas
+        self.alphas_cumprod = np.cumprod(1.0 - betas)                      # abar_t, abar_0 = 1
+        abar_prev = np.concatenate([[1.0], self.alphas_cumprod[:-1]])      # abar_{t-1}
+        # Posterior q(x_{t-1} | x_t, x0) = N(mu~_t, beta~_t I), DDPM Eqs. (6)-(7):
+        #   beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t
+        #   mu~_t   = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0
+        #           + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t
+        with np.errstate(divide="ignore", invalid="ignore"):
+            one_minus = 1.0 - self.alphas_cumprod
+            self.posterior_variance = np.where(one_minus > 0, (1 - abar_prev) / one_minus * betas, 0)
+            self.posterior_mean_coef_x0 = np.where(one_minus > 0,
+                                                   np.sqrt(abar_prev) * betas / one_minus, 0)
+            self.posterior_mean_coef_xt = np.where(
+                one_minus > 0, np.sqrt(1 - betas) * (1 - abar_prev) / one_minus, 0)
+        # beta~_1 = 0, so log beta~_1 = -inf: borrow beta~_2 for the log, as iDDPM does. This only
+        # matters for the decoder term L_0 and for the learned-variance interpolation at t = 1.
+        pv = self.posterior_variance.copy()
+        pv[1] = pv[2] if self.T >= 2 else betas[1]
+        pv[0] = pv[1]
+        self.posterior_log_variance_clipped = np.log(pv)
+        self.log_betas = np.log(np.where(betas > 0, betas, betas[1]))
+        self._cache = {}
+
+    # --- tiny helper: pick per-example coefficients and broadcast them over (C, H, W) ---------
+    def _at(self, name, t, x):
+        key = (name, x.device)
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(getattr(self, name), dtype=torch.float32,
+                                               device=x.device)
+        return self._cache[key][t].view(-1, *([1] * (x.ndim - 1)))
+
+    def respace(self, K, include=()):
+        """Respaced schedule, iDDPM §4: keep K of the T steps, recompute beta from abar.
+
+        For kept steps t_1 < ... < t_K:  beta_i = 1 - abar_{t_i} / abar_{t_{i-1}},  abar_{t_0} = 1,
+        so the new chain's abar at index i equals the old abar at t_i exactly. The network is still
+        called with the original t_i (self.timesteps). K = T reproduces the schedule.
+        """
+        kept = spaced_timesteps(self.T, K, include)
+        abar = self.alphas_cumprod[kept]
+        betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+        return GaussianDiffusion(np.concatenate([[0.0], betas]), self.variance, self.lambda_vlb,
+                                 timesteps=np.concatenate([[0], self.timesteps[kept]]))
+
+    # --- the forward process ------------------------------------------------------------------
+    def q_sample(self, x0, t, eps):
+        """Sample q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), DDPM Eq. (4). t = 0 -> x0."""
+        return self._at("alphas_cumprod", t, x0).sqrt() * x0 \
+            + (1 - self._at("alphas_cumprod", t, x0)).sqrt() * eps
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0), DDPM Eqs. (6)-(7)."""
+        mean = self._at("posterior_mean_coef_x0", t, x_t) * x0 \
+            + self._at("posterior_mean_coef_xt", t, x_t) * x_t
+        return (mean, self._at("posterior_variance", t, x_t),
+                self._at("posterior_log_variance_clipped", t, x_t))
+
+    def predict_x0(self, x_t, t, eps):
+        """Invert DDPM Eq. (4): x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        abar = self._at("alphas_cumprod", t, x_t)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    # --- the reverse process ------------------------------------------------------------------
+    def model_log_variance(self, v, t, x):
+        """log Sigma_theta: fixed beta~_t, or iDDPM §3.1 Eq. (15) with v in [-1, 1] mapped to [0, 1]:
+
+            Sigma_theta = exp( frac log beta_t + (1 - frac) log beta~_t ),  frac = (v + 1) / 2
+        """
+        log_beta_tilde = self._at("posterior_log_variance_clipped", t, x)
+        if self.variance == "fixed":
+            return log_beta_tilde.expand_as(x)
+        frac = (v + 1) / 2
+        return frac * self._at("log_betas", t, x) + (1 - frac) * log_beta_tilde
+
+    def split_output(self, out):
+        """The network outputs eps (C channels), and v (C more) if the variance is learned."""
+        return out.chunk(2, dim=1) if self.variance == "learned" else (out, None)
+
+    def p_mean_variance(self, model, x_t, t, model_kwargs, clip=True):
+        """p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta): mu_theta is the posterior mean at the
+        predicted x0 (DDPM Eq. (11) written through x0_hat). Clipping x0_hat to [-1, 1] is the
+        usual sampling-time practice (DDPM / iDDPM code), never used in training."""
+        out = model(x_t, torch.as_tensor(self.timesteps, device=x_t.device)[t], **model_kwargs)
+        eps, v = self.split_output(out.float())
+        x0_hat = self.predict_x0(x_t, t, eps)
+        if clip:
+            x0_hat = x0_hat.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(x0_hat, x_t, t)
+        return mean, self.model_log_variance(v, t, x_t), x0_hat, eps
+
+    # --- losses -------------------------------------------------------------------------------
+    def training_losses(self, model, x0, t, model_kwargs, eps=None):
+        """Per-example losses at steps t (B,). Returns a dict with "loss", "mse" and maybe "vlb".
+
+        L_simple = || eps - eps_theta(x_t, t) ||^2            DDPM Eq. (14), mean over pixels
+        L_hybrid = L_simple + lambda * L_vlb,  lambda = 0.001  iDDPM §3.1, Eq. (16)
+
+        L_vlb = L_0 + ... + L_T is estimated from the sampled t as T * L_t (bits per dimension),
+        which is the same as the iDDPM code's L_t * T / 1000 with lambda folded in. Inside L_vlb
+        the mean is built from eps_theta with its gradient stopped, so L_vlb only trains the
+        variance and L_simple alone trains the mean (iDDPM §3.1).
+        """
+        eps = torch.randn_like(x0) if eps is None else eps
+        x_t = self.q_sample(x0, t, eps)
+        out = model(x_t, t, **model_kwargs).float()
+        eps_hat, v = self.split_output(out)
+        terms = {"mse": mean_flat((eps - eps_hat) ** 2)}
+        if self.variance == "learned":
+            terms["vlb"] = self.vlb_term(x0, x_t, t, eps_hat.detach(), v)
+            terms["loss"] = terms["mse"] + self.lambda_vlb * self.T * terms["vlb"]
+        else:
+            terms["loss"] = terms["mse"]
+        return terms
+
+    def vlb_term(self, x0, x_t, t, eps_hat, v):
+        """L_t of DDPM Eq. (5), in bits per dimension (B,):
+
+            L_{t-1} = KL( q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t) )   for t >= 2
+            L_0     = -log p_theta(x0 | x_1)  (the discretised decoder)       for t = 1
+        """
+        x0_hat = self.predict_x0(x_t, t, eps_hat)  # not clipped: the loss sees the raw prediction
+        mean_p, _, _ = self.q_posterior(x0_hat, x_t, t)
+        logvar_p = self.model_log_variance(v, t, x_t)
+        mean_q, _, logvar_q = self.q_posterior(x0, x_t, t)
+        kl = mean_flat(normal_kl(mean_q, logvar_q, mean_p, logvar_p)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p)) / math.log(2.0)
+        return torch.where(t == 1, nll, kl)
+
+    # --- samplers -----------------------------------------------------------------------------
+    def _index_of(self, s):
+        where = np.nonzero(self.timesteps == s)[0]
+        if len(where) == 0:
+            raise ValueError(f"step {s} is not on this sampling chain; respace with include=[{s}]")
+        return int(where[0])
+
+    @torch.no_grad()
+    def sample(self, model, shape, model_kwargs, *, eta=None, stop_at=0, noise=None,
+               generator=None, progress=False, desc="sampling"):
+        """Ancestral sampling (DDPM Alg. 2) or, if eta is given, DDIM (DDIM Eq. (12)).
+
+        Runs from x_T ~ N(0, I) down to x_{stop_at}; stop_at is a step of the *training* schedule
+        (0: to the clean image). Stopping early is truncated conditioning augmentation (CDM §3.3).
+        DDPM step: x_{t-1} = mu_theta + Sigma_theta^{1/2} n, n ~ N(0, I), no noise on the last step.
+        DDIM step from t to t' (the previous kept step):
+            x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
+            sigma  = eta * sqrt((1 - abar_{t'}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t'})
+        eta = 0 is deterministic; eta = 1 matches DDPM's variance beta~.
+        """
+        device = next(model.parameters()).device
+        x = torch.randn(shape, generator=generator).to(device) if noise is None else noise.to(device)
+        end = self._index_of(stop_at) if stop_at else 0
+        for i in tqdm(range(self.T, end, -1), desc=desc, disable=not progress, leave=False):
+            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            mean, logvar, x0_hat, eps = self.p_mean_variance(model, x, t, model_kwargs)
+            n = torch.randn(shape, generator=generator).to(device) if i > 1 else torch.zeros_like(x)
+            if eta is None:
+                x = mean + torch.exp(0.5 * logvar) * n
+            else:
+                abar, abar_prev = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
+                eps = (x - math.sqrt(abar) * x0_hat) / math.sqrt(1 - abar)  # consistent with clipping
+                sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+                x = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps \
+                    + sigma * n
+        return x
+
+
+def diffusion_from_config(cfg):
+    """cfg: {"schedule": "cosine"|"linear", "T": int, "variance": "learned"|"fixed", "lambda_vlb"}"""
+    return GaussianDiffusion(make_betas(cfg["schedule"], cfg["T"]), cfg["variance"],
+                             cfg.get("lambda_vlb", 0.001))
+
+
+# =============================================================================================
+# 3. Conditioning augmentation (CDM §3.3) and the low-res <-> high-res maps
+# =============================================================================================
+
+def downsample(x, res):
+    """Anti-aliased (area, i.e. box-filter) downsampling: how z0 is made from x0 for training
+    pairs. Area averaging is our choice; the paper does not name the filter."""
+    if x.shape[-1] == res:
+        return x
+    if x.shape[-1] % res:
+        raise ValueError(f"cannot area-downsample {x.shape[-1]}px to {res}px: not an integer factor")
+    return F.interpolate(x, size=(res, res), mode="area")
+
+
+def upsample(z, res):
+    """Resize z up to the SR model's resolution before it is concatenated with x_t (CDM §3.2).
+    The paper allows bilinear or bicubic; bilinear is our choice (as in the iDDPM SR code)."""
+    return F.interpolate(z, size=(res, res), mode="bilinear", align_corners=False)
+
+
+def sample_aug_time(batch, s_max, generator=None, device="cpu"):
+    """Training draws s ~ U{0, ..., s_max} per example (CDM §3.3: one model amortised over all
+    strengths). The range is not in the paper: s_max = T/2 of the low-res schedule is our default."""
+    return torch.randint(0, int(s_max) + 1, (batch,), generator=generator).to(device)
+
+
+def noise_augment(z0, s, low_res_diffusion, eps=None):
+    """Gaussian conditioning augmentation, CDM §3.3:
+
+        z_s = sqrt(abar_s) z0 + sqrt(1 - abar_s) eps,   with abar from the *low-res model's* schedule.
+
+    This is the low-res model's forward process q(z_s | z0). At s = 0 it returns z0 unchanged.
+    s: int64 (B,). Used in training (random s) and in non-truncated sampling (one fixed s).
+    """
+    eps = torch.randn_like(z0) if eps is None else eps
+    return low_res_diffusion.q_sample(z0, s, eps)
+
+
+def gaussian_kernel3(sigma):
+    """3x3 Gaussian kernels for a batch of sigmas (B,) -> (B, 3, 3), each summing to one."""
+    d = torch.tensor([-1.0, 0.0, 1.0], device=sigma.device)
+    g = torch.exp(-d[None, :] ** 2 / (2 * sigma[:, None] ** 2))             # (B, 3)
+    k = g[:, :, None] * g[:, None, :]                                       # separable: (B, 3, 3)
+    return k / k.sum(dim=(1, 2), keepdim=True)
+
+
+def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, generator=None):
+    """Gaussian blur conditioning augmentation, CDM §3.3 (used for the 64->128 and 64->256 stages):
+    a 3x3 Gaussian kernel with sigma ~ U(sigma_range), applied to a random fraction p of the
+    training examples. The model is not told sigma; at sampling time z is not blurred at all.
+    Per-example sigma and coin flip are our choice. Returns (z_aug, applied: bool (B,)).
+    """
+    B, C, H, W = z.shape
+    u = torch.rand(B, generator=generator).to(z.device)
+    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * torch.rand(B, generator=generator).to(z.device)
+    applied = u < p
+    k = gaussian_kernel3(sigma).to(z.dtype)                                # (B, 3, 3)
+    weight = k.repeat_interleave(C, dim=0)[:, None]                        # (B*C, 1, 3, 3)
+    # One grouped convolution blurs every channel of every example with its own kernel.
+    blurred = F.conv2d(F.pad(z.reshape(1, B * C, H, W), (1, 1, 1, 1), mode="reflect"),
+                       weight, groups=B * C).reshape(B, C, H, W)
+    return torch.where(applied[:, None, None, None], blurred, z), applied
+
+
+def augment_for_training(z0, aug, low_res_diffusion=None, generator=None):
+    """Apply a stage's training-time augmentation config to clean z0. Returns (z, s or None)."""
+    if aug["type"] == "noise":
+        s = sample_aug_time(z0.shape[0], aug["s_max"], generator, z0.device)
+        return noise_augment(z0, s, low_res_diffusion), s
+    if aug["type"] == "blur":
+        return blur_augment(z0, tuple(aug["sigma"]), aug["p"], generator)[0], None
+    return z0, None
+
+
+def aug_diffusion(aug):
+    """The low-res forward process that noise augmentation uses (schedule and T of the base)."""
+    return GaussianDiffusion(make_betas(aug["schedule"], aug["T"])) if aug["type"] == "noise" else None
+
+
+# =============================================================================================
+# 4. The U-Net (DDPM App. B, iDDPM, ADM §3), with the SR inputs of CDM §3.2
+# =============================================================================================
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) steps t (B,) -> (B, dim), as in the
+    Transformer and DDPM App. B: [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def group_norm(ch):
+    """GroupNorm with 32 groups as in DDPM/ADM, fewer for the narrow CPU models (our choice)."""
+    g = min(32, max(1, ch // 4))
+    while ch % g:
+        g -= 1
+    return nn.GroupNorm(g, ch)
+
+
+def zero_init(module):
+    """Zero the last layer of a residual branch (and of the network): each block starts as the
+    identity and the initial eps prediction is 0, so the initial L_simple is E[eps^2] = 1."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3 -> scale-shift by the embedding -> SiLU -> dropout -> conv3x3,
+    plus a skip connection (ADM §3: "adaptive group normalisation", h = GN(h) (1 + scale) + shift).
+    The embedding carries t, the class c and, for noise-augmented SR models, the augmentation
+    time s: this is how every conditioning signal except z enters the network (CDM §3.2)."""
+
+    def __init__(self, ch_in, ch_out, emb_dim, dropout):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * ch_out))
+        self.out_norm = group_norm(ch_out)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
+                                        zero_init(nn.Conv2d(ch_out, ch_out, 3, padding=1)))
+        self.skip = nn.Identity() if ch_in == ch_out else nn.Conv2d(ch_in, ch_out, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, ch_out, 1, 1)
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions (DDPM App. B; ADM uses several heads),
+    computed by PyTorch's fused scaled_dot_product_attention."""
+
+    def __init__(self, ch, num_heads):
+        super().__init__()
+        if ch % num_heads:
+            raise ValueError(f"{ch} channels cannot be split into {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)              # (B, heads, H*W, C/heads)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """The improved-DDPM / ADM U-Net, one class for the base and the SR models.
+
+    resolution       image size H = W of x_t
+    channel_mult     width multiplier per resolution level (the "mult" column of CDM's appendix)
+    num_res_blocks   residual blocks per level; attention_resolutions: where self-attention goes
+    out_channels     3, or 6 when the variance is learned (eps and v)
+    num_classes      class-conditional: a learned class embedding is added to the time embedding
+    low_res          SR model: z is resized up to `resolution` and concatenated with x_t along
+                     channels, so the first conv sees 3 + 3 channels (CDM §3.2)
+    aug_time         noise-augmented SR model: s gets its own sinusoidal embedding + MLP, added
+                     into the same conditioning vector ("an extra time embedding input", CDM §3.3)
+    """
+
+    def __init__(self, resolution, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                 attention_resolutions=(16,), num_heads=4, dropout=0.0, out_channels=3,
+                 num_classes=None, low_res=None, aug_time=False, in_channels=3):
+        super().__init__()
+        ch = model_channels
+        emb_dim = 4 * ch
+        self.resolution, self.low_res, self.num_classes = resolution, low_res, num_classes
+        self.aug_time, self.model_channels = aug_time, ch
+        if resolution % 2 ** (len(channel_mult) - 1):
+            raise ValueError(f"resolution {resolution} cannot be halved {len(channel_mult) - 1} times")
+        mlp = lambda: nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = mlp()
+        self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes else None
+        self.aug_embed = mlp() if aug_time else None
+
+        self.input_conv = nn.Conv2d(in_channels * (2 if low_res else 1), ch, 3, padding=1)
+        self.down, skip_chs, res, cur = nn.ModuleList(), [ch], resolution, ch
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(cur, mult * ch, emb_dim, dropout)]
+                cur = mult * ch
+                if res in attention_resolutions:
+                    layers.append(AttentionBlock(cur, num_heads))
+                self.down.append(nn.ModuleList(layers))
+                skip_chs.append(cur)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                skip_chs.append(cur)
+                res //= 2
+        self.middle = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), AttentionBlock(cur, num_heads),
+                                     ResBlock(cur, cur, emb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(cur + skip_chs.pop(), mult * ch, emb_dim, dropout)]
+                cur = mult * ch
+                if res in attention_resolutions:
+                    layers.append(AttentionBlock(cur, num_heads))
+                if level and i == num_res_blocks:
+                    layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    layers.append(nn.Conv2d(cur, cur, 3, padding=1))
+                    res *= 2
+                self.up.append(nn.ModuleList(layers))
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_init(nn.Conv2d(cur, out_channels, 3, padding=1)))
+
+    def check_inputs(self, x_t, t, c, z, s):
+        """Clear errors for the mistakes people make when calling a model by hand."""
+        if x_t.ndim != 4 or x_t.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"this model makes {self.resolution}x{self.resolution} images, "
+                             f"got x_t of shape {tuple(x_t.shape)}")
+        if self.num_classes:
+            if c is None:
+                raise ValueError("this model is class-conditional: pass class labels c")
+            if c.min() < 0 or c.max() >= self.num_classes:
+                raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got "
+                                 f"{c.min().item()}..{c.max().item()}")
+        if self.low_res:
+            if z is None or z.shape[-2:] != (self.low_res, self.low_res):
+                got = None if z is None else tuple(z.shape)
+                raise ValueError(f"this SR model needs z at {self.low_res}x{self.low_res}, got {got}")
+        if self.aug_time and s is None:
+            raise ValueError("this SR model was trained with noise augmentation: pass s")
+
+    def forward(self, x_t, t, c=None, z=None, s=None):
+        self.check_inputs(x_t, t, c, z, s)
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(c)
+        if self.aug_embed is not None:
+            emb = emb + self.aug_embed(timestep_embedding(s, self.model_channels))
+        if self.low_res:
+            x_t = torch.cat([x_t, upsample(z, self.resolution)], dim=1)  # (B, 3+3, H, W)
+        h = self.input_conv(x_t)
+        hs = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for layer in self.middle:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layers in self.up:
+            h = torch.cat([h, hs.pop()], dim=1)                          # U-Net skip connection
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)
+
+
+def model_from_config(cfg):
+    """cfg: the keyword arguments of UNet, as stored in a checkpoint."""
+    cfg = dict(cfg)
+    for key in ("channel_mult", "attention_resolutions"):
+        cfg[key] = tuple(cfg[key])
+    return UNet(**cfg)
+
+
+# =============================================================================================
+# 5. Cascade sampling (CDM §3.1, Fig. 1): base -> SR -> SR ...
+# =============================================================================================
+
+@dataclass
+class Stage:
+    """One trained model of the cascade, as rebuilt from its checkpoint."""
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    config: dict
+
+    @property
+    def resolution(self):
+        return self.config["resolution"]
+
+
+def check_cascade(stages):
+    """Refuse cascades whose stages do not fit together, with a message that says why."""
+    if not stages:
+        raise ValueError("a cascade needs at least one stage")
+    if stages[0].config["low_res"] is not None:
+        raise ValueError("the first stage must be a base model, but it is a "
+                         f"{stages[0].config['low_res']}->{stages[0].resolution} SR model")
+    for k in range(1, len(stages)):
+        prev, cur = stages[k - 1], stages[k]
+        if cur.config["low_res"] is None:
+            raise ValueError(f"stage {k + 1} is a base model; every stage after the first must be SR")
+        if cur.config["low_res"] != prev.resolution:
+            raise ValueError(f"stage {k + 1} is a {cur.config['low_res']}->{cur.resolution} SR model, "
+                             f"but stage {k} makes {prev.resolution}x{prev.resolution} images")
+        if cur.config["num_classes"] != prev.config["num_classes"]:
+            raise ValueError(f"stage {k + 1} knows {cur.config['num_classes']} classes, stage {k} "
+                             f"knows {prev.config['num_classes']}: they were trained on different data")
+
+
+@torch.no_grad()
+def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, generator=None,
+                   progress=True):
+    """Sample p(x0 | c) = int p(x0 | z0, c) p(z0 | c) dz0 through the whole cascade (CDM §3.1).
+
+    stages   list of Stage, base first
+    c        int64 (B,) class labels, shared by every stage
+    steps    sampling steps per stage (respaced, iDDPM §4)
+    s        augmentation time per stage (None for stages without noise augmentation)
+    truncated  for noise-augmented stages: stop the previous stage's reverse chain at step s and
+             hand over its z_s (CDM §3.3, truncated); otherwise run it to z0 and re-noise it with
+             q(z_s | z0) (non-truncated). Blur-augmented stages get clean z (no blur at sampling).
+    Returns a list with each stage's output images (B, 3, H, W) in [-1, 1]; for a stage whose
+    successor was truncated this is the handed-over z_s.
+    """
+    check_cascade(stages)
+    B = c.shape[0]
+    s = list(s) if s is not None else [None] * len(stages)
+    outputs, z = [], None
+    for k, st in enumerate(stages):
+        aug = st.config["augment"]
+        kwargs = {"c": c}
+        if k > 0:
+            z0 = z
+            if aug["type"] == "noise":
+                if s[k] is None:
+                    raise ValueError(f"stage {k + 1} was trained with noise augmentation: choose s")
+                s_k = torch.full((B,), int(s[k]), dtype=torch.long, device=z0.device)
+                # Truncated: z already is z_s from the previous chain. Non-truncated: re-noise z0.
+                z = z0 if truncated else noise_augment(z0, s_k, aug_diffusion(aug))
+                kwargs.update(z=z, s=s_k)
+            else:
+                kwargs.update(z=z0)
+        # Will the next stage want this chain stopped early at its s (truncated augmentation)?
+        stop_at = 0
+        nxt = stages[k + 1].config["augment"] if k + 1 < len(stages) else None
+        if truncated and nxt is not None and nxt["type"] == "noise" and s[k + 1]:
+            stop_at = int(s[k + 1])
+            if (nxt["schedule"], nxt["T"]) != (st.config["diffusion"]["schedule"], st.config["diffusion"]["T"]):
+                raise ValueError(f"truncated sampling needs stage {k + 2}'s augmentation schedule "
+                                 f"({nxt['schedule']}, T={nxt['T']}) to be stage {k + 1}'s own "
+                                 f"({st.config['diffusion']['schedule']}, T={st.config['diffusion']['T']})")
+        diffusion = st.diffusion.respace(steps[k], include=[stop_at] if stop_at else [])
+        shape = (B, 3, st.resolution, st.resolution)
+        z = diffusion.sample(st.model, shape, kwargs, eta=eta, stop_at=stop_at, generator=generator,
+                             progress=progress, desc=f"stage {k + 1} ({st.resolution}px)")
+        outputs.append(z)
+    return outputs
+
+
+# =============================================================================================
+# 6. Checkpoints: tensors and plain values only, written atomically, rebuilding themselves
+# =============================================================================================
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`:
+    a crash mid-write leaves the previous checkpoint intact, never a half-written one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load with weights_only=True: a checkpoint holds tensors and plain values only, so a
+    hostile file cannot run code. Every failure says what is wrong with which file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupted, truncated, or holds "
+                         f"objects other than tensors and plain values ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path!r} is not a cdm checkpoint (no 'config'/'model' entries)")
+    return ckpt
+
+
+def load_stage(path, device="cpu", ema=True):
+    """Rebuild a trained stage from its checkpoint alone: model (EMA weights by default),
+    diffusion and augmentation configuration all come from the file."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = model_from_config(cfg["model"])
+    weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {path!r} do not match its own model config: "
+                         f"{str(e).splitlines()[0]}") from None
+    return Stage(model.to(device).eval(), diffusion_from_config(cfg["diffusion"]), cfg)

@@ -1,0 +1,367 @@
+"""Datasets for the cascade: one loader, four sources, one format.
+
+    load_dataset("shapes", 16)                   embedded procedural dataset, no download
+    load_dataset("cifar10", 32, download=True)   official python archive, MD5-checked
+    load_dataset("path/to/train_dir", 64)        image folder, one sub-folder per class
+    load_dataset("samples.npz", 64)              ADM convention: arr_0 uint8 NHWC, arr_1 labels
+
+Everything comes back as an ImageData holding uint8 (N, 3, res, res) RGB images and int64 labels.
+Images stay uint8 in memory (4x smaller than float32) and are converted per batch with to_float.
+
+Low-res copies are always *area* (box) downsamples of the high-res images, never re-renders: this is
+exactly how a cascade's SR training pairs (x0, z0) are made, so `load_dataset("shapes", 16)` is the
+conditioning the 16->64 stage sees for `load_dataset("shapes", 64)` [choice: anti-aliased area
+downsampling, see paper-notes §3].
+"""
+import hashlib
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SHAPE_NAMES = ["circle", "square", "triangle", "plus", "ring", "diamond", "h-bar", "v-bar"]
+SHAPES_RES = 64  # native resolution of the embedded dataset
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # tests monkeypatch this for a tiny fake archive
+CIFAR10_FILE = "cifar-10-python.tar.gz"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+ACCEPTED = "'shapes', 'cifar10', a directory with one sub-folder per class, or an .npz file"
+
+
+@dataclass
+class ImageData:
+    x: torch.Tensor  # uint8 (N, 3, res, res), RGB
+    y: torch.Tensor  # int64 (N,), class labels in [0, num_classes)
+    num_classes: int
+    class_names: list[str]
+
+    def __len__(self):
+        return len(self.y)
+
+
+# --- the embedded dataset --------------------------------------------------------------------
+def _hsv_to_rgb(h, s, v):
+    """Vectorised HSV -> RGB, all in [0, 1], any broadcastable shapes; returns (..., 3).
+    Closed form: channel n in (R, G, B) = (5, 3, 1) is v - v*s*clip(min(k, 4-k), 0, 1), k = (n + 6h) mod 6.
+    """
+    k = [(n + 6 * h) % 6 for n in (5, 3, 1)]
+    return np.stack([v - v * s * np.clip(np.minimum(k_n, 4 - k_n), 0, 1) for k_n in k], axis=-1)
+
+
+def _shape_mask(k, dx, dy):
+    """Inside-test for class k. dx (C,1,W), dy (C,H,1): pixel coordinates relative to the shape's
+    centre in units of its half-size, so every shape fits the box [-1, 1]^2. Returns bool (C,H,W).
+    Thick strokes (>= ~0.3 of the half-size) keep the 8 shapes distinguishable at 16x16."""
+    ax, ay = np.abs(dx), np.abs(dy)
+    r2 = dx * dx + dy * dy
+    if k == 0: return r2 <= 1.0                                                # circle
+    if k == 1: return np.maximum(ax, ay) <= 0.85                               # square
+    if k == 2: return (dy <= 0.9) & (ax <= (dy + 1.0) / 1.9)                   # triangle, apex up
+    if k == 3: return ((ax <= 0.33) & (ay <= 1.0)) | ((ay <= 0.33) & (ax <= 1.0))  # plus
+    if k == 4: return (r2 <= 1.0) & (r2 >= 0.36)                               # ring, inner radius 0.6
+    if k == 5: return ax + ay <= 1.0                                           # diamond
+    if k == 6: return (ax <= 1.0) & (ay <= 0.4)                                # horizontal bar
+    return (ax <= 0.4) & (ay <= 1.0)                                           # vertical bar
+
+
+def make_shapes(n, res=SHAPES_RES, seed=0, chunk=512):
+    """The embedded class-conditional dataset [choice, ours; not from the paper].
+
+    Each of the 8 classes is a distinct shape, a distinct base hue (k/8 around the colour wheel,
+    jittered by +-0.03) and a distinct stripe texture inside the shape (angle k * 22.5 degrees,
+    period 4 px at 64x64, brightness modulated by +-25% around its mean). The stripes average away
+    under a 4x4 area downsample, so a 16x16 copy keeps shape and colour but has lost the texture:
+    the 16->64 SR stage has real detail to add. Backgrounds are smooth gradients between two dark,
+    low-saturation colours. Returns uint8 (n, res, res, 3) NHWC and balanced int64 labels (n,).
+
+    Anti-aliasing: the shape's coverage is rendered at 2x and average-pooled by 2 (2x2 supersampling
+    of the edge); the colour fields are smooth and are evaluated at the pixel centres directly,
+    which is 4x cheaper and indistinguishable from pooling them.
+    """
+    if res != SHAPES_RES:
+        raise ValueError(f"make_shapes renders at {SHAPES_RES}x{SHAPES_RES} only (got res={res}); "
+                         f"use load_dataset('shapes', res) for area-downsampled copies")
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % 8).astype(np.int64)  # balanced classes
+    f32 = lambda a: np.asarray(a, dtype=np.float32)
+    # Per-image parameters, all drawn up front so the images do not depend on `chunk`.
+    # Coordinates are in [-1, 1] across the image, so 10% of the image is 0.2 and a size of 45-70%
+    # of the image is a half-size of 0.45-0.70 (centre + half-size <= 0.9: never clipped by the border).
+    centre = f32(rng.uniform(-0.2, 0.2, (n, 2)))
+    half = f32(rng.uniform(0.45, 0.70, n))
+    hue = f32(y / 8 + rng.uniform(-0.03, 0.03, n)) % 1.0
+    fg = 255 * _hsv_to_rgb(hue, f32(rng.uniform(0.6, 0.9, n)), f32(rng.uniform(0.7, 1.0, n)))  # (n, 3)
+    phase = f32(rng.uniform(0, 2 * np.pi, n))
+    bg = 255 * _hsv_to_rgb(f32(rng.uniform(0, 1, (n, 2))), f32(rng.uniform(0, 0.3, (n, 2))),
+                           f32(rng.uniform(0.1, 0.35, (n, 2))))  # (n, 2, 3): the gradient's end colours
+    bg_angle = f32(rng.uniform(0, 2 * np.pi, n))
+
+    u2 = f32((np.arange(2 * res) + 0.5) / res - 1)  # pixel centres of the 2x grid
+    u = f32((np.arange(res) + 0.5) / (res / 2) - 1)  # pixel centres of the output grid
+    omega = 2 * np.pi / (4 * 2 / res)                # 4 px period, in [-1, 1] units
+    theta = f32(y * np.pi / 8)                       # class-specific stripe angle (22.5 deg steps)
+    out = np.empty((n, res, res, 3), dtype=np.uint8)
+    for a in range(0, n, chunk):  # chunks bound memory to a few MB per array
+        b = min(a + chunk, n)
+        yc = y[a:b]
+        # Coverage in [0, 1], (C, res, res): binary mask at 2x, then 2x2 average pool.
+        dx = (u2[None, None, :] - centre[a:b, 0, None, None]) / half[a:b, None, None]  # (C,1,2res)
+        dy = (u2[None, :, None] - centre[a:b, 1, None, None]) / half[a:b, None, None]  # (C,2res,1)
+        mask = np.zeros((b - a, 2 * res, 2 * res), dtype=bool)
+        for k in range(8):
+            i = np.nonzero(yc == k)[0]
+            if len(i):
+                mask[i] = _shape_mask(k, dx[i], dy[i])
+        m = mask.view(np.uint8)
+        m = m[:, 0::2] + m[:, 1::2]  # 2x2 sum as strided adds: ~10x faster than a bool .sum(axis)
+        cov = (m[:, :, 0::2] + m[:, :, 1::2]).astype(np.float32)[..., None] / 4  # (C, res, res, 1)
+
+        # Stripes sin(omega * (u cos(theta) + v sin(theta)) + phase), made separable with
+        # sin(A + B) = sin A cos B + cos A sin B so no sin() runs over the full (C, res, res) grid.
+        A = omega * np.cos(theta[a:b, None, None]) * u[None, None, :] + phase[a:b, None, None]
+        B = omega * np.sin(theta[a:b, None, None]) * u[None, :, None]
+        stripes = np.sin(A) * np.cos(B) + np.cos(A) * np.sin(B)          # (C, res, res)
+        texture = (0.8 + 0.2 * stripes)[..., None]  # +-25% around 0.8: never above 1, no clipping
+        fg_img = fg[a:b, None, None, :] * texture                        # (C, res, res, 3)
+        # Background: linear ramp t in [0, 1] along a random direction (|u cos + v sin| <= sqrt 2).
+        t = 0.5 + (np.cos(bg_angle[a:b, None, None]) * u[None, None, :]
+                   + np.sin(bg_angle[a:b, None, None]) * u[None, :, None]) / (2 * 2 ** 0.5)
+        c0, c1 = bg[a:b, 0, None, None, :], bg[a:b, 1, None, None, :]
+        bg_img = c0 + (c1 - c0) * t[..., None]
+        img = bg_img + cov * (fg_img - bg_img)  # a convex mix of colours in [0, 255]: no clip needed
+        assert img.dtype == np.float32  # a float64 scalar anywhere above would double the cost
+        out[a:b] = np.rint(img).astype(np.uint8)
+    return out, y
+
+
+# --- conversions and helpers -----------------------------------------------------------------
+def to_float(x_uint8):
+    """uint8 [0, 255] -> float32 [-1, 1], the range the diffusion model works in (DDPM §3.3)."""
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """float [-1, 1] -> uint8, clamped (samples overshoot) and rounded (not truncated: to_float's inverse)."""
+    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def random_flip(x, generator=None):
+    """Flip each example of a (B, C, H, W) batch left-right with probability 0.5, independently."""
+    device = generator.device if generator is not None else x.device
+    flip = torch.rand(x.shape[0], generator=generator, device=device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _area_resize(x, res, chunk=1024):
+    """uint8 (N, 3, H, H) -> uint8 (N, 3, res, res) by exact box averaging; H must be a multiple of
+    res. Done in float32 chunks (a float copy of all of CIFAR-10 would be 600 MB)."""
+    H = x.shape[-1]
+    if H == res:
+        return x
+    f = H // res
+    return torch.cat([F.avg_pool2d(x[i:i + chunk].float(), f).round().to(torch.uint8)
+                      for i in range(0, len(x), chunk)])
+
+
+def _center_crop_resize(img, res):
+    """PIL image -> RGB uint8 (3, res, res): crop the central square (short side), then BOX
+    (area) resize; BICUBIC when the crop is smaller than res (upsampling, rare)."""
+    from PIL import Image
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    if s != res:
+        img = img.resize((res, res), Image.BOX if s > res else Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _check_native(res, native, name):
+    if not (isinstance(res, int) and 0 < res <= native and native % res == 0):
+        raise ValueError(f"{name} is {native}x{native}; res must divide {native} "
+                         f"(e.g. {native}, {native // 2}, {native // 4}), got res={res!r}")
+
+
+def _write_atomically(path, write):
+    """Call write(tmp) on a temporary file in path's folder, then os.replace it onto path (atomic on
+    one filesystem): an interrupted run never leaves a truncated file that later looks complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def save_npz(path, images_uint8_nhwc, labels=None):
+    """Write images (and labels) in the ADM convention: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,).
+    Atomic (temporary file + os.replace). labels=None writes arr_0 only (unconditional samples)."""
+    images = np.asarray(images_uint8_nhwc)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"save_npz expects uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
+    arrays = [images]
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(images),):
+            raise ValueError(f"save_npz: {len(images)} images but labels of shape {labels.shape}")
+        arrays.append(labels)
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, *arrays)    # positional arrays are stored as arr_0, arr_1
+    _write_atomically(path, write)
+
+
+# --- the four sources ------------------------------------------------------------------------
+def _load_cifar10(root, split, download, md5):
+    """CIFAR-10 straight from the official python archive (no extraction). Each batch is a pickled
+    dict: b"data" uint8 (N, 3072), channel-major (1024 R, then G, then B, each row-major 32x32)."""
+    path = os.path.join(root, CIFAR10_FILE)
+    if not os.path.exists(path):
+        if not download:
+            raise FileNotFoundError(f"CIFAR-10 archive not found at {path}: put {CIFAR10_FILE} "
+                                    f"there (from {CIFAR10_URL}) or pass --download")
+        print(f"downloading {CIFAR10_URL} -> {path}")
+        try:
+            _write_atomically(path, lambda tmp: urllib.request.urlretrieve(CIFAR10_URL, tmp))
+        except OSError as e:  # includes urllib's URLError (no network, bad URL)
+            raise OSError(f"downloading {CIFAR10_URL} failed ({e}); download it by hand and put it "
+                          f"at {path}") from e
+    with open(path, "rb") as f:
+        if md5 is not None and hashlib.file_digest(f, "md5").hexdigest() != md5:
+            raise ValueError(f"MD5 checksum mismatch for {path} (expected {md5}): the file is "
+                             f"corrupted or incomplete; delete it and retry (e.g. with --download)")
+    # pickle can run code: safe here only because the archive's checksum was verified above.
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    with tarfile.open(path, "r:gz") as tar:
+        load = lambda name: pickle.load(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes")
+        batches = [load(name) for name in names]
+        class_names = [s.decode() for s in load("batches.meta")[b"label_names"]]
+    x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+    y = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+    return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y), class_names
+
+
+def _class_folders(root):
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+
+
+def _load_folder(root, res, n):
+    """Image folder, one sub-folder per class (ImageNet-style); class index = sorted folder order.
+    Files are taken round-robin across classes so that the first `n` stay class-balanced."""
+    from PIL import Image
+    classes = _class_folders(root)
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders: expected one sub-folder "
+                         f"per class (e.g. {root}/cat/*.png, {root}/dog/*.png)")
+    per_class = []
+    for c in classes:
+        d = os.path.join(root, c)
+        files = sorted(f for f in os.listdir(d) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"class folder {d} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                             f"add images or remove the folder")
+        per_class.append([os.path.join(d, f) for f in files])
+    items = [(per_class[k][i], k) for i in range(max(map(len, per_class)))
+             for k in range(len(classes)) if i < len(per_class[k])]
+    items = items[:n] if n is not None else items
+    xs = []
+    for path, _ in items:
+        try:
+            with Image.open(path) as img:
+                xs.append(_center_crop_resize(img, res))
+        except OSError as e:  # includes PIL.UnidentifiedImageError
+            raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from e
+    return torch.stack(xs), torch.tensor([k for _, k in items], dtype=torch.int64), classes
+
+
+def _load_npz(path, res, n):
+    """ADM-convention .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels (optional: absent = one class)."""
+    with np.load(path) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"{path} has no arr_0 (keys: {f.files}); expected arr_0 = uint8 images "
+                             f"(N, H, W, 3) and arr_1 = labels, as written by save_npz")
+        x = f["arr_0"]
+        y = f["arr_1"] if "arr_1" in f.files else np.zeros(len(x), dtype=np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) RGB, got {x.dtype} {x.shape}; "
+                         f"convert images with to_uint8 and to NHWC before saving")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        raise ValueError(f"{path}: arr_1 must hold {len(x)} non-negative integer labels, got "
+                         f"{y.dtype} {y.shape}")
+    num_classes = int(y.max()) + 1 if len(y) else 1  # from all labels: n must not change it
+    if n is not None:
+        x, y = x[:n], y[:n]
+    x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    H, W = x.shape[-2:]
+    s = min(H, W)
+    if s < res:
+        raise ValueError(f"{path}: images are {H}x{W}, smaller than res={res}; upsampling is not "
+                         f"supported, use a lower res")
+    top, left = (H - s) // 2, (W - s) // 2
+    x = x[:, :, top:top + s, left:left + s]  # centre crop to a square (no-op for square images)
+    if s % res == 0:
+        x = _area_resize(x.contiguous(), res)
+    else:  # non-integer factor: PIL's BOX filter is exact area averaging
+        from PIL import Image
+        x = torch.stack([_center_crop_resize(Image.fromarray(im.permute(1, 2, 0).numpy()), res) for im in x])
+    return x.contiguous(), torch.from_numpy(y.astype(np.int64)), [str(k) for k in range(num_classes)]
+
+
+def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, root="data"):
+    """Load `source` as uint8 (N, 3, res, res) images and int64 labels (see the module docstring).
+
+    split: "train" or "test" for shapes and cifar10; ignored for folders and .npz files (point at
+    a different folder / file instead). n: how many images to generate (shapes; default 16384
+    train / 2048 test) or keep (the first n, other sources). seed: shapes only; the test split
+    uses seed + 1_000_003 so it never overlaps the train split. download/root: cifar10 only.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n is not None and n <= 0:
+        raise ValueError(f"n must be a positive number of images, got {n}")
+    if source == "shapes":
+        _check_native(res, SHAPES_RES, "the shapes dataset")
+        n = n if n is not None else (16384 if split == "train" else 2048)
+        x, y = make_shapes(n, SHAPES_RES, seed if split == "train" else seed + 1_000_003)
+        x = _area_resize(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), res)
+        return ImageData(x, torch.from_numpy(y), 8, list(SHAPE_NAMES))
+    if source == "cifar10":
+        _check_native(res, 32, "CIFAR-10")
+        x, y, names = _load_cifar10(root, split, download, CIFAR10_MD5)  # MD5 read now: patchable
+        x, y = (x[:n], y[:n]) if n is not None else (x, y)
+        return ImageData(_area_resize(x, res), y, len(names), names)
+    if not isinstance(res, int) or res <= 0:
+        raise ValueError(f"res must be a positive integer, got {res!r}")
+    if os.path.isdir(source):
+        x, y, names = _load_folder(source, res, n)
+        return ImageData(x, y, len(names), names)
+    if os.path.isfile(source) and source.lower().endswith(".npz"):
+        x, y, names = _load_npz(source, res, n)
+        return ImageData(x, y, len(names), names)
+    why = "no such file or directory" if not os.path.exists(source) else "not a directory or .npz file"
+    raise ValueError(f"unknown dataset source {source!r} ({why}); accepted: {ACCEPTED}")
+
+
+def class_names_for(source):
+    """Class names without loading the images (for labelling sample grids)."""
+    if source == "shapes":
+        return list(SHAPE_NAMES)
+    if source == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if os.path.isdir(source):
+        return _class_folders(source)
+    raise ValueError(f"class_names_for knows 'shapes', 'cifar10' and image folders, not {source!r}; "
+                     f"use load_dataset(...).class_names")

@@ -1,0 +1,125 @@
+"""sample.py -- sample a trained cascade, given only its checkpoints (CDM §3.1, Fig. 1).
+
+Each checkpoint carries its model, diffusion and augmentation configuration, so the stages are
+rebuilt from the files alone; stages that do not fit together are refused with a clear message.
+
+  python sample.py                                           # the demo cascade in runs/
+  python sample.py runs/base/ckpt.pt runs/sr32/ckpt.pt --classes 0,3 --n 16 --steps 100,50
+  python sample.py ... --s 150 --truncated                   # truncated conditioning augmentation
+
+Writes to --out: grid.png (final images, one row per class), stages.png (each sample at every stage
+of the cascade), samples.npz (final images in the ADM convention: arr_0 uint8 NHWC, arr_1 labels)
+and stages.npz (every stage's images, stage_1, stage_2, ...: the inputs and outputs of each SR stage).
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+import cdm
+import data
+from trainer import int_list, pick_device, save_grid
+
+DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr32/ckpt.pt", "runs/sr64/ckpt.pt"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", default=DEMO_CHECKPOINTS,
+                   help="one checkpoint per stage, base first (default: the demo cascade)")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--classes", type=int_list, default=None,
+                   help="class labels to cycle through, e.g. 0,3 (default: all classes)")
+    p.add_argument("--steps", type=int_list, default=None,
+                   help="respaced sampling steps per stage, e.g. 50,25,25 (default: each checkpoint's)")
+    p.add_argument("--s", type=int_list, default=None,
+                   help="augmentation time s for each noise-augmented stage (default: T/10 of its "
+                        "low-res schedule); one value, or one per stage")
+    p.add_argument("--truncated", action="store_true",
+                   help="stop the previous stage's chain at s instead of re-noising its z0 (CDM §3.3)")
+    p.add_argument("--eta", type=float, default=None, help="use DDIM with this eta (0: deterministic)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
+    p.add_argument("--seed", type=int, default=0, help="seed for the sampling noise")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def per_stage(values, stages, default, what):
+    """Expand a flag given once or once per stage into one value per stage."""
+    if values is None:
+        return [default(st) for st in stages]
+    if len(values) == 1:
+        return [values[0] if default(st) is not None else None for st in stages]
+    if len(values) != len(stages):
+        raise SystemExit(f"error: --{what} needs one value or one per stage ({len(stages)}), "
+                         f"got {len(values)}")
+    return list(values)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        stages = [cdm.load_stage(path, device, ema=not args.no_ema) for path in args.checkpoints]
+        cdm.check_cascade(stages)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    num_classes = stages[0].config["num_classes"]
+    classes = args.classes if args.classes is not None else tuple(range(num_classes))
+    bad = [k for k in classes if not 0 <= k < num_classes]
+    if bad:
+        raise SystemExit(f"error: classes {bad} out of range: this cascade knows classes "
+                         f"0..{num_classes - 1} ({', '.join(stages[0].config['class_names'])})")
+    if args.n < 1:
+        raise SystemExit("error: --n must be at least 1")
+    steps = per_stage(args.steps, stages, lambda st: st.config["sample_steps"], "steps")
+    for st, k in zip(stages, steps):
+        if not 1 <= k <= st.config["diffusion"]["T"]:
+            raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")
+    noise_T = lambda st: st.config["augment"]["T"] // 10 if st.config["augment"]["type"] == "noise" else None
+    s = per_stage(args.s, stages, noise_T, "s")
+    for k, (st, s_k) in enumerate(zip(stages, s)):
+        aug = st.config["augment"]
+        if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
+            raise SystemExit(f"error: stage {k + 1} needs s in 0..{aug['T']}, got {s_k}")
+
+    # Labels cycle through the chosen classes, so a grid has whole rows per class.
+    c_all = torch.tensor([classes[i % len(classes)] for i in range(args.n)], dtype=torch.long)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    outs = [[] for _ in stages]
+    for b in range(0, args.n, args.batch_size):
+        c = c_all[b:b + args.batch_size].to(device)
+        try:
+            xs = cdm.sample_cascade(stages, c, steps=steps, s=s, truncated=args.truncated, eta=args.eta,
+                                    generator=gen, progress=not args.no_progress)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        for k, x in enumerate(xs):
+            outs[k].append(x.cpu())
+    outs = [torch.cat(o) for o in outs]
+    secs = time.time() - t0
+
+    os.makedirs(args.out, exist_ok=True)
+    order = torch.argsort(c_all, stable=True)             # grid rows by class
+    per_row = max(1, args.n // len(classes)) if args.n % len(classes) == 0 else 8
+    final = outs[-1][order]
+    save_grid(os.path.join(args.out, "grid.png"), list(final.split(per_row)))
+    panel = min(args.n, 8)                                # each sample at each stage: one column per stage
+    save_grid(os.path.join(args.out, "stages.png"), [o[:panel] for o in outs])
+    to_nhwc = lambda x: data.to_uint8(x).permute(0, 2, 3, 1).numpy()
+    data.save_npz(os.path.join(args.out, "samples.npz"), to_nhwc(outs[-1]), c_all.numpy())
+    np.savez(os.path.join(args.out, "stages.npz"), labels=c_all.numpy(),
+             **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})
+    res = " -> ".join(str(st.resolution) for st in stages)
+    print(f"sampled {args.n} images ({res}) in {secs:.1f} s; wrote grid.png, stages.png, samples.npz "
+          f"and stages.npz to {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""train_sr.py -- train a class-conditional super-resolution (SR) stage of the cascade (CDM §3.2-3.3).
+
+What SR adds to train_base.py, and nothing else:
+  * training pairs: z0 = downsample(x0), the low-res copy of each high-res training image;
+  * conditioning augmentation of z0 (CDM §3.3): Gaussian noise z_s ~ q(z_s | z0) with the *base
+    model's* schedule and a random s per example (the model is told s), or Gaussian blur on half
+    the examples (the model is not told);
+  * the extra inputs: z (upsampled and concatenated with x_t) and s, to eps_theta(x_t, t, c, z, s).
+
+  python train_sr.py                          # demo stage 2: 16->32, noise augmentation
+  python train_sr.py --preset demo64          # demo stage 3: 32->64, blur augmentation
+"""
+import argparse
+
+import torch
+
+import cdm
+import trainer
+
+PRESETS = {
+    # 16->32 like the paper's 32->64 stage: learned variance, cosine schedule, noise augmentation.
+    "demo32": dict(res=32, low_res=16, aug="noise", ch=32, mult=(1, 2, 2), res_blocks=1, attn=(8,),
+                   heads=2, dropout=0.0, schedule="cosine", T=1000, variance="learned",
+                   sample_steps=25, steps=1000, batch_size=32, lr=1e-3, warmup=100, ema=0.999,
+                   out="runs/sr32"),
+    # 32->64 like the paper's 64->256 stage: SR3-style fixed variance, linear schedule, blur.
+    "demo64": dict(res=64, low_res=32, aug="blur", ch=16, mult=(1, 2, 2), res_blocks=1, attn=(),
+                   heads=1, dropout=0.0, schedule="linear", T=1000, variance="fixed",
+                   sample_steps=25, steps=600, batch_size=32, lr=1e-3, warmup=100, ema=0.999,
+                   out="runs/sr64"),
+}
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="demo32")
+    d = PRESETS[pre.parse_known_args(argv)[0].preset]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo32",
+                   help="a named configuration; the flags below override it")
+    p.add_argument("--res", type=int, default=d["res"], help="output resolution of this SR stage")
+    p.add_argument("--low_res", type=int, default=d["low_res"], help="resolution of its input z")
+    g = p.add_argument_group("conditioning augmentation (CDM §3.3)")
+    g.add_argument("--aug", choices=["noise", "blur", "none"], default=d["aug"],
+                   help="noise: z_s = q(z_s|z0), s given to the model; blur: 3x3 Gaussian; none")
+    g.add_argument("--aug_schedule", choices=sorted(cdm.SCHEDULES), default="cosine",
+                   help="noise aug: the low-res (base) model's schedule")
+    g.add_argument("--aug_T", type=int, default=1000, help="noise aug: the low-res model's T")
+    g.add_argument("--s_max", type=int, default=None,
+                   help="noise aug: train on s ~ U{0..s_max} (default aug_T/2, our choice)")
+    g.add_argument("--sample_s", type=int, default=None,
+                   help="noise aug: s used for the preview grids (default aug_T/10)")
+    g.add_argument("--blur_sigma", type=float, nargs=2, default=(0.4, 0.6),
+                   help="blur aug: sigma ~ U(lo, hi) (paper: 0.4 0.6)")
+    g.add_argument("--blur_p", type=float, default=0.5, help="blur aug: fraction of examples blurred")
+    args = trainer.add_common_args(p, d).parse_args(argv)
+    if args.low_res >= args.res or args.res % args.low_res:
+        raise SystemExit(f"error: --low_res {args.low_res} must divide --res {args.res} and be smaller")
+    if args.aug == "noise":
+        s_max = args.aug_T // 2 if args.s_max is None else args.s_max
+        if not 0 <= s_max <= args.aug_T:
+            raise SystemExit(f"error: --s_max must lie in 0..{args.aug_T}, got {s_max}")
+        augment = {"type": "noise", "schedule": args.aug_schedule, "T": args.aug_T, "s_max": s_max}
+    elif args.aug == "blur":
+        augment = {"type": "blur", "sigma": list(args.blur_sigma), "p": args.blur_p}
+    else:
+        augment = {"type": "none"}
+    low_res_diffusion = cdm.aug_diffusion(augment)
+    sample_s = args.aug_T // 10 if args.sample_s is None else args.sample_s
+    dataset = trainer.load_training_data(args, args.res)
+    config = trainer.make_config(args, dataset, low_res=args.low_res, augment=augment)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def make_kwargs(x0, c, train):
+        z0 = cdm.downsample(x0, args.low_res)            # training pair (x0, z0), area filter
+        if train:
+            z, s = cdm.augment_for_training(z0, augment, low_res_diffusion, gen)
+        elif augment["type"] == "noise":                 # sampling: a fixed s, and re-noised z
+            s = torch.full((len(c),), sample_s, dtype=torch.long, device=z0.device)
+            z = cdm.noise_augment(z0, s, low_res_diffusion)
+        else:                                            # sampling: no blur
+            z, s = z0, None
+        return {"c": c, "z": z} if s is None else {"c": c, "z": z, "s": s}
+
+    trainer.train(args, config, dataset, make_kwargs)
+
+
+if __name__ == "__main__":
+    main()

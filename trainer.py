@@ -1,0 +1,261 @@
+"""trainer.py -- what training a base model and training an SR model have in common.
+
+The flags, the loop (sample t, compute the loss, step Adam, update the EMA), logging, preview
+grids and checkpoints live here once. train_base.py and train_sr.py only say what their model
+sees: the class c, and for SR also the (augmented) low-resolution image z and its time s.
+"""
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import cdm
+import data
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:
+    tqdm = None
+
+
+def int_list(text):
+    """'1,2,2' -> (1, 2, 2); '' -> () (for --attn with no attention)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_common_args(p, d):
+    """Flags shared by both scripts; `d` holds the script's defaults (its CPU demo)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes",
+                   help="'shapes' (embedded, no download), 'cifar10', an image folder (one "
+                        "sub-folder per class) or an .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    g.add_argument("--data_root", default="data", help="where cifar-10-python.tar.gz is (or goes)")
+    g.add_argument("--download", action="store_true", help="download CIFAR-10 if it is missing")
+    g.add_argument("--n_train", type=int, default=None, help="use only the first N training images")
+    g = p.add_argument_group("model (ADM-style U-Net)")
+    g.add_argument("--ch", type=int, default=d["ch"], help="base channel count")
+    g.add_argument("--mult", type=int_list, default=d["mult"], help="channel multiplier per level")
+    g.add_argument("--res_blocks", type=int, default=d["res_blocks"], help="residual blocks per level")
+    g.add_argument("--attn", type=int_list, default=d["attn"],
+                   help="resolutions with self-attention, e.g. 16,8 ('' for none)")
+    g.add_argument("--heads", type=int, default=d["heads"], help="attention heads")
+    g.add_argument("--dropout", type=float, default=d["dropout"], help="dropout in residual blocks")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule", choices=sorted(cdm.SCHEDULES), default=d["schedule"],
+                   help="noise schedule (cosine: iDDPM §3.2; linear: DDPM §4)")
+    g.add_argument("--T", type=int, default=d["T"], help="diffusion steps in training")
+    g.add_argument("--variance", choices=["learned", "fixed"], default=d["variance"],
+                   help="learned: hybrid loss (iDDPM §3.1); fixed: L_simple with Sigma = beta~")
+    g.add_argument("--sample_steps", type=int, default=d["sample_steps"],
+                   help="respaced steps for the preview grids")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d["steps"], help="training steps")
+    g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step")
+    g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4)")
+    g.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up steps")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--ema", type=float, default=d["ema"], help="EMA decay of the weights (paper: 0.9999)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=d["out"], help="folder for the checkpoint, log and preview grids")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 autocast for the forward pass (weights and optimizer stay fp32)")
+    g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
+    g.add_argument("--sample_every", type=int, default=0, help="steps between preview grids (0: end only)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def model_config(args, *, out_channels, num_classes, low_res=None, aug_time=False):
+    return {"resolution": args.res, "model_channels": args.ch, "channel_mult": list(args.mult),
+            "num_res_blocks": args.res_blocks, "attention_resolutions": list(args.attn),
+            "num_heads": args.heads, "dropout": args.dropout, "out_channels": out_channels,
+            "num_classes": num_classes, "low_res": low_res, "aug_time": aug_time}
+
+
+def make_config(args, dataset, *, low_res=None, augment=None):
+    """Everything needed to rebuild and sample the model later, stored in its checkpoint."""
+    learned = args.variance == "learned"
+    augment = augment or {"type": "none"}
+    return {
+        "resolution": args.res, "low_res": low_res,
+        "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
+        "data": args.data,
+        "model": model_config(args, out_channels=6 if learned else 3, num_classes=dataset.num_classes,
+                              low_res=low_res, aug_time=augment["type"] == "noise"),
+        "diffusion": {"schedule": args.schedule, "T": args.T, "variance": args.variance,
+                      "lambda_vlb": 0.001},
+        "augment": augment,
+        "sample_steps": args.sample_steps,
+    }
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def load_training_data(args, res):
+    """The training images at the stage's (highest) resolution, or exit with the loader's message."""
+    try:
+        return data.load_dataset(args.data, res, "train", n=args.n_train, seed=args.seed,
+                                 download=args.download, root=args.data_root)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
+def save_grid(path, rows):
+    """rows: list of (B, 3, H, W) float tensors in [-1, 1]; one grid row each, upsampled to the
+    largest H so that low-res inputs and high-res outputs line up."""
+    from PIL import Image
+    H = max(r.shape[-1] for r in rows)
+    rows = [cdm.upsample(r.float().cpu(), H) if r.shape[-1] != H else r.float().cpu() for r in rows]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, B*H)
+    Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
+
+
+def train(args, config, dataset, make_kwargs):
+    """The training loop shared by both stages.
+
+    make_kwargs(x0, c, train) -> the model's conditioning inputs for a batch of clean images x0:
+    {"c": c} for a base model; SR adds z (and s), made from x0 with augmentation when train=True.
+    """
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    N = len(dataset.y)
+    if N < args.batch_size:
+        raise SystemExit(f"error: the dataset has {N} images, fewer than --batch_size {args.batch_size}")
+
+    model = cdm.model_from_config(config["model"]).to(device)
+    diffusion = cdm.diffusion_from_config(config["diffusion"])
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # 3x3 convs run ~2x faster on CPU
+    ema = copy.deepcopy(model).eval()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)          # data order, flips and augmentation
+    step = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = cdm.load_checkpoint(ckpt_path)
+        if ckpt["config"]["model"] != config["model"] or ckpt["config"]["diffusion"] != config["diffusion"]:
+            raise SystemExit(f"error: {ckpt_path} was trained with a different model or diffusion "
+                             "config; use the same flags, or a new --out")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
+          f"images, {args.steps} steps of {args.batch_size} on {device}")
+
+    def checkpoint():
+        cdm.save_checkpoint({"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "args": vars_plain(args),
+                             "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}},
+                            ckpt_path)
+
+    # A fixed batch of held-out conditioning (one image per class, cycling) for the preview grids.
+    preview_idx = torch.cat([torch.nonzero(dataset.y == k)[:1, 0] for k in range(dataset.num_classes)])
+    preview_idx = preview_idx[torch.arange(min(16, max(8, len(preview_idx)))) % len(preview_idx)]
+
+    def preview():
+        x0 = data.to_float(dataset.x[preview_idx]).to(device)
+        c = dataset.y[preview_idx].to(device)
+        kwargs = make_kwargs(x0, c, train=False)
+        sampler = diffusion.respace(args.sample_steps)
+        x = sampler.sample(ema, x0.shape, kwargs, generator=torch.Generator().manual_seed(0))
+        rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
+        path = os.path.join(args.out, f"samples_{step:06d}.png")
+        save_grid(path, rows)
+        return path
+
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or tqdm is None,
+               dynamic_ncols=True) if tqdm else None
+    quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
+    model.train()
+    while step < args.steps:
+        idx = torch.randint(0, N, (args.batch_size,), generator=gen)
+        x0 = data.random_flip(data.to_float(dataset.x[idx]), generator=gen).to(device)
+        c = dataset.y[idx].to(device)
+        if device.type == "cpu":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        kwargs = make_kwargs(x0, c, train=True)
+        t = torch.randint(1, diffusion.T + 1, (args.batch_size,), generator=gen).to(device)
+        with autocast:
+            terms = diffusion.training_losses(model, x0, t, kwargs)
+        loss = terms["loss"].mean()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good "
+                             f"checkpoint is {ckpt_path}. Lower --lr or use --precision fp32.")
+        for g in opt.param_groups:  # linear warm-up, then constant (the paper's Adam runs constant)
+            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        # EMA with a warm-up so that short CPU runs are not dominated by the random init (our choice).
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        step += 1
+        seen += args.batch_size
+        q = ((t - 1) * 4 // diffusion.T).tolist()  # which quarter of the t range each example is in
+        for qi, m in zip(q, terms["mse"].detach().tolist()):
+            quarters[qi].append(m)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.log_every == 0 or step == args.steps:
+            rate = seen / (time.time() - t0)
+            qm = [float(np.mean(v)) if v else float("nan") for v in quarters]
+            line = {"step": step, "loss": loss.item(), "mse_quarters": qm, "img_per_s": rate,
+                    "minutes": (time.time() - t0) / 60}
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            msg = (f"step {step:6d} | loss {loss.item():.4f} | mse by t quarter "
+                   + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
+            (bar.write if bar else print)(msg)
+            quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
+        if step % args.save_every == 0 or step == args.steps:
+            checkpoint()
+        if args.sample_every and step % args.sample_every == 0 and step != args.steps:
+            preview()
+    if bar:
+        bar.close()
+    path = preview()
+    print(f"saved {ckpt_path} and {path}")
+    return model, ema
+
+
+def vars_plain(args):
+    """argparse namespace -> dict of plain values (a checkpoint holds nothing else)."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, (int, float, str, bool, type(None))):
+            out[k] = v
+        elif isinstance(v, (tuple, list)):
+            out[k] = list(v)
+    return out
