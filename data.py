@@ -17,13 +17,14 @@ import hashlib
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import cdm
 
 SHAPE_NAMES = ["circle", "square", "triangle", "plus", "ring", "diamond", "h-bar", "v-bar"]
 SHAPES_RES = 64  # native resolution of the embedded dataset
@@ -77,9 +78,9 @@ def make_shapes(n, res=SHAPES_RES, seed=0, chunk=512):
 
     Each of the 8 classes is a distinct shape, a distinct base hue (k/8 around the colour wheel,
     jittered by +-0.03) and a distinct stripe texture inside the shape (angle k * 22.5 degrees,
-    period 4 px at 64x64, brightness modulated by +-25% around its mean). The stripes average away
-    under a 4x4 area downsample, so a 16x16 copy keeps shape and colour but has lost the texture:
-    the 16->64 SR stage has real detail to add. Backgrounds are smooth gradients between two dark,
+    period 8 px at 64x64 -- 4 px at 32x32 -- brightness modulated by +-25% around its mean). The
+    stripes average away under an 8x8 area downsample and are faint at 16x16, so an 8x8 copy keeps
+    position, size and colour but has lost the texture: the SR stages have real detail to add. Backgrounds are smooth gradients between two dark,
     low-saturation colours. Returns uint8 (n, res, res, 3) NHWC and balanced int64 labels (n,).
 
     Anti-aliasing: the shape's coverage is rendered at 2x and average-pooled by 2 (2x2 supersampling
@@ -106,7 +107,7 @@ def make_shapes(n, res=SHAPES_RES, seed=0, chunk=512):
 
     u2 = f32((np.arange(2 * res) + 0.5) / res - 1)  # pixel centres of the 2x grid
     u = f32((np.arange(res) + 0.5) / (res / 2) - 1)  # pixel centres of the output grid
-    omega = 2 * np.pi / (4 * 2 / res)                # 4 px period, in [-1, 1] units
+    omega = 2 * np.pi / (8 * 2 / res)                # 8 px period, in [-1, 1] units
     theta = f32(y * np.pi / 8)                       # class-specific stripe angle (22.5 deg steps)
     out = np.empty((n, res, res, 3), dtype=np.uint8)
     for a in range(0, n, chunk):  # chunks bound memory to a few MB per array
@@ -191,21 +192,6 @@ def _check_native(res, native, name):
                          f"(e.g. {native}, {native // 2}, {native // 4}), got res={res!r}")
 
 
-def _write_atomically(path, write):
-    """Call write(tmp) on a temporary file in path's folder, then os.replace it onto path (atomic on
-    one filesystem): an interrupted run never leaves a truncated file that later looks complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 def save_npz(path, images_uint8_nhwc, labels=None):
     """Write images (and labels) in the ADM convention: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,).
     Atomic (temporary file + os.replace). labels=None writes arr_0 only (unconditional samples)."""
@@ -221,7 +207,7 @@ def save_npz(path, images_uint8_nhwc, labels=None):
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, *arrays)    # positional arrays are stored as arr_0, arr_1
-    _write_atomically(path, write)
+    cdm.atomic_write(path, write)
 
 
 # --- the four sources ------------------------------------------------------------------------
@@ -235,12 +221,15 @@ def _load_cifar10(root, split, download, md5):
                                     f"there (from {CIFAR10_URL}) or pass --download")
         print(f"downloading {CIFAR10_URL} -> {path}")
         try:
-            _write_atomically(path, lambda tmp: urllib.request.urlretrieve(CIFAR10_URL, tmp))
+            cdm.atomic_write(path, lambda tmp: urllib.request.urlretrieve(CIFAR10_URL, tmp))
         except OSError as e:  # includes urllib's URLError (no network, bad URL)
             raise OSError(f"downloading {CIFAR10_URL} failed ({e}); download it by hand and put it "
                           f"at {path}") from e
     with open(path, "rb") as f:
-        if md5 is not None and hashlib.file_digest(f, "md5").hexdigest() != md5:
+        digest = hashlib.md5()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if md5 is not None and digest.hexdigest() != md5:
             raise ValueError(f"MD5 checksum mismatch for {path} (expected {md5}): the file is "
                              f"corrupted or incomplete; delete it and retry (e.g. with --download)")
     # pickle can run code: safe here only because the archive's checksum was verified above.

@@ -40,7 +40,7 @@ class Classifier(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def train_classifier(dataset, steps=400, batch_size=64, lr=2e-3, seed=0, progress=False):
+def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progress=False):
     """Train on real images only (with flips), float inputs in [-1, 1]."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -4,7 +4,7 @@ Each checkpoint carries its model, diffusion and augmentation configuration, so 
 rebuilt from the files alone; stages that do not fit together are refused with a clear message.
 
   python sample.py                                           # the demo cascade in runs/
-  python sample.py runs/base/ckpt.pt runs/sr32/ckpt.pt --classes 0,3 --n 16 --steps 100,50
+  python sample.py runs/base/ckpt.pt runs/sr16/ckpt.pt --classes 0,3 --n 16 --steps 100,50
   python sample.py ... --s 150 --truncated                   # truncated conditioning augmentation
 
 Writes to --out: grid.png (final images, one row per class), stages.png (each sample at every stage
@@ -22,7 +22,7 @@ import cdm
 import data
 from trainer import int_list, pick_device, save_grid
 
-DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr32/ckpt.pt", "runs/sr64/ckpt.pt"]
+DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
 
 def parse_args(argv=None):

@@ -7,8 +7,8 @@ What SR adds to train_base.py, and nothing else:
     the examples (the model is not told);
   * the extra inputs: z (upsampled and concatenated with x_t) and s, to eps_theta(x_t, t, c, z, s).
 
-  python train_sr.py                          # demo stage 2: 16->32, noise augmentation
-  python train_sr.py --preset demo64          # demo stage 3: 32->64, blur augmentation
+  python train_sr.py                          # demo stage 2: 8->16, noise augmentation (~1.5 min)
+  python train_sr.py --preset demo32          # demo stage 3: 16->32, blur augmentation (~3 min)
 """
 import argparse
 
@@ -18,25 +18,28 @@ import cdm
 import trainer
 
 PRESETS = {
-    # 16->32 like the paper's 32->64 stage: learned variance, cosine schedule, noise augmentation.
-    "demo32": dict(res=32, low_res=16, aug="noise", ch=32, mult=(1, 2, 2), res_blocks=1, attn=(8,),
+    # 8->16 like the paper's 32->64 stage: learned variance, cosine schedule, noise augmentation.
+    "demo16": dict(res=16, low_res=8, aug="noise", ch=32, mult=(1, 2, 2), res_blocks=1, attn=(4,),
                    heads=2, dropout=0.0, schedule="cosine", T=1000, variance="learned",
-                   sample_steps=25, steps=1000, batch_size=32, lr=1e-3, warmup=100, ema=0.999,
-                   out="runs/sr32"),
-    # 32->64 like the paper's 64->256 stage: SR3-style fixed variance, linear schedule, blur.
-    "demo64": dict(res=64, low_res=32, aug="blur", ch=16, mult=(1, 2, 2), res_blocks=1, attn=(),
-                   heads=1, dropout=0.0, schedule="linear", T=1000, variance="fixed",
-                   sample_steps=25, steps=600, batch_size=32, lr=1e-3, warmup=100, ema=0.999,
-                   out="runs/sr64"),
+                   sample_steps=25, steps=800, batch_size=32, lr=1e-3, warmup=50, ema=0.999,
+                   lr_decay="cosine", out="runs/sr16"),
+    # 16->32 like the paper's 64->256 stage: blur augmentation. The paper's high-res stages follow
+    # SR3 (fixed variance, linear schedule: --variance fixed --schedule linear); in our short CPU
+    # runs that left residual noise (18 dB low-res consistency vs 24 dB), so the demo keeps the
+    # learned variance and cosine schedule of the other stages.
+    "demo32": dict(res=32, low_res=16, aug="blur", ch=32, mult=(1, 2, 2), res_blocks=1, attn=(8,),
+                   heads=2, dropout=0.0, schedule="cosine", T=1000, variance="learned",
+                   sample_steps=50, steps=550, batch_size=32, lr=1e-3, warmup=50, ema=0.999,
+                   lr_decay="cosine", out="runs/sr32"),
 }
 
 
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="demo32")
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="demo16")
     d = PRESETS[pre.parse_known_args(argv)[0].preset]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo32",
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo16",
                    help="a named configuration; the flags below override it")
     p.add_argument("--res", type=int, default=d["res"], help="output resolution of this SR stage")
     p.add_argument("--low_res", type=int, default=d["low_res"], help="resolution of its input z")
@@ -47,7 +50,7 @@ def main(argv=None):
                    help="noise aug: the low-res (base) model's schedule")
     g.add_argument("--aug_T", type=int, default=1000, help="noise aug: the low-res model's T")
     g.add_argument("--s_max", type=int, default=None,
-                   help="noise aug: train on s ~ U{0..s_max} (default aug_T/2, our choice)")
+                   help="noise aug: train on s ~ U{0..s_max} (default aug_T/4, our choice)")
     g.add_argument("--sample_s", type=int, default=None,
                    help="noise aug: s used for the preview grids (default aug_T/10)")
     g.add_argument("--blur_sigma", type=float, nargs=2, default=(0.4, 0.6),
@@ -57,7 +60,7 @@ def main(argv=None):
     if args.low_res >= args.res or args.res % args.low_res:
         raise SystemExit(f"error: --low_res {args.low_res} must divide --res {args.res} and be smaller")
     if args.aug == "noise":
-        s_max = args.aug_T // 2 if args.s_max is None else args.s_max
+        s_max = args.aug_T // 4 if args.s_max is None else args.s_max
         if not 0 <= s_max <= args.aug_T:
             raise SystemExit(f"error: --s_max must lie in 0..{args.aug_T}, got {s_max}")
         augment = {"type": "noise", "schedule": args.aug_schedule, "T": args.aug_T, "s_max": s_max}

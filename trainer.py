@@ -7,6 +7,7 @@ sees: the class c, and for SR also the (augmented) low-resolution image z and it
 import argparse
 import copy
 import json
+import math
 import os
 import time
 
@@ -60,6 +61,8 @@ def add_common_args(p, d):
     g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step")
     g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4)")
     g.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up steps")
+    g.add_argument("--lr_decay", choices=["none", "cosine"], default=d.get("lr_decay", "none"),
+                   help="after warm-up: constant (the paper) or cosine decay to lr/10 (short runs)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     g.add_argument("--ema", type=float, default=d["ema"], help="EMA decay of the weights (paper: 0.9999)")
     g = p.add_argument_group("run")
@@ -123,12 +126,14 @@ def ema_update(ema, model, decay):
         p_ema.lerp_(p, 1 - decay)
 
 
-def save_grid(path, rows):
-    """rows: list of (B, 3, H, W) float tensors in [-1, 1]; one grid row each, upsampled to the
-    largest H so that low-res inputs and high-res outputs line up."""
+def save_grid(path, rows, min_tile=64):
+    """rows: list of (B, 3, H, W) float tensors in [-1, 1], one grid row each. Every image is
+    enlarged with nearest-neighbour (so low-res pixels stay visible) to the largest H, and to at
+    least min_tile pixels, so low-res inputs and high-res outputs line up."""
     from PIL import Image
     H = max(r.shape[-1] for r in rows)
-    rows = [cdm.upsample(r.float().cpu(), H) if r.shape[-1] != H else r.float().cpu() for r in rows]
+    H = H * math.ceil(min_tile / H)
+    rows = [torch.nn.functional.interpolate(r.float().cpu(), size=(H, H), mode="nearest") for r in rows]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, B*H)
     Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
 
@@ -151,7 +156,7 @@ def train(args, config, dataset, make_kwargs):
     diffusion = cdm.diffusion_from_config(config["diffusion"])
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)  # 3x3 convs run ~2x faster on CPU
-    ema = copy.deepcopy(model).eval()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)          # data order, flips and augmentation
     step = 0
@@ -211,8 +216,8 @@ def train(args, config, dataset, make_kwargs):
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good "
                              f"checkpoint is {ckpt_path}. Lower --lr or use --precision fp32.")
-        for g in opt.param_groups:  # linear warm-up, then constant (the paper's Adam runs constant)
-            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(args, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:
@@ -237,7 +242,10 @@ def train(args, config, dataset, make_kwargs):
             log.flush()
             msg = (f"step {step:6d} | loss {loss.item():.4f} | mse by t quarter "
                    + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
-            (bar.write if bar else print)(msg)
+            if bar and not bar.disable:
+                bar.write(msg)
+            else:
+                print(msg, flush=True)  # flushed: logs piped to a file stay current
             quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
         if step % args.save_every == 0 or step == args.steps:
             checkpoint()
@@ -248,6 +256,16 @@ def train(args, config, dataset, make_kwargs):
     path = preview()
     print(f"saved {ckpt_path} and {path}")
     return model, ema
+
+
+def learning_rate(args, step):
+    """Linear warm-up, then constant (the paper's Adam, lr 1e-4) or, for short CPU runs where an
+    EMA over 0.9999 has nothing to average, a cosine decay to lr/10 (our choice)."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    if args.lr_decay == "none":
+        return args.lr * warm
+    progress = min(1.0, step / max(1, args.steps))
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def vars_plain(args):

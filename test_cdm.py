@@ -1,0 +1,795 @@
+"""test_cdm.py -- every component of the cascade checked against numbers, not just shapes.
+
+Run all:   python -m pytest -q test_cdm.py
+Run one:   python -m pytest -q test_cdm.py -k posterior
+
+Each test names the function it checks, so a student who re-implements one function (say
+cosine_schedule or q_posterior) runs exactly its test.
+"""
+import hashlib
+import io
+import math
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import cdm
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_unet(**kw):
+    cfg = dict(resolution=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(4,), num_heads=2, num_classes=3)
+    cfg.update(kw)
+    return cdm.UNet(**cfg)
+
+
+# =============================================================================================
+# 1. schedules
+# =============================================================================================
+
+def test_cosine_schedule_closed_form_and_clip():
+    T = 1000
+    betas = cdm.cosine_schedule(T)
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    assert betas.shape == (T + 1,) and betas[0] == 0
+    abar = np.cumprod(1 - betas)
+    # Before the clip bites, abar_t = f(t) / f(0) exactly (iDDPM Eq. 17).
+    for t in (1, 10, 250, 500, 900, 990):
+        assert abar[t] == pytest.approx(f(t) / f(0), rel=1e-9)
+    # At t = T the unclipped beta would be 1 (f(T) = 0): it is clipped to 0.999.
+    assert betas[T] == pytest.approx(0.999)
+    assert np.all(betas[1:] <= 0.999) and np.all(np.diff(betas[1:]) >= -1e-12)
+
+
+def test_linear_schedule_closed_form():
+    betas = cdm.linear_schedule(1000)
+    assert betas[1] == pytest.approx(1e-4) and betas[1000] == pytest.approx(0.02)
+    assert np.allclose(np.diff(betas[1:]), (0.02 - 1e-4) / 999)
+    # T = 2000 rescales the end points by 1000/T: the same continuous process, ~same abar_T.
+    b2 = cdm.linear_schedule(2000)
+    assert b2[1] == pytest.approx(5e-5) and b2[2000] == pytest.approx(0.01)
+    assert np.prod(1 - b2[1:]) == pytest.approx(np.prod(1 - betas[1:]), rel=0.05)
+
+
+def test_make_betas_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        cdm.make_betas("sigmoid", 100)
+    with pytest.raises(ValueError, match="T must be"):
+        cdm.make_betas("cosine", 0)
+
+
+# =============================================================================================
+# 2. diffusion: q, posterior, KL, decoder, variance, respacing, samplers, losses
+# =============================================================================================
+
+def test_q_sample_mean_and_variance():
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100))
+    torch.manual_seed(0)
+    x0 = torch.full((200_000, 1, 1, 1), 0.7)
+    for t in (0, 1, 30, 99):
+        xt = d.q_sample(x0, torch.full((len(x0),), t), torch.randn_like(x0))
+        abar = d.alphas_cumprod[t]
+        assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=5e-3)
+        assert xt.var().item() == pytest.approx(1 - abar, abs=5e-3 + 0.02 * (1 - abar))
+
+
+def test_q_posterior_matches_bayes_rule():
+    # Independently: q(x_{t-1}|x_t,x0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x0), a product of Gaussians in
+    # x_{t-1}; its precision is the sum of precisions and its mean the precision-weighted mean.
+    d = cdm.GaussianDiffusion(cdm.linear_schedule(50))
+    x0, xt = torch.tensor([0.3, -0.8]).view(2, 1, 1, 1), torch.tensor([1.1, 0.2]).view(2, 1, 1, 1)
+    for t in (2, 17, 50):
+        beta, abar_prev = d.betas[t], d.alphas_cumprod[t - 1]
+        prec = (1 - beta) / beta + 1 / (1 - abar_prev)
+        mean = ((math.sqrt(1 - beta) / beta) * xt + (math.sqrt(abar_prev) / (1 - abar_prev)) * x0) / prec
+        m, v, logv = d.q_posterior(x0, xt, torch.full((2,), t))
+        assert torch.allclose(m, mean.float(), atol=1e-5)
+        assert v.flatten()[0].item() == pytest.approx(1 / prec, rel=1e-5)
+        assert logv.flatten()[0].item() == pytest.approx(math.log(1 / prec), rel=1e-5)
+
+
+def test_normal_kl_matches_numerical_integration():
+    m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.4, math.log(1.7)
+    x = np.linspace(-12, 12, 200_001)
+    p = np.exp(-(x - m1) ** 2 / (2 * math.exp(lv1))) / math.sqrt(2 * math.pi * math.exp(lv1))
+    q = np.exp(-(x - m2) ** 2 / (2 * math.exp(lv2))) / math.sqrt(2 * math.pi * math.exp(lv2))
+    numeric = np.trapezoid(p * np.log(p / q), x)
+    kl = cdm.normal_kl(*(torch.tensor(v, dtype=torch.float64) for v in (m1, lv1, m2, lv2)))
+    assert kl.item() == pytest.approx(numeric, rel=1e-6)
+
+
+def test_discretized_log_likelihood_matches_integration():
+    mean, sd = torch.tensor(0.1, dtype=torch.float64), 0.3
+    pdf = lambda u: np.exp(-(u - 0.1) ** 2 / (2 * sd ** 2)) / math.sqrt(2 * math.pi) / sd
+    for k in (0, 1, 100, 140, 254, 255):
+        x0 = 2 * k / 255 - 1
+        lo = -8.0 if k == 0 else x0 - 1 / 255         # the edge bins reach to -inf / +inf
+        hi = 8.0 if k == 255 else x0 + 1 / 255
+        u = np.linspace(lo, hi, 200_001)
+        numeric = np.trapezoid(pdf(u), u)
+        ll = cdm.discretized_gaussian_log_likelihood(torch.tensor(x0, dtype=torch.float64), mean,
+                                                     torch.tensor(math.log(sd), dtype=torch.float64))
+        assert math.exp(ll.item()) == pytest.approx(numeric, rel=2e-3, abs=1e-9)
+    # The 256 bins are a distribution: probabilities sum to one.
+    x0 = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    probs = cdm.discretized_gaussian_log_likelihood(x0, mean, torch.tensor(math.log(sd))).exp()
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_learned_range_variance_endpoints():
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100), variance="learned")
+    x = torch.zeros(3, 1, 2, 2)
+    t = torch.tensor([2, 50, 100])
+    hi = d.model_log_variance(torch.ones_like(x), t, x)      # v = +1 -> beta_t
+    lo = d.model_log_variance(-torch.ones_like(x), t, x)     # v = -1 -> beta~_t
+    mid = d.model_log_variance(torch.zeros_like(x), t, x)
+    for i, ti in enumerate(t.tolist()):
+        assert hi[i, 0, 0, 0].item() == pytest.approx(math.log(d.betas[ti]), rel=1e-5)
+        assert lo[i, 0, 0, 0].item() == pytest.approx(math.log(d.posterior_variance[ti]), rel=1e-5)
+        assert mid[i, 0, 0, 0].item() == pytest.approx(0.5 * (math.log(d.betas[ti])
+                                                              + math.log(d.posterior_variance[ti])), rel=1e-5)
+
+
+def test_respacing_keeps_abar_and_full_respacing_is_identity():
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(200), variance="learned")
+    full = d.respace(200)
+    assert np.allclose(full.betas, d.betas, rtol=1e-10, atol=1e-14)
+    assert np.array_equal(full.timesteps, d.timesteps)
+    r = d.respace(10, include=[37])
+    kept = r.timesteps[1:]
+    assert len(kept) == 11 and 37 in kept and kept[-1] == 200
+    assert np.allclose(r.alphas_cumprod[1:], d.alphas_cumprod[kept], rtol=1e-10)
+    with pytest.raises(ValueError, match="sampling steps"):
+        d.respace(0)
+
+
+class Spy(torch.nn.Module):
+    """A stand-in network that records what it was called with and predicts eps = 0.1 x_t."""
+
+    def __init__(self, out_channels=3):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls, self.out_channels = [], out_channels
+
+    def forward(self, x_t, t, c=None, z=None, s=None):
+        self.calls.append({"t": t.clone(), "z": None if z is None else z.clone(),
+                           "s": None if s is None else s.clone(), "x_t": x_t.clone()})
+        eps = 0.1 * x_t
+        return eps if self.out_channels == 3 else torch.cat([eps, torch.zeros_like(eps)], 1)
+
+
+def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
+    torch.manual_seed(0)
+    model = tiny_unet(out_channels=3)
+    with torch.no_grad():  # give the zero-initialised output layer some weights
+        for p in model.out.parameters():
+            p.normal_(0, 0.05)
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100)).respace(10)
+    xT = torch.randn(2, 3, 8, 8)
+    kw = {"c": torch.tensor([0, 2])}
+    a = d.sample(model, xT.shape, kw, eta=0.0, noise=xT, generator=torch.Generator().manual_seed(1))
+    b = d.sample(model, xT.shape, kw, eta=0.0, noise=xT, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c = d.sample(model, xT.shape, kw, eta=1.0, noise=xT, generator=torch.Generator().manual_seed(1))
+    e = d.sample(model, xT.shape, kw, noise=xT, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(a, c) and not torch.allclose(a, e)
+
+
+def test_sample_stops_at_the_requested_step():
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100)).respace(5, include=[33])
+    spy = Spy()
+    d.sample(spy, (2, 3, 4, 4), {}, stop_at=33)
+    seen = [call["t"][0].item() for call in spy.calls]
+    assert seen == [t for t in sorted(d.timesteps[1:], reverse=True) if t > 33]
+    with pytest.raises(ValueError, match="not on this sampling chain"):
+        cdm.GaussianDiffusion(cdm.cosine_schedule(100)).respace(5).sample(spy, (1, 3, 4, 4), {}, stop_at=33)
+
+
+def test_ancestral_sampling_with_the_true_eps_recovers_a_point_mass():
+    # If the data is a single point x0*, the optimal eps prediction is (x_t - sqrt(abar) x0*) /
+    # sqrt(1 - abar); sampling with it must land on x0*. Checks p_mean_variance + the loop.
+    target = torch.tensor([0.5, -0.25, 0.0]).view(1, 3, 1, 1)
+    base = cdm.GaussianDiffusion(cdm.cosine_schedule(200), variance="fixed")
+    d = base.respace(20)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t, **kw):
+            abar = torch.as_tensor(base.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+            return (x_t - abar.sqrt() * target) / (1 - abar).sqrt()
+
+    x = d.sample(Oracle(), (4, 3, 2, 2), {}, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x, target.expand_as(x), atol=1e-4)
+
+
+def test_initial_l_simple_is_one_with_zero_initialised_output():
+    torch.manual_seed(0)
+    model = tiny_unet(out_channels=6)
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100), variance="learned")
+    x0 = torch.rand(256, 3, 8, 8) * 2 - 1
+    out = d.training_losses(model, x0, torch.randint(1, 101, (256,)), {"c": torch.randint(0, 3, (256,))})
+    assert out["mse"].mean().item() == pytest.approx(1.0, abs=0.03)   # eps_hat = 0: E[eps^2] = 1
+    assert torch.isfinite(out["vlb"]).all() and (out["vlb"] >= 0).all()
+
+
+def test_hybrid_loss_vlb_trains_only_the_variance():
+    # The stop-gradient of iDDPM §3.1: the VLB term must not move the eps half of the output.
+    torch.manual_seed(0)
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(50), variance="learned")
+    head = torch.nn.Parameter(torch.randn(1, 6, 1, 1) * 0.1)
+    model = lambda x_t, t, **kw: x_t.repeat(1, 2, 1, 1) * head
+    x0 = torch.rand(8, 3, 4, 4) * 2 - 1
+    terms = d.training_losses(model, x0, torch.randint(1, 51, (8,)), {})
+    terms["vlb"].mean().backward()
+    assert head.grad[:, :3].abs().max() == 0 and head.grad[:, 3:].abs().max() > 0
+
+
+def test_overfitting_one_batch_drives_the_loss_down():
+    torch.manual_seed(0)
+    model = tiny_unet(out_channels=6)
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100), variance="learned")
+    x0 = torch.rand(8, 3, 8, 8) * 2 - 1
+    c = torch.randint(0, 3, (8,))
+    t = torch.randint(1, 101, (8,))
+    eps = torch.randn_like(x0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = d.training_losses(model, x0, t, {"c": c}, eps=eps)["mse"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+# =============================================================================================
+# 3. conditioning augmentation
+# =============================================================================================
+
+def test_noise_augment_identity_at_zero_and_forward_marginal():
+    low = cdm.GaussianDiffusion(cdm.cosine_schedule(1000))
+    z0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    assert torch.equal(cdm.noise_augment(z0, torch.zeros(4, dtype=torch.long), low), z0)
+    torch.manual_seed(0)
+    z0 = torch.full((100_000, 1, 1, 1), -0.6)
+    s = 250
+    zs = cdm.noise_augment(z0, torch.full((len(z0),), s), low)
+    abar = low.alphas_cumprod[s]
+    assert zs.mean().item() == pytest.approx(math.sqrt(abar) * -0.6, abs=0.01)
+    assert zs.var().item() == pytest.approx(1 - abar, rel=0.03)
+
+
+def test_sample_aug_time_covers_zero_to_s_max():
+    s = cdm.sample_aug_time(20_000, 7, torch.Generator().manual_seed(0))
+    assert s.min() == 0 and s.max() == 7
+    assert np.allclose(np.bincount(s.numpy()) / 20_000, 1 / 8, atol=0.015)
+
+
+def test_blur_kernel_sums_to_one_and_is_symmetric():
+    k = cdm.gaussian_kernel3(torch.tensor([0.4, 0.5, 0.6]))
+    assert torch.allclose(k.sum(dim=(1, 2)), torch.ones(3))
+    assert torch.allclose(k, k.transpose(1, 2)) and torch.allclose(k, k.flip(1)) and torch.allclose(k, k.flip(2))
+    assert (k[:, 1, 1] > k[:, 0, 1]).all() and (k[:, 0, 1] > k[:, 0, 0]).all()
+    assert (k[0, 1, 1] > k[2, 1, 1])  # smaller sigma, sharper kernel
+    # Closed form of the centre weight: 1 / (1 + 2 exp(-1 / (2 sigma^2)))^2.
+    assert k[1, 1, 1].item() == pytest.approx(1 / (1 + 2 * math.exp(-1 / 0.5)) ** 2, rel=1e-6)
+
+
+def test_blur_augment_hits_about_half_and_preserves_mean():
+    z = torch.rand(2000, 3, 8, 8)
+    out, applied = cdm.blur_augment(z, generator=torch.Generator().manual_seed(0))
+    assert 0.45 < applied.float().mean().item() < 0.55
+    assert torch.equal(out[~applied], z[~applied])
+    changed = (out[applied] - z[applied]).abs().amax(dim=(1, 2, 3))
+    assert (changed > 0).all()
+    constant = torch.full((4, 3, 8, 8), 0.3)       # a blur leaves a flat image flat
+    assert torch.allclose(cdm.blur_augment(constant, p=1.0)[0], constant, atol=1e-6)
+
+
+def fake_stage(resolution, low_res=None, augment=None, T=100, schedule="cosine", num_classes=3, spy=None):
+    cfg = {"resolution": resolution, "low_res": low_res, "num_classes": num_classes,
+           "class_names": [str(i) for i in range(num_classes)],
+           "diffusion": {"schedule": schedule, "T": T, "variance": "fixed"},
+           "augment": augment or {"type": "none"}, "sample_steps": 5}
+    return cdm.Stage(spy or Spy(), cdm.diffusion_from_config(cfg["diffusion"]), cfg)
+
+
+def test_truncated_sampling_hands_over_z_s_from_the_right_step():
+    noise = {"type": "noise", "schedule": "cosine", "T": 100, "s_max": 50}
+    base, sr = fake_stage(4), fake_stage(8, 4, noise)
+    c = torch.tensor([0, 1])
+    outs = cdm.sample_cascade([base, sr], c, steps=[5, 3], s=[None, 40], truncated=True, progress=False)
+    base_ts = [call["t"][0].item() for call in base.model.calls]
+    kept = cdm.spaced_timesteps(100, 5, include=[40])         # [1, 26, 40, 50, 75, 100]
+    assert base_ts == [t for t in reversed(kept) if t > 40]    # the base chain stopped at s = 40
+    sr_call = sr.model.calls[0]
+    assert torch.equal(sr_call["s"], torch.full((2,), 40))
+    assert torch.equal(sr_call["z"], outs[0])                # z_s handed over untouched
+    # Non-truncated: the base runs to z0, which is then re-noised to z_s.
+    base2, sr2 = fake_stage(4), fake_stage(8, 4, noise)
+    outs2 = cdm.sample_cascade([base2, sr2], c, steps=[5, 3], s=[None, 40], progress=False)
+    assert min(call["t"][0].item() for call in base2.model.calls) == 1
+    assert not torch.equal(sr2.model.calls[0]["z"], outs2[0])
+
+
+def test_blur_stage_gets_clean_z_at_sampling():
+    blur = {"type": "blur", "sigma": [0.4, 0.6], "p": 0.5}
+    base, sr = fake_stage(4), fake_stage(8, 4, blur)
+    outs = cdm.sample_cascade([base, sr], torch.tensor([2]), steps=[3, 3], progress=False)
+    assert torch.equal(sr.model.calls[0]["z"], outs[0]) and sr.model.calls[0]["s"] is None
+
+
+def test_cascade_refuses_stages_that_do_not_fit():
+    with pytest.raises(ValueError, match="stage 2 is a 8->16 SR model, but stage 1 makes 4x4"):
+        cdm.check_cascade([fake_stage(4), fake_stage(16, 8)])
+    with pytest.raises(ValueError, match="first stage must be a base model"):
+        cdm.check_cascade([fake_stage(8, 4)])
+    with pytest.raises(ValueError, match="different data"):
+        cdm.check_cascade([fake_stage(4), fake_stage(8, 4, num_classes=5)])
+
+
+def test_downsample_is_area_average():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(cdm.downsample(x, 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    with pytest.raises(ValueError, match="integer factor"):
+        cdm.downsample(x, 3)
+
+
+# =============================================================================================
+# 4. the U-Net
+# =============================================================================================
+
+def test_unet_shapes_base_and_sr():
+    base = tiny_unet(out_channels=6)
+    x = torch.randn(2, 3, 8, 8)
+    assert base(x, torch.tensor([1, 5]), c=torch.tensor([0, 2])).shape == (2, 6, 8, 8)
+    sr = tiny_unet(resolution=16, low_res=8, aug_time=True)
+    assert sr.input_conv.in_channels == 6                     # x_t and up(z) concatenated
+    out = sr(torch.randn(2, 3, 16, 16), torch.tensor([3, 4]), c=torch.tensor([1, 1]),
+             z=torch.randn(2, 3, 8, 8), s=torch.tensor([0, 7]))
+    assert out.shape == (2, 3, 16, 16)
+
+
+def test_unet_conditioning_inputs_matter():
+    torch.manual_seed(0)
+    sr = tiny_unet(resolution=16, low_res=8, aug_time=True)
+    with torch.no_grad():
+        for p in sr.parameters():
+            p.add_(torch.randn_like(p) * 0.05)          # leave the zero-initialised regime
+    x, t, c, z, s = torch.randn(1, 3, 16, 16), torch.tensor([3]), torch.tensor([1]), torch.randn(1, 3, 8, 8), torch.tensor([5])
+    ref = sr(x, t, c=c, z=z, s=s)
+    for kw in ({"c": torch.tensor([2])}, {"z": torch.randn(1, 3, 8, 8)}, {"s": torch.tensor([300])}):
+        args = {"c": c, "z": z, "s": s, **kw}
+        assert not torch.allclose(sr(x, t, **args), ref)
+
+
+def test_unet_rejects_bad_inputs():
+    m = tiny_unet(resolution=16, low_res=8, aug_time=True)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([1])
+    good = {"c": torch.tensor([0]), "z": torch.randn(1, 3, 8, 8), "s": torch.tensor([0])}
+    with pytest.raises(ValueError, match="16x16 images"):
+        m(torch.randn(1, 3, 32, 32), t, **good)
+    with pytest.raises(ValueError, match=r"class labels must lie in 0\.\.2"):
+        m(x, t, **{**good, "c": torch.tensor([3])})
+    with pytest.raises(ValueError, match="needs z at 8x8"):
+        m(x, t, **{**good, "z": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(ValueError, match="pass s"):
+        m(x, t, **{**good, "s": None})
+
+
+def test_attention_matches_hand_written_softmax():
+    torch.manual_seed(0)
+    blk = cdm.AttentionBlock(8, 2)
+    torch.nn.init.normal_(blk.proj.weight, std=0.2)
+    x = torch.randn(2, 8, 3, 3)
+    B, C, H, W = x.shape
+    qkv = blk.qkv(blk.norm(x)).reshape(B, 3, 2, 4, H * W)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                 # (B, heads, 4, HW)
+    w = torch.softmax(torch.einsum("bhcq,bhck->bhqk", q, k) / 2.0, dim=-1)
+    h = torch.einsum("bhqk,bhck->bhcq", w, v).reshape(B, C, H, W)
+    assert torch.allclose(blk(x), x + blk.proj(h), atol=1e-5)
+
+
+# =============================================================================================
+# 5. checkpoints
+# =============================================================================================
+
+def stage_config(**kw):
+    model = dict(resolution=8, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                 attention_resolutions=[4], num_heads=2, dropout=0.0, out_channels=6, num_classes=3,
+                 low_res=None, aug_time=False)
+    return {"resolution": 8, "low_res": None, "num_classes": 3, "class_names": ["a", "b", "c"],
+            "data": "shapes", "model": model, "augment": {"type": "none"}, "sample_steps": 5,
+            "diffusion": {"schedule": "cosine", "T": 100, "variance": "learned", "lambda_vlb": 0.001}, **kw}
+
+
+def test_checkpoint_rebuilds_an_identical_model(tmp_path):
+    cfg = stage_config()
+    torch.manual_seed(0)
+    model = cdm.model_from_config(cfg["model"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "ckpt.pt"
+    cdm.save_checkpoint({"config": cfg, "model": model.state_dict(), "ema": model.state_dict()}, str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]   # no temporary file left behind
+    stage = cdm.load_stage(str(path))
+    x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([3, 60]), torch.tensor([0, 2])
+    assert torch.equal(stage.model(x, t, c=c), model.eval()(x, t, c=c))
+    assert stage.diffusion.T == 100 and stage.diffusion.variance == "learned"
+
+
+def test_checkpoint_errors(tmp_path):
+    cfg = stage_config()
+    model = cdm.model_from_config(cfg["model"])
+    good = tmp_path / "good.pt"
+    cdm.save_checkpoint({"config": cfg, "model": model.state_dict()}, str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupted, truncated"):
+        cdm.load_checkpoint(str(truncated))
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"config": cfg, "model": {}, "payload": Spy()}, str(hostile))   # a pickled object
+    with pytest.raises(ValueError, match="objects other than tensors"):
+        cdm.load_checkpoint(str(hostile))
+    with pytest.raises(FileNotFoundError):
+        cdm.load_checkpoint(str(tmp_path / "missing.pt"))
+    other = tmp_path / "other.pt"
+    cdm.save_checkpoint({"config": stage_config(model={**cfg["model"], "model_channels": 8}),
+                         "model": model.state_dict()}, str(other))
+    with pytest.raises(ValueError, match="do not match its own model config"):
+        cdm.load_stage(str(other))
+
+
+# =============================================================================================
+# 6. data: the embedded dataset, CIFAR-10, image folders, .npz
+# =============================================================================================
+
+# --- the embedded shapes dataset -------------------------------------------------------------
+def test_make_shapes_deterministic_and_seeded():
+    x1, y1 = data.make_shapes(64, seed=1)
+    x2, y2 = data.make_shapes(64, seed=1)
+    x3, y3 = data.make_shapes(64, seed=2)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    assert x1.shape == (64, 64, 64, 3) and x1.dtype == np.uint8
+    assert y1.shape == (64,) and y1.dtype == np.int64
+
+
+def test_make_shapes_chunking_does_not_change_images():
+    # All random parameters are drawn up front, so the chunk size is only a memory knob.
+    a, _ = data.make_shapes(40, seed=5, chunk=7)
+    b, _ = data.make_shapes(40, seed=5, chunk=512)
+    assert np.array_equal(a, b)
+
+
+def test_make_shapes_balanced_and_not_constant():
+    x, y = data.make_shapes(80, seed=0)
+    assert np.bincount(y, minlength=8).tolist() == [10] * 8
+    per_image_std = x.reshape(80, -1).astype(np.float32).std(axis=1)
+    assert per_image_std.min() > 10  # every image has a visible shape on its background
+
+
+def test_make_shapes_class_hue():
+    # Each class has its own base hue k/8: the brightest pixels of class k point at that hue.
+    x, y = data.make_shapes(64, seed=4)
+    for img, k in zip(x.astype(np.float32) / 255, y):
+        bright = img[img.max(-1) >= np.quantile(img.max(-1), 0.97)].mean(0)  # mean fg colour
+        r, g, b = bright
+        hue = (np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) / 360) % 1
+        assert min(abs(hue - k / 8), 1 - abs(hue - k / 8)) < 0.06, (k, hue)
+
+
+def test_make_shapes_stripe_angle_per_class():
+    # Inside the shape the brightness varies along (cos k*22.5deg, sin k*22.5deg). The structure
+    # tensor's dominant gradient direction recovers that angle (central differences bias it a few
+    # degrees, well under the 22.5 degrees between classes).
+    x, y = data.make_shapes(32, seed=6)
+    for img, k in zip(x.astype(np.float32), y):
+        bright = img.max(-1) > 100  # foreground value >= 0.42*255, background <= 0.35*255
+        inner = bright.copy()
+        for sy in range(-2, 3):  # erode by 2 px so the shape's edges add no gradient
+            for sx in range(-2, 3):
+                inner &= np.roll(bright, (sy, sx), (0, 1))
+        L = img.mean(-1)
+        gx = (np.roll(L, -1, 1) - np.roll(L, 1, 1))[inner]
+        gy = (np.roll(L, -1, 0) - np.roll(L, 1, 0))[inner]
+        angle = np.degrees(0.5 * np.arctan2(2 * (gx * gy).sum(), (gx * gx - gy * gy).sum())) % 180
+        error = abs(angle - 22.5 * k)
+        assert inner.sum() > 50 and min(error, 180 - error) < 10, (k, angle)
+
+
+def test_shapes_texture_is_lost_at_low_res():
+    # An 8x8 area downsample (64 -> 8) keeps each 8x8 block's mean and discards its within-block
+    # variation. Inside the shapes (bright blocks) that variation is the stripe texture and is large;
+    # on the smooth background (dark blocks) it is ~0. So the 8x8 copy really lacks the detail.
+    x, _ = data.make_shapes(128, seed=3)
+    blocks = x.astype(np.float32).reshape(128, 8, 8, 8, 8, 3)
+    within_std = blocks.std(axis=(2, 4)).mean(-1)  # (N, 8, 8)
+    brightness = blocks.mean(axis=(2, 4)).max(-1)  # foreground value >= 0.42*255 > background 0.35*255
+    fg, bg = brightness > 110, brightness < 85
+    assert np.median(within_std[fg]) > 12
+    assert np.median(within_std[bg]) < 2.5
+
+
+def test_load_shapes_low_res_is_area_downsample():
+    hi = data.load_dataset("shapes", 64, n=48, seed=7)
+    lo = data.load_dataset("shapes", 16, n=48, seed=7)
+    expected = F.avg_pool2d(hi.x.float(), 4).round().to(torch.uint8)
+    assert lo.x.shape == (48, 3, 16, 16) and lo.x.dtype == torch.uint8
+    assert torch.equal(lo.x, expected) and torch.equal(lo.y, hi.y)
+    assert hi.num_classes == 8 and hi.class_names == data.SHAPE_NAMES and len(hi) == 48
+
+
+def test_load_shapes_splits_differ_and_bad_res():
+    train = data.load_dataset("shapes", 16, "train", n=32)
+    test = data.load_dataset("shapes", 16, "test", n=32)
+    assert not torch.equal(train.x, test.x)
+    for res in (128, 48):
+        with pytest.raises(ValueError, match="res must divide 64"):
+            data.load_dataset("shapes", res, n=8)
+
+
+# --- conversions -----------------------------------------------------------------------------
+def test_to_float_to_uint8_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    f = data.to_float(x)
+    assert f.dtype == torch.float32 and f.min() == -1 and f.max() == 1
+    assert torch.equal(data.to_uint8(f), x)
+    assert data.to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # clamped
+
+
+def test_random_flip_flips_about_half():
+    x = torch.randn(2000, 3, 4, 5)
+    out = data.random_flip(x, generator=torch.Generator().manual_seed(0))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all()  # each example is untouched or exactly mirrored
+    assert 900 < mirrored.sum() < 1100  # p = 0.5, std 22
+    again = data.random_flip(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+# --- CIFAR-10 (a tiny archive in the official format) ----------------------------------------
+def _make_fake_cifar(root, per_batch=3):
+    """cifar-10-python.tar.gz layout: pickled dicts with bytes keys, data (N, 3072) channel-major."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    with tarfile.open(os.path.join(root, data.CIFAR10_FILE), "w:gz") as tar:
+        def add(name, obj):
+            payload = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            d = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, per_batch).tolist(),
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [b"x.png"] * per_batch}
+            batches[name] = d
+            add(name, d)
+        add("batches.meta", {b"label_names": [c.encode() for c in data.CIFAR10_CLASSES],
+                             b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    path = os.path.join(root, data.CIFAR10_FILE)
+    return path, batches, hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def test_cifar10_round_trip(tmp_path, monkeypatch):
+    path, batches, md5 = _make_fake_cifar(tmp_path)
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    train = data.load_dataset("cifar10", 32, "train", root=str(tmp_path))
+    raw = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    labels = sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
+    assert train.x.shape == (15, 3, 32, 32) and train.x.dtype == torch.uint8
+    assert torch.equal(train.x, torch.from_numpy(raw.reshape(15, 3, 32, 32)))
+    # channel-major layout: the first 1024 bytes are the red plane, row by row
+    assert train.x[0, 0, 0, 1] == raw[0, 1] and train.x[0, 1, 0, 0] == raw[0, 1024]
+    assert train.y.tolist() == labels and train.num_classes == 10
+    assert train.class_names == data.CIFAR10_CLASSES
+    test = data.load_dataset("cifar10", 16, "test", root=str(tmp_path), n=2)
+    expected = F.avg_pool2d(torch.from_numpy(batches["test_batch"][b"data"][:2].reshape(2, 3, 32, 32)).float(), 2)
+    assert torch.equal(test.x, expected.round().to(torch.uint8))
+    assert test.y.tolist() == batches["test_batch"][b"labels"][:2]
+
+
+def test_cifar10_checksum_and_missing_archive(tmp_path, monkeypatch):
+    _make_fake_cifar(tmp_path)
+    # the real MD5 (module default) does not match the fake archive
+    with pytest.raises(ValueError, match="checksum"):
+        data.load_dataset("cifar10", 32, root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="--download"):
+        data.load_dataset("cifar10", 32, root=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="res must divide 32"):
+        data.load_dataset("cifar10", 64, root=str(tmp_path))
+
+
+def test_cifar10_download_path(tmp_path, monkeypatch):
+    # No network in tests: "download" the fake archive from a file:// URL.
+    src, batches, md5 = _make_fake_cifar(tmp_path)
+    monkeypatch.setattr(data, "CIFAR10_URL", "file://" + os.path.abspath(src))
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    root = tmp_path / "dl"
+    d = data.load_dataset("cifar10", 32, "test", root=str(root), download=True)
+    assert len(d) == 3 and os.listdir(root) == [data.CIFAR10_FILE]  # no temp file left behind
+
+
+# --- image folders ---------------------------------------------------------------------------
+def _save(path, array):
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def test_image_folder(tmp_path):
+    red, green = [255, 0, 0], [0, 255, 0]
+    (tmp_path / "b_dogs").mkdir()
+    (tmp_path / "a_cats").mkdir()
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:] = red
+    wide[:, 20:40] = green  # the centre square is all green, the left/right thirds red
+    _save(tmp_path / "a_cats" / "wide.png", wide)
+    _save(tmp_path / "a_cats" / "tall.PNG", np.full((50, 20, 3), 200))  # extension case-insensitive
+    _save(tmp_path / "b_dogs" / "small.bmp", np.full((5, 5, 3), 30))     # smaller than res: upsampled
+    (tmp_path / "b_dogs" / "notes.txt").write_text("not an image")        # ignored
+    d = data.load_dataset(str(tmp_path), 8, split="test")  # split is ignored for folders
+    assert d.x.shape == (3, 3, 8, 8) and d.x.dtype == torch.uint8
+    assert d.class_names == ["a_cats", "b_dogs"] and d.num_classes == 2
+    # round-robin order: cats/tall, dogs/small, cats/wide (files sorted within a class)
+    assert d.y.tolist() == [0, 1, 0]
+    assert (d.x[2] == torch.tensor(green, dtype=torch.uint8)[:, None, None]).all()
+    assert (d.x[0] == 200).all() and (d.x[1] == 30).all()
+    assert data.load_dataset(str(tmp_path), 8, n=2).y.tolist() == [0, 1]  # n keeps both classes
+    assert data.class_names_for(str(tmp_path)) == ["a_cats", "b_dogs"]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.load_dataset(str(tmp_path), 8)
+    (tmp_path / "cats").mkdir()
+    _save(tmp_path / "cats" / "a.png", np.zeros((8, 8, 3)))
+    (tmp_path / "dogs").mkdir()
+    with pytest.raises(ValueError, match="dogs contains no images"):
+        data.load_dataset(str(tmp_path), 8)
+    (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.load_dataset(str(tmp_path), 8)
+
+
+# --- .npz (ADM convention) -------------------------------------------------------------------
+def test_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    y = np.array([0, 3, 1, 3, 2])
+    path = str(tmp_path / "samples.npz")
+    data.save_npz(path, x, y)
+    assert os.listdir(tmp_path) == ["samples.npz"]  # the atomic write left no temp file
+    with np.load(path) as f:
+        assert f["arr_0"].dtype == np.uint8 and f["arr_1"].dtype == np.int64
+    d = data.load_dataset(path, 16)
+    assert torch.equal(d.x, torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert d.y.tolist() == y.tolist() and d.num_classes == 4
+    d8 = data.load_dataset(path, 8, n=2)
+    assert torch.equal(d8.x, F.avg_pool2d(d.x[:2].float(), 2).round().to(torch.uint8))
+    assert len(data.load_dataset(path, 6)) == 5  # non-integer factor goes through PIL's BOX filter
+    with pytest.raises(ValueError, match="upsampling"):
+        data.load_dataset(path, 32)
+
+
+def test_npz_center_crop(tmp_path):
+    x = np.zeros((1, 4, 12, 3), np.uint8)
+    x[:, :, 4:8] = 255  # only the centre 4x4 square is white
+    path = str(tmp_path / "wide.npz")
+    data.save_npz(path, x, [0])
+    assert (data.load_dataset(path, 4).x == 255).all()
+
+
+def test_npz_errors(tmp_path):
+    good = np.zeros((2, 8, 8, 3), np.uint8)
+    cases = {"dtype.npz": dict(arr_0=good.astype(np.float32), arr_1=[0, 1]),
+             "noarr0.npz": dict(images=good, arr_1=[0, 1]),
+             "labels.npz": dict(arr_0=good, arr_1=[0, 1, 1]),
+             "nhwc.npz": dict(arr_0=good.transpose(0, 3, 1, 2), arr_1=[0, 1])}
+    messages = {"dtype.npz": "uint8", "noarr0.npz": "no arr_0", "labels.npz": "2 non-negative integer labels",
+                "nhwc.npz": r"\(N, H, W, 3\)"}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=messages[name]):
+            data.load_dataset(str(tmp_path / name), 8)
+    with pytest.raises(ValueError, match="uint8"):
+        data.save_npz(str(tmp_path / "x.npz"), good.astype(np.float32), [0, 1])
+
+
+def test_unknown_source():
+    for source in ("imagenet", "/no/such/dir", "missing.npz"):
+        with pytest.raises(ValueError, match="accepted: 'shapes', 'cifar10'"):
+            data.load_dataset(source, 32)
+
+
+# =============================================================================================
+# 7. the scripts, end to end, tiny
+# =============================================================================================
+
+TINY = ["--ch", "8", "--mult", "1,2", "--res_blocks", "1", "--heads", "1", "--batch_size", "4",
+        "--n_train", "16", "--steps", "3", "--sample_steps", "2", "--T", "20", "--no_progress",
+        "--log_every", "1"]
+
+
+def run(script, *args, ok=True):
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                       text=True, cwd=HERE, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_cascade(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cascade")
+    run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--out", str(d / "base"))
+    run("train_sr.py", *TINY, "--res", "16", "--low_res", "8", "--attn", "", "--aug_T", "20",
+        "--out", str(d / "sr16"))
+    run("train_sr.py", *TINY, "--preset", "demo32", "--res", "32", "--low_res", "16", "--attn", "",
+        "--out", str(d / "sr32"))
+    return d
+
+
+def test_scripts_train_and_sample_a_cascade(tiny_cascade):
+    d = tiny_cascade
+    assert (d / "base" / "ckpt.pt").exists() and list((d / "base").glob("samples_*.png"))
+    log = (d / "sr16" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 3 and "mse_quarters" in log[0]
+    ck = [str(d / n / "ckpt.pt") for n in ("base", "sr16", "sr32")]
+    p = run("sample.py", *ck, "--n", "6", "--classes", "1,3", "--steps", "2", "--s", "5",
+            "--out", str(d / "samples"), "--no_progress")
+    assert "sampled 6 images (8 -> 16 -> 32)" in p.stdout
+    f = np.load(d / "samples" / "samples.npz")
+    assert sorted(f.files) == ["arr_0", "arr_1"]                     # the ADM layout
+    assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+    assert f["arr_1"].tolist() == [1, 3, 1, 3, 1, 3]
+    st = np.load(d / "samples" / "stages.npz")
+    assert [st[f"stage_{k}"].shape[1] for k in (1, 2, 3)] == [8, 16, 32]
+    for name in ("grid.png", "stages.png"):
+        assert (d / "samples" / name).stat().st_size > 0
+    # Truncated sampling through the same files.
+    run("sample.py", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated",
+        "--out", str(d / "trunc"), "--no_progress")
+
+
+def test_scripts_resume(tiny_cascade, tmp_path):
+    out = str(tmp_path / "base")
+    run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--out", out)
+    p = run("train_base.py", *TINY, "--steps", "5", "--res", "8", "--attn", "4", "--out", out, "--resume")
+    assert "resumed from" in p.stdout and "at step 3" in p.stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 5
+
+
+def test_scripts_give_clear_errors(tiny_cascade, tmp_path):
+    d = tiny_cascade
+    ck = [str(d / n / "ckpt.pt") for n in ("base", "sr16", "sr32")]
+    p = run("sample.py", ck[0], ck[2], "--n", "2", "--out", str(tmp_path), ok=False)
+    assert p.returncode != 0 and "16->32 SR model, but stage 1 makes 8x8" in p.stderr
+    p = run("sample.py", *ck[:2], "--classes", "9", "--out", str(tmp_path), ok=False)
+    assert p.returncode != 0 and "out of range" in p.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    p = run("sample.py", str(bad), "--out", str(tmp_path), ok=False)
+    assert p.returncode != 0 and "corrupted" in p.stderr and "Traceback" not in p.stderr
+    p = run("train_base.py", *TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "error" in p.stderr
+    p = run("train_sr.py", *TINY, "--res", "16", "--low_res", "12", "--out", str(tmp_path / "y"), ok=False)
+    assert p.returncode != 0 and "must divide" in p.stderr
+    p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--ch", "16", "--out", str(d / "base"),
+            "--resume", ok=False)
+    assert p.returncode != 0 and "different model" in p.stderr
