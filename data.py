@@ -10,7 +10,7 @@ Images stay uint8 in memory (4x smaller than float32) and are converted per batc
 
 Low-res copies are always *area* (box) downsamples of the high-res images, never re-renders: this is
 exactly how a cascade's SR training pairs (x0, z0) are made, so `load_dataset("shapes", 16)` is the
-conditioning the 16->64 stage sees for `load_dataset("shapes", 64)` [choice: anti-aliased area
+conditioning a 16->32 stage sees for `load_dataset("shapes", 32)` [choice: anti-aliased area
 downsampling, see paper-notes §3].
 """
 import hashlib

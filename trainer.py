@@ -181,7 +181,8 @@ def train(args, config, dataset, make_kwargs):
                              "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}},
                             ckpt_path)
 
-    # A fixed batch of held-out conditioning (one image per class, cycling) for the preview grids.
+    # A fixed batch of training images (one per class, cycling) whose classes and low-res copies
+    # condition the preview grids.
     preview_idx = torch.cat([torch.nonzero(dataset.y == k)[:1, 0] for k in range(dataset.num_classes)])
     preview_idx = preview_idx[torch.arange(min(16, max(8, len(preview_idx)))) % len(preview_idx)]
 
