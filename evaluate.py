@@ -80,14 +80,13 @@ def lowres_consistency(stages_npz):
             for k in range(1, len(imgs))]
 
 
-def get_classifier(source, res, cache, seed=0):
+def get_classifier(source, res, cache, num_classes, seed=0):
     """Train the real-data classifier once and keep it in `cache` (a plain state dict)."""
-    train = data.load_dataset(source, res, "train", seed=seed)
     if os.path.exists(cache):
-        clf = Classifier(train.num_classes)
+        clf = Classifier(num_classes)
         clf.load_state_dict(torch.load(cache, weights_only=True))
         return clf.eval()
-    clf = train_classifier(train, seed=seed, progress=True)
+    clf = train_classifier(data.load_dataset(source, res, "train", seed=seed), seed=seed, progress=True)
     os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
     cdm.save_checkpoint(clf.state_dict(), cache)
     return clf
@@ -108,8 +107,8 @@ def main(argv=None):
     y = torch.from_numpy(f["arr_1"]).long()
     res = x.shape[-1]
     cache = args.classifier or os.path.join("runs", f"classifier_{os.path.basename(args.data)}_{res}px.pt")
-    clf = get_classifier(args.data, res, cache, args.seed)
     test = data.load_dataset(args.data, res, "test", seed=args.seed)
+    clf = get_classifier(args.data, res, cache, test.num_classes, args.seed)
     real_acc = (predict(clf, test.x) == test.y).float().mean().item()
     acc = (predict(clf, x) == y).float().mean().item()
     print(f"classifier accuracy on real held-out images: {100 * real_acc:.1f}% ({len(test.y)} images)")

@@ -793,3 +793,33 @@ def test_scripts_give_clear_errors(tiny_cascade, tmp_path):
     p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--ch", "16", "--out", str(d / "base"),
             "--resume", ok=False)
     assert p.returncode != 0 and "different model" in p.stderr
+
+
+# =============================================================================================
+# 8. evaluate.py: the measurements behind the README's numbers
+# =============================================================================================
+
+def test_psnr_closed_form_and_lowres_consistency(tmp_path):
+    import evaluate
+    a = torch.zeros(2, 3, 4, 4)
+    assert evaluate.psnr(a, a + 10) == pytest.approx(10 * math.log10(255 ** 2 / 100))
+    assert evaluate.psnr(a, a) == float("inf")
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    high = low.repeat(2, axis=1).repeat(2, axis=2)           # area-downsamples back to `low` exactly
+    np.savez(tmp_path / "stages.npz", stage_1=low, stage_2=high, labels=np.zeros(3))
+    assert evaluate.lowres_consistency(str(tmp_path / "stages.npz")) == [(4, 8, float("inf"))]
+    noisy = np.clip(high.astype(int) + rng.integers(-40, 41, high.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "stages.npz", stage_1=low, stage_2=noisy, labels=np.zeros(3))
+    assert evaluate.lowres_consistency(str(tmp_path / "stages.npz"))[0][2] < 40
+
+
+def test_classifier_learns_a_separable_case():
+    import evaluate
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randint(0, 60, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    x[y == 1, 0] += 180                                       # class 1: strongly red
+    ds = data.ImageData(x, y, 2, ["dark", "red"])
+    clf = evaluate.train_classifier(ds, steps=60, batch_size=32)
+    assert (evaluate.predict(clf, x) == y).float().mean().item() == 1.0
