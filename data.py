@@ -81,7 +81,8 @@ def make_shapes(n, res=SHAPES_RES, seed=0, chunk=512):
     period 8 px at 64x64 -- 4 px at 32x32 -- brightness modulated by +-25% around its mean). The
     stripes average away under an 8x8 area downsample and are faint at 16x16, so an 8x8 copy keeps
     position, size and colour but has lost the texture: the SR stages have real detail to add.
-    Backgrounds are smooth gradients between two dark, low-saturation colours. Returns uint8 (n, res, res, 3) NHWC and balanced int64 labels (n,).
+    Backgrounds are smooth gradients between two dark, low-saturation colours. Returns uint8
+    (n, res, res, 3) NHWC and balanced int64 labels (n,).
 
     Anti-aliasing: the shape's coverage is rendered at 2x and average-pooled by 2 (2x2 supersampling
     of the edge); the colour fields are smooth and are evaluated at the pixel centres directly,
