@@ -6,6 +6,7 @@ Run one:   python -m pytest -q test_cdm.py -k posterior
 Each test names the function it checks, so a student who re-implements one function (say
 cosine_schedule or q_posterior) runs exactly its test.
 """
+import copy
 import hashlib
 import io
 import math
@@ -405,6 +406,85 @@ def test_attention_matches_hand_written_softmax():
     assert torch.allclose(blk(x), x + blk.proj(h), atol=1e-5)
 
 
+def perturbed_sr_unet():
+    """An SR U-Net with every input in use and no zero-initialised layer left at zero, so that
+    attention and every residual branch change the output."""
+    torch.manual_seed(0)
+    model = cdm.UNet(16, 32, (1, 2), 1, (8,), 4, out_channels=6, num_classes=3, low_res=8, aug_time=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    B = 3
+    inputs = (torch.randn(B, 3, 16, 16), torch.tensor([1, 500, 999]), torch.tensor([0, 2, 1]),
+              torch.randn(B, 3, 8, 8), torch.tensor([0, 10, 200]))
+    return model, inputs
+
+
+def outputs_and_grads(model, inputs):
+    model.zero_grad()
+    out = model(*inputs)
+    (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach().float(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_fast_path_matches_plain():
+    """The speed-ups of set_fast_path (channels_last, fused attention, GroupNorm's NCHW copy)
+    change no output and no gradient beyond float32 rounding."""
+    fast, inputs = perturbed_sr_unet()
+    plain = copy.deepcopy(fast)
+    cdm.set_fast_path(fast, True)
+    cdm.set_fast_path(plain, False)
+    assert fast.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(m.fast for m in plain.modules() if isinstance(m, (cdm.GroupNorm, cdm.AttentionBlock)))
+    out_f, grads_f = outputs_and_grads(fast, inputs)
+    out_p, grads_p = outputs_and_grads(plain, inputs)
+    assert out_p.abs().mean() > 0.1                              # a real, non-trivial output
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
+    for gf, gp in zip(grads_f, grads_p):
+        torch.testing.assert_close(gf, gp, rtol=1e-3, atol=1e-4 * gp.abs().max().item())
+
+
+def test_fused_attention_matches_formula():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
+    w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    torch.testing.assert_close(cdm.attention(q, k, v, fused=True), w @ v)
+    torch.testing.assert_close(cdm.attention(q, k, v, fused=False), w @ v)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    """bf16 keeps 8 bits of mantissa: the outputs and gradients under autocast agree with fp32
+    to a few percent of their scale, no more."""
+    model, inputs = perturbed_sr_unet()
+    cdm.set_fast_path(model)
+    out32, g32 = outputs_and_grads(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, g16 = outputs_and_grads(model, inputs)
+    assert (out16 - out32).abs().max() < 0.03 * out32.abs().max()
+    num = sum((a - b).square().sum() for a, b in zip(g16, g32))
+    assert num.sqrt() < 0.05 * sum(b.square().sum() for b in g32).sqrt()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_bf16_compile_matches_cpu():
+    """The GPU path: channels_last + bf16 autocast + torch.compile on CUDA gives the CPU fp32
+    numbers to bf16 accuracy, for outputs and gradients."""
+    model, inputs = perturbed_sr_unet()
+    ref_out, ref_grads = outputs_and_grads(cdm.set_fast_path(copy.deepcopy(model)), inputs)
+    gpu = cdm.set_fast_path(model.cuda())
+    compiled = torch.compile(gpu)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu.zero_grad()
+        out = compiled(*[x.cuda() for x in inputs])
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").reshape(out.shape)).sum().backward()
+    assert (out.float().cpu() - ref_out).abs().max() < 0.03 * ref_out.abs().max()
+    err = sum((p.grad.cpu() - g).square().sum() for p, g in zip(gpu.parameters(), ref_grads)).sqrt()
+    assert err < 0.05 * sum(g.square().sum() for g in ref_grads).sqrt()
+
+
 # =============================================================================================
 # 5. checkpoints
 # =============================================================================================
@@ -430,7 +510,7 @@ def test_checkpoint_rebuilds_an_identical_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]   # no temporary file left behind
     stage = cdm.load_stage(str(path))
     x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([3, 60]), torch.tensor([0, 2])
-    assert torch.equal(stage.model(x, t, c=c), model.eval()(x, t, c=c))
+    assert torch.equal(stage.model(x, t, c=c), cdm.set_fast_path(model).eval()(x, t, c=c))
     assert stage.diffusion.T == 100 and stage.diffusion.variance == "learned"
 
 

@@ -1,0 +1,394 @@
+"""bench.py -- how fast cdm trains and samples on this machine, beside the well-known U-Nets.
+
+  python bench.py                                   # demo stages + CIFAR-sized model, fp32 and bf16
+  python bench.py --configs cifar --peers ~/peers   # + guided-diffusion and diffusers, same config
+  python bench.py --configs cifar --device cuda --precision bf16 --compile
+
+For each configuration x implementation x precision it measures, in a fresh process (so that
+peak memory belongs to that row alone):
+  train img/s    images per second through forward + backward + optimizer step (AdamW), batch
+                 --batch_size; median of --repeats steps after --warmup steps
+  sample NFE/s   network evaluations per second at batch --sample_batch, no gradients. Ours: our
+                 real sampler (GaussianDiffusion.sample, respaced); peers: their bare forward pass,
+                 which flatters them slightly
+  peak MiB       memory above what the process held before the first step (CPU: peak resident
+                 set growth, from /proc; CUDA: torch.cuda.max_memory_allocated)
+  GFLOP/s        the model's FLOPs (counted by torch.utils.flop_counter) per second, and as % of
+                 the matmul ceiling this run measures first (a 2048^2 matmul, 8192^2 on CUDA)
+--peers DIR: DIR holds a checkout of openai/guided-diffusion and a `pip install --target DIR/site
+diffusers`; their U-Nets are built at the same configuration (parameter counts are printed) and
+timed in the same run. Their code is only imported, never copied here. See the README.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+import cdm
+import train_base
+import train_sr
+import trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations: UNet keyword arguments + batch size
+# ---------------------------------------------------------------------------------------------
+
+def from_preset(d, res, num_classes, low_res=None, aug_time=False):
+    """A training script's preset dict -> UNet keyword arguments (what its checkpoint would hold)."""
+    args = SimpleNamespace(**{**d, "res": res})
+    return trainer.model_config(args, out_channels=6 if d["variance"] == "learned" else 3,
+                                num_classes=num_classes, low_res=low_res, aug_time=aug_time)
+
+
+CONFIGS = {
+    # the three stages of the CPU demo (train_base.py, train_sr.py, train_sr.py --preset demo32)
+    "base8": from_preset(train_base.DEMO, 8, 8),
+    "sr16": from_preset(train_sr.PRESETS["demo16"], 16, 8, low_res=8, aug_time=True),
+    "sr32": from_preset(train_sr.PRESETS["demo32"], 32, 8, low_res=16),
+    # the CIFAR-sized model of the speed issue: ~7M parameters, like the peers' usual CIFAR U-Net
+    "cifar": dict(resolution=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
+                  attention_resolutions=[16], num_heads=4, dropout=0.0, out_channels=6,
+                  num_classes=10, low_res=None, aug_time=False),
+}
+DEFAULT_CONFIGS = ["base8", "sr16", "sr32", "cifar"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the implementations: ours, and the peers built at the same configuration
+# ---------------------------------------------------------------------------------------------
+
+def build_ours(cfg):
+    model = cdm.set_fast_path(cdm.model_from_config(cfg))
+
+    def call(m, x, t, c, z, s):
+        return m(x, t, c, z, s)
+    return model, call
+
+
+def build_guided_diffusion(cfg):
+    """openai/guided-diffusion's UNetModel (ADM), the architecture ours follows."""
+    from guided_diffusion.unet import UNetModel
+    model = UNetModel(
+        image_size=cfg["resolution"], in_channels=3, model_channels=cfg["model_channels"],
+        out_channels=cfg["out_channels"], num_res_blocks=cfg["num_res_blocks"],
+        attention_resolutions=[cfg["resolution"] // r for r in cfg["attention_resolutions"]],
+        dropout=cfg["dropout"], channel_mult=tuple(cfg["channel_mult"]),
+        num_classes=cfg["num_classes"], num_heads=cfg["num_heads"], use_scale_shift_norm=True)
+
+    def call(m, x, t, c, z, s):
+        return m(x, t, y=c)
+    return model, call
+
+
+def build_diffusers(cfg):
+    """diffusers' UNet2DModel with ADM's choices: scale-shift norm, class embedding, attention at
+    the same resolutions, `num_res_blocks` ResNets per level on the way down (+1 on the way up)."""
+    from diffusers import UNet2DModel
+    res, down, up, widths = cfg["resolution"], [], [], []
+    for level, mult in enumerate(cfg["channel_mult"]):
+        attn = res // 2 ** level in cfg["attention_resolutions"]
+        down.append("AttnDownBlock2D" if attn else "DownBlock2D")
+        up.insert(0, "AttnUpBlock2D" if attn else "UpBlock2D")
+        widths.append(mult * cfg["model_channels"])
+    model = UNet2DModel(
+        sample_size=res, in_channels=3, out_channels=cfg["out_channels"],
+        layers_per_block=cfg["num_res_blocks"], block_out_channels=tuple(widths),
+        down_block_types=tuple(down), up_block_types=tuple(up), resnet_time_scale_shift="scale_shift",
+        num_class_embeds=cfg["num_classes"], attention_head_dim=widths[-1] // cfg["num_heads"],
+        dropout=cfg["dropout"])
+
+    def call(m, x, t, c, z, s):
+        return m(x, t, class_labels=c).sample
+    return model, call
+
+
+IMPLS = {"cdm": build_ours, "guided-diffusion": build_guided_diffusion, "diffusers": build_diffusers}
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements (run in a child process, one row each)
+# ---------------------------------------------------------------------------------------------
+
+def rss_reset():
+    """Reset the kernel's peak-RSS counter (Linux); returns the current RSS in bytes, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+def proc_status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class Memory:
+    """Peak memory of the block above what was held when it began (see the module docstring)."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = rss_reset()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = (torch.cuda.max_memory_allocated() - self.start) / 2 ** 20
+        elif self.start is not None:
+            self.peak = (proc_status("VmHWM") - self.start) / 2 ** 20
+
+
+def timed(fn, device, warmup, repeats):
+    """Median seconds of fn() over `repeats` calls after `warmup` calls."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def model_flops(cfg, B, backward):
+    """FLOPs of one forward (+ backward) pass at batch B, counted by PyTorch's FlopCounterMode on
+    our network. The peers build the same architecture, so the model FLOPs (the numerator of model
+    FLOP utilisation) are the same; work they add, such as recomputation, does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = cdm.model_from_config(cfg)
+    res, low = cfg["resolution"], cfg["low_res"]
+    args = (torch.randn(B, 3, res, res), torch.randint(1, 1000, (B,)),
+            torch.randint(0, cfg["num_classes"], (B,)),
+            torch.randn(B, 3, low, low) if low else None,
+            torch.randint(0, 250, (B,)) if cfg["aug_time"] else None)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        out = model(*args)
+        if backward:
+            out.square().mean().backward()
+    return counter.get_total_flops()
+
+
+def run_row(row):
+    """One configuration x implementation x precision, one phase ("train" or "sample") and one
+    kind of measurement ("speed" or "memory"), in a process of its own; returns a dict."""
+    cfg, impl, precision = CONFIGS[row["config"]], row["impl"], row["precision"]
+    device = torch.device(row["device"])
+    torch.manual_seed(0)
+    if impl != "cdm" and cfg["low_res"]:
+        return {"error": "peers are compared on base (non-SR) configurations only"}
+    try:
+        model, call = IMPLS[impl](cfg)
+    except ImportError as e:
+        return {"error": f"cannot import {impl} ({e}); see --peers"}
+    model = model.to(device)
+    net = torch.compile(model) if row["compile"] else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    B = row["batch_size"] if row["phase"] == "train" else row["sample_batch"]
+    g = torch.Generator().manual_seed(1)
+    res, low = cfg["resolution"], cfg["low_res"]
+    x = torch.randn(B, 3, res, res, generator=g).to(device)
+    t = torch.randint(1, 1000, (B,), generator=g).to(device)
+    c = torch.randint(0, cfg["num_classes"], (B,), generator=g).to(device)
+    z = torch.randn(B, 3, low, low, generator=g).to(device) if low else None
+    s = torch.randint(0, 250, (B,), generator=g).to(device) if cfg["aug_time"] else None
+    result = {"params": sum(p.numel() for p in model.parameters())}
+
+    if row["phase"] == "train":                    # forward + backward + AdamW step, fixed batch
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        target = torch.randn(B, cfg["out_channels"], res, res, generator=g).to(device)
+
+        def step(m=net):
+            with autocast:
+                out = call(m, x, t, c, z, s)
+            loss = (out.float() - target).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        nfe = 1
+    else:                                          # network evaluations, no gradients
+        model.eval()
+        nfe = 2
+        if impl == "cdm":                          # ours: our real sampler, respaced to nfe steps
+            variance = "learned" if cfg["out_channels"] == 6 else "fixed"
+            sampler = cdm.GaussianDiffusion(cdm.make_betas("cosine", 1000), variance).respace(nfe)
+            kwargs = {k: v for k, v in dict(c=c, z=z, s=s).items() if v is not None}
+
+            def step(m=net):
+                with autocast:
+                    sampler.sample(m, x.shape, kwargs, generator=torch.Generator().manual_seed(0))
+        else:                                      # peers: their bare forward pass
+            def step(m=net):
+                with torch.no_grad(), autocast:
+                    for _ in range(nfe):
+                        call(m, x, t, c, z, s)
+    try:
+        if row["measure"] == "memory":
+            with Memory(device) as mem:
+                for _ in range(2):
+                    step()
+            return {**result, f"{row['phase']}_mib": mem.peak}
+        t0 = time.perf_counter()
+        step()                                     # the first step also compiles, when --compile
+        result[f"{row['phase']}_first_s"] = time.perf_counter() - t0
+        repeats = row["repeats"] if row["phase"] == "train" else max(2, row["repeats"] // 2)
+        sec = timed(step, device, row["warmup"] - 1, repeats) / nfe
+    except RuntimeError as e:
+        return {**result, f"{row['phase']}_error": str(e).splitlines()[0][:120]}
+    flops = model_flops(cfg, B, backward=row["phase"] == "train")
+    if row["phase"] == "train":
+        return {**result, "train_img_s": B / sec, "train_gflop_s": flops / sec / 1e9}
+    return {**result, "sample_nfe_s": 1 / sec, "sample_img_s": B / sec, "sample_gflop_s": flops / sec / 1e9}
+
+
+def matmul_ceiling(device, dtype):
+    """FLOP/s of one large matmul: what the hardware reaches on the friendliest possible work."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / min(timed(lambda: a @ b, device, 1, 3) for _ in range(5)) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--peers", default=None, metavar="DIR",
+                   help="also time guided-diffusion and diffusers, found in DIR (see the README)")
+    p.add_argument("--peer_configs", default="cifar", help="the configurations the peers run")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    p.add_argument("--batch_size", type=int, default=32, help="training batch")
+    p.add_argument("--sample_batch", type=int, default=64, help="sampling batch")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
+    p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model first")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--_row", default=None, help=argparse.SUPPRESS)  # internal: one row, in a child
+    args = p.parse_args(argv)
+    for name in args.configs.split(",") + args.peer_configs.split(","):
+        if name not in CONFIGS:
+            p.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+    for prec in args.precision.split(","):
+        if prec not in ("fp32", "bf16"):
+            p.error(f"unknown precision {prec!r}; choose fp32 or bf16")
+    if args.peers and not os.path.isdir(args.peers):
+        p.error(f"--peers {args.peers}: no such folder; see the README for how to fill it")
+    return args
+
+
+def child_env(peers):
+    env = dict(os.environ)
+    if peers:
+        paths = [os.path.join(peers, "guided-diffusion"), os.path.join(peers, "site")]
+        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    return env
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._row:
+        print("RESULT " + json.dumps(run_row(json.loads(args._row))))
+        return
+    device = trainer.pick_device(args.device)
+    print(f"torch {torch.__version__} on {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f" ({torch.get_num_threads()} threads)"))
+    ceiling = {p: matmul_ceiling(device, torch.float32 if p == "fp32" else torch.bfloat16)
+               for p in args.precision.split(",")}
+    print("matmul ceiling: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in ceiling.items()))
+    rows = []
+    for config in args.configs.split(","):
+        impls = ["cdm"] + (["guided-diffusion", "diffusers"] if args.peers and config in
+                           args.peer_configs.split(",") else [])
+        for precision in args.precision.split(","):
+            for impl in impls:
+                rows.append(dict(config=config, impl=impl, precision=precision, device=str(device),
+                                 batch_size=args.batch_size, sample_batch=args.sample_batch,
+                                 warmup=args.warmup, repeats=args.repeats, compile=args.compile))
+    head = (f"{'config':7} {'impl':16} {'prec':4} {'params':>7} | {'train img/s':>11} {'GFLOP/s':>8} "
+            f"{'%ceil':>5} {'peak MiB':>8} | {'sample NFE/s':>12} {'img/s':>6} {'GFLOP/s':>8} "
+            f"{'%ceil':>5} {'peak MiB':>8}")
+    print(head + "\n" + "-" * len(head))
+    t_start = time.time()
+    for row in rows:
+        res = {}
+        for phase in ("sample", "train"):
+            for measure in ("speed", "memory"):
+                env = child_env(args.peers)
+                if measure == "memory":      # large blocks straight from/to the OS: RSS = live memory
+                    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_row",
+                                       json.dumps({**row, "phase": phase, "measure": measure})],
+                                      capture_output=True, text=True, env=env)
+                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                res.update(json.loads(lines[-1][7:]) if lines else {
+                    "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]})
+        row.update(res)
+        name = f"{row['config']:7} {row['impl']:16} {row['precision']:4}"
+        if "error" in res:
+            print(f"{name} {'':>7} | {res['error']}", flush=True)
+            continue
+        ceil = ceiling[row["precision"]]
+        cols = []
+        for phase, rate, rate_fmt in (("train", "train_img_s", "11.1f"), ("sample", "sample_nfe_s", "12.2f")):
+            if f"{phase}_error" in res:
+                cols.append(f"failed: {res[phase + '_error'][:28]:28}")
+                continue
+            gflop = res.get(f"{phase}_gflop_s", float("nan"))
+            extra = f"{fmt(res.get('sample_img_s'), '6.0f')} " if phase == "sample" else ""
+            cols.append(f"{fmt(res.get(rate), rate_fmt)} {extra}{fmt(gflop, '8.0f')} "
+                        f"{fmt(gflop / ceil * 100, '5.0f')} {fmt(res.get(phase + '_mib'), '8.0f')}")
+        print(f"{name} {res['params'] / 1e6:6.2f}M | " + " | ".join(cols), flush=True)
+    print(f"({time.time() - t_start:.0f} s; medians of {args.repeats} training steps after "
+          f"{args.warmup} warm-up steps, batch {args.batch_size}; sampling at batch {args.sample_batch})")
+    for config in args.configs.split(","):
+        for precision in args.precision.split(","):
+            mine = [r for r in rows if r["config"] == config and r["precision"] == precision
+                    and r["impl"] == "cdm" and "train_img_s" in r]
+            peers = [r for r in rows if r["config"] == config and r["precision"] == precision
+                     and r["impl"] != "cdm" and "sample_nfe_s" in r]
+            if mine and peers:
+                ratios = []
+                for key in ("train_img_s", "sample_nfe_s"):
+                    best = max((r for r in peers if key in r), key=lambda r: r[key], default=None)
+                    if best:
+                        ratios.append(f"{key.split('_')[0]} {mine[0][key] / best[key]:.2f}x "
+                                      f"the fastest peer ({best['impl']})")
+                print(f"{config} {precision}: cdm " + ", ".join(ratios))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "torch": torch.__version__, "ceiling_gflop_s": ceiling,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
