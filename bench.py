@@ -197,6 +197,8 @@ def run_row(row):
     torch.manual_seed(0)
     if impl != "cdm" and cfg["low_res"]:
         return {"error": "peers are compared on base (non-SR) configurations only"}
+    if row.get("peers"):   # appended: torch and numpy still come from this environment
+        sys.path += [os.path.join(row["peers"], "guided-diffusion"), os.path.join(row["peers"], "site")]
     try:
         model, call = IMPLS[impl](cfg)
     except ImportError as e:
@@ -301,14 +303,6 @@ def parse_args(argv=None):
     return args
 
 
-def child_env(peers):
-    env = dict(os.environ)
-    if peers:
-        paths = [os.path.join(peers, "guided-diffusion"), os.path.join(peers, "site")]
-        env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
-    return env
-
-
 def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
 
@@ -333,7 +327,8 @@ def main(argv=None):
             for impl in impls:
                 rows.append(dict(config=config, impl=impl, precision=precision, device=str(device),
                                  batch_size=args.batch_size, sample_batch=args.sample_batch,
-                                 warmup=args.warmup, repeats=args.repeats, compile=args.compile))
+                                 warmup=args.warmup, repeats=args.repeats, compile=args.compile,
+                                 peers=args.peers and os.path.abspath(args.peers)))
     head = (f"{'config':7} {'impl':16} {'prec':4} {'params':>7} | {'train img/s':>11} {'GFLOP/s':>8} "
             f"{'%ceil':>5} {'peak MiB':>8} | {'sample NFE/s':>12} {'img/s':>6} {'GFLOP/s':>8} "
             f"{'%ceil':>5} {'peak MiB':>8}")
@@ -343,7 +338,7 @@ def main(argv=None):
         res = {}
         for phase in ("sample", "train"):
             for measure in ("speed", "memory"):
-                env = child_env(args.peers)
+                env = dict(os.environ)
                 if measure == "memory":      # large blocks straight from/to the OS: RSS = live memory
                     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_row",

@@ -8,6 +8,7 @@ cosine_schedule or q_posterior) runs exactly its test.
 """
 import copy
 import hashlib
+import json
 import io
 import math
 import os
@@ -873,6 +874,41 @@ def test_scripts_give_clear_errors(tiny_cascade, tmp_path):
     p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--ch", "16", "--out", str(d / "base"),
             "--resume", ok=False)
     assert p.returncode != 0 and "different model" in p.stderr
+
+
+def test_scripts_train_in_bf16(tmp_path):
+    """The bf16 autocast path of the training loop (the plain attention of bf16 CPU training)."""
+    out = tmp_path / "bf16"
+    p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--precision", "bf16", "--out", str(out))
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), p.stdout
+
+
+@needs_cuda
+def test_scripts_train_on_gpu_in_bf16_compiled(tmp_path):
+    out = tmp_path / "gpu"
+    run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--device", "cuda", "--precision", "bf16",
+        "--compile", "--out", str(out))
+    assert cdm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+
+
+def test_bench_runs_and_reports(tmp_path):
+    """bench.py measures real, positive rates and FLOP counts (no timing is asserted)."""
+    js = tmp_path / "bench.json"
+    p = run("bench.py", "--configs", "base8", "--precision", "fp32", "--warmup", "1", "--repeats", "1",
+            "--batch_size", "4", "--sample_batch", "4", "--json", str(js))
+    assert "matmul ceiling" in p.stdout and "base8   cdm" in p.stdout
+    row = json.loads(js.read_text())["rows"][0]
+    assert row["params"] == sum(q.numel() for q in cdm.model_from_config(bench_config("base8")).parameters())
+    for key in ("train_img_s", "train_gflop_s", "sample_nfe_s", "sample_gflop_s"):
+        assert row[key] > 0, key
+    p = run("bench.py", "--configs", "nope", ok=False)
+    assert p.returncode != 0 and "unknown configuration 'nope'" in p.stderr
+
+
+def bench_config(name):
+    import bench
+    return bench.CONFIGS[name]
 
 
 # =============================================================================================
