@@ -49,13 +49,19 @@ def from_preset(d, res, num_classes, low_res=None, aug_time=False):
 
 CONFIGS = {
     # the three stages of the CPU demo (train_base.py, train_sr.py, train_sr.py --preset demo32)
-    "base8": from_preset(train_base.DEMO, 8, 8),
+    "base8": from_preset(train_base.PRESETS["demo"], 8, 8),
     "sr16": from_preset(train_sr.PRESETS["demo16"], 16, 8, low_res=8, aug_time=True),
     "sr32": from_preset(train_sr.PRESETS["demo32"], 32, 8, low_res=16),
     # the CIFAR-sized model of the speed issue: ~7M parameters, like the peers' usual CIFAR U-Net
     "cifar": dict(resolution=32, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
                   attention_resolutions=[16], num_heads=4, dropout=0.0, out_channels=6,
                   num_classes=10, low_res=None, aug_time=False),
+    # the presets of the scripts (GPU-sized; run them with --configs on a machine with the memory)
+    "cifar10": from_preset(train_base.PRESETS["cifar10"], 32, 10),
+    "imagenet32": from_preset(train_base.PRESETS["imagenet32"], 32, 1000),
+    "imagenet64": from_preset(train_sr.PRESETS["imagenet64"], 64, 1000, low_res=32, aug_time=True),
+    "imagenet128": from_preset(train_sr.PRESETS["imagenet128"], 128, 1000, low_res=64),
+    "imagenet256": from_preset(train_sr.PRESETS["imagenet256"], 256, 1000, low_res=64),
 }
 DEFAULT_CONFIGS = ["base8", "sr16", "sr32", "cifar"]
 

@@ -399,7 +399,8 @@ def augment_for_training(z0, aug, low_res_diffusion=None, generator=None):
     """Apply a stage's training-time augmentation config to clean z0. Returns (z, s or None)."""
     if aug["type"] == "noise":
         s = sample_aug_time(z0.shape[0], aug["s_max"], generator, z0.device)
-        return noise_augment(z0, s, low_res_diffusion), s
+        eps = torch.randn(z0.shape, generator=generator).to(z0.device)
+        return noise_augment(z0, s, low_res_diffusion, eps), s
     if aug["type"] == "blur":
         return blur_augment(z0, tuple(aug["sigma"]), aug["p"], generator)[0], None
     return z0, None

@@ -13,9 +13,11 @@ import io
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -844,7 +846,7 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     for name in ("grid.png", "stages.png"):
         assert (d / "samples" / name).stat().st_size > 0
     # Truncated sampling through the same files.
-    run("sample.py", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated",
+    run("sample.py", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated", "--precision", "bf16",
         "--out", str(d / "trunc"), "--no_progress")
 
 
@@ -890,6 +892,132 @@ def test_scripts_train_on_gpu_in_bf16_compiled(tmp_path):
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--device", "cuda", "--precision", "bf16",
         "--compile", "--out", str(out))
     assert cdm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+
+
+# ---- issue 4: distributed training, mixed precision, checkpoints that survive anything ----
+
+LONG = [*TINY, "--res", "8", "--attn", "4", "--ch", "16", "--n_train", "64", "--batch_size", "8",
+        "--save_every", "5"]
+
+
+def logged_losses(out):
+    """step -> loss from log.jsonl; a step logged twice (before a crash and after the resume)
+    keeps its last value."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def checkpoint_of(out):
+    return cdm.load_checkpoint(str(out / "ckpt.pt"))
+
+
+def start_and_wait(args, out, min_steps, timeout=120):
+    """Start train_base.py in the background; return it once it has logged min_steps steps."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_base.py"), *args, "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= min_steps:
+            break
+        time.sleep(0.002)
+    return proc
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = [*LONG, "--steps", "200"]
+    run("train_base.py", *args, "--out", str(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    proc = start_and_wait(args, killed, min_steps=12)
+    proc.kill()                                                       # SIGKILL: no handler runs
+    proc.communicate()
+    assert proc.returncode == -9, "the run finished before it could be killed"
+    at = checkpoint_of(killed)["step"]
+    assert 10 <= at < 200 and at % 5 == 0                             # the last periodic save
+    run("train_base.py", *args, "--out", str(killed), "--resume")
+    whole, resumed = checkpoint_of(tmp_path / "whole"), checkpoint_of(killed)
+    for key in ("model", "ema"):
+        for name, w in whole[key].items():
+            assert torch.equal(w, resumed[key][name]), (key, name)
+    assert logged_losses(killed) == logged_losses(tmp_path / "whole")   # all 200 steps, exactly
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
+    out = tmp_path / "run"
+    proc = start_and_wait([*LONG, "--steps", "100000", "--save_every", "1000"], out, min_steps=7)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: saved" in stdout and "Traceback" not in stderr
+    step = checkpoint_of(out)["step"]
+    assert step >= 7 and step == max(logged_losses(out))     # saved at the step it stopped, not step 1000
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = run("train_base.py", *LONG, "--steps", "50", "--save_every", "1", "--lr", "1e30", "--warmup", "0",
+            "--grad_clip", "0", "--lr_decay", "none", "--out", str(out), ok=False)
+    assert p.returncode != 0 and "the loss became" in p.stderr and "last good checkpoint" in p.stderr
+    assert "Traceback" not in p.stderr
+    ckpt = checkpoint_of(out)                                  # still loads: never half-written
+    losses = logged_losses(out)
+    assert 1 <= ckpt["step"] < 50 and ckpt["step"] == max(losses)
+    assert all(math.isfinite(v) for v in losses.values())
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    args = [*LONG, "--steps", "4"]
+    run("train_base.py", *args, "--out", str(tmp_path / "whole"))
+    run("train_base.py", *args, "--micro_batch", "2", "--out", str(tmp_path / "micro"))
+    a, b = checkpoint_of(tmp_path / "whole")["model"], checkpoint_of(tmp_path / "micro")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) on a global batch of 8 takes the same steps as one
+    process on the same 8 images: identical weights on both ranks, equal to the single run."""
+    args = [*LONG, "--steps", "4"]
+    run("train_base.py", *args, "--out", str(tmp_path / "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        "2", os.path.join(HERE, "train_base.py"), *args, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on 2 x cpu" in p.stdout
+    assert "weights on all 2 processes agree (largest difference 0)" in p.stdout
+    one, two = checkpoint_of(tmp_path / "one"), checkpoint_of(tmp_path / "two")
+    for name in one["model"]:
+        torch.testing.assert_close(one["model"][name], two["model"][name], rtol=1e-4, atol=1e-5)
+    l1, l2 = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert l1.keys() == l2.keys() and all(abs(l1[k] - l2[k]) < 1e-5 for k in l1)
+
+
+def test_fp16_with_a_gradient_scaler(tmp_path):
+    out = tmp_path / "fp16"
+    run("train_base.py", *LONG, "--steps", "3", "--precision", "fp16", "--out", str(out))
+    ckpt = checkpoint_of(out)
+    assert ckpt["scaler"]["scale"] > 0 and all(math.isfinite(v) for v in logged_losses(out).values())
+
+
+def test_presets_build_on_the_meta_device():
+    """Each paper preset's network, built without allocating its weights; the counts are the
+    README's, and the 64->256 network is close to SR3's 625M (ours resamples with a conv, SR3
+    with BigGAN residual blocks)."""
+    import bench
+    import train_base
+    import train_sr
+    readme = open(os.path.join(HERE, "README.md")).read()
+    presets = [(train_base.PRESETS["cifar10"], None, False, 10),
+               (train_base.PRESETS["imagenet32"], None, False, 1000),
+               (train_sr.PRESETS["imagenet64"], 32, True, 1000),
+               (train_sr.PRESETS["imagenet128"], 64, False, 1000),
+               (train_sr.PRESETS["imagenet256"], 64, False, 1000)]
+    counts = []
+    for d, low, aug, k in presets:
+        with torch.device("meta"):
+            model = cdm.model_from_config(bench.from_preset(d, d["res"], k, low_res=low, aug_time=aug))
+        assert all(p.is_meta for p in model.parameters())
+        counts.append(sum(p.numel() for p in model.parameters()))
+        assert f"{counts[-1]:,}" in readme, f"README does not list {counts[-1]:,}"
+    assert abs(counts[-1] / 625e6 - 1) < 0.08
 
 
 def test_bench_runs_and_reports(tmp_path):

@@ -5,10 +5,13 @@ grids and checkpoints live here once. train_base.py and train_sr.py only say wha
 sees: the class c, and for SR also the (augmented) low-resolution image z and its time s.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -34,7 +37,7 @@ def int_list(text):
 def add_common_args(p, d):
     """Flags shared by both scripts; `d` holds the script's defaults (its CPU demo)."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="shapes",
+    g.add_argument("--data", default=d.get("data", "shapes"),
                    help="'shapes' (embedded, no download), 'cifar10', an image folder (one "
                         "sub-folder per class) or an .npz (arr_0 uint8 NHWC, arr_1 labels)")
     g.add_argument("--data_root", default="data", help="where cifar-10-python.tar.gz is (or goes)")
@@ -58,7 +61,11 @@ def add_common_args(p, d):
                    help="respaced steps for the preview grids")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"], help="training steps")
-    g.add_argument("--batch_size", type=int, default=d["batch_size"], help="images per step")
+    g.add_argument("--batch_size", type=int, default=d["batch_size"],
+                   help="images per step, in all processes together (the global batch)")
+    g.add_argument("--micro_batch", type=int, default=0,
+                   help="most images per process per forward pass; gradients are accumulated over "
+                        "the rest (0: the whole per-process batch at once)")
     g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4)")
     g.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up steps")
     g.add_argument("--lr_decay", choices=["none", "cosine"], default=d.get("lr_decay", "none"),
@@ -69,12 +76,16 @@ def add_common_args(p, d):
     g.add_argument("--out", default=d["out"], help="folder for the checkpoint, log and preview grids")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 autocast for the forward pass (weights and optimizer stay fp32)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast the forward pass to bf16, or to fp16 with a gradient scaler "
+                        "(weights and optimizer stay fp32)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster steps on GPUs after a one-off compilation")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
+    g.add_argument("--save_every", type=int, default=d.get("save_every", 500),
+                   help="steps between saves of OUT/ckpt.pt")
+    g.add_argument("--keep_every", type=int, default=d.get("keep_every", 0),
+                   help="also keep OUT/ckpt_STEP.pt every this many steps (0: only the last)")
     g.add_argument("--sample_every", type=int, default=0, help="steps between preview grids (0: end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -140,47 +151,112 @@ def save_grid(path, rows, min_tile=64):
     Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
 
 
+def setup_distributed(device_name):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process.
+    NCCL on GPUs, gloo on CPUs. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(values, world):
+    """Element-wise sums of a list of floats over all processes (every rank gets the same list)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+    v = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(v)
+    return v.tolist()
+
+
 def train(args, config, dataset, make_kwargs):
     """The training loop shared by both stages.
 
-    make_kwargs(x0, c, train) -> the model's conditioning inputs for a batch of clean images x0:
-    {"c": c} for a base model; SR adds z (and s), made from x0 with augmentation when train=True.
-    """
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    N = len(dataset.y)
-    if N < args.batch_size:
-        raise SystemExit(f"error: the dataset has {N} images, fewer than --batch_size {args.batch_size}")
+    make_kwargs(x0, c, train, generator) -> the model's conditioning inputs for a batch of clean
+    images x0: {"c": c} for a base model; SR adds z (and s), made from x0 with augmentation
+    (random numbers from `generator`) when train=True.
 
-    model = cdm.model_from_config(config["model"]).to(device)
+    Under torchrun every process builds the same *global* batch of --batch_size images (indices,
+    flips, t, eps and augmentation all come from one seeded generator) and trains on its own slice,
+    in micro-batches of at most --micro_batch; DDP averages the gradients. So N processes take the
+    same steps as one process would, to float rounding, and a resumed run continues exactly.
+    """
+    rank, world, device = setup_distributed(args.device)
+    main = rank == 0
+    B = args.batch_size
+    if B % world:
+        raise SystemExit(f"error: --batch_size {B} (global) must divide evenly over {world} processes")
+    per_rank = B // world
+    micro = min(args.micro_batch or per_rank, per_rank)
+    if per_rank % micro:
+        raise SystemExit(f"error: {per_rank} images per process cannot be split into micro-batches "
+                         f"of {micro}; choose --micro_batch dividing {per_rank}")
+    accum = per_rank // micro                      # gradient accumulation steps, derived
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")  # the rolling "last" checkpoint
+    N = len(dataset.y)
+    if N < B:
+        raise SystemExit(f"error: the dataset has {N} images, fewer than --batch_size {B}")
+
+    torch.manual_seed(args.seed)                   # the same initial weights on every rank
+    model = cdm.set_fast_path(cdm.model_from_config(config["model"]).to(device))
+    torch.manual_seed(args.seed + rank)            # dropout differs per rank, as it should
     diffusion = cdm.diffusion_from_config(config["diffusion"])
-    model = cdm.set_fast_path(model)  # channels_last, fused attention: see cdm.set_fast_path
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed)          # data order, flips and augmentation
+    # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    gen = torch.Generator().manual_seed(args.seed)  # data order, flips, t, eps and augmentation
     step = 0
     if args.resume and os.path.exists(ckpt_path):
         ckpt = cdm.load_checkpoint(ckpt_path)
         if ckpt["config"]["model"] != config["model"] or ckpt["config"]["diffusion"] != config["diffusion"]:
             raise SystemExit(f"error: {ckpt_path} was trained with a different model or diffusion "
                              "config; use the same flags, or a new --out")
+        if ckpt["args"].get("batch_size") != B:
+            raise SystemExit(f"error: {ckpt_path} was trained with --batch_size "
+                             f"{ckpt['args'].get('batch_size')}; resume with the same global batch")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["rng"]["data"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        if world == 1:                             # dropout's generator; per-rank ones restart
+            torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
-        print(f"resumed from {ckpt_path} at step {step}")
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
-          f"images, {args.steps} steps of {args.batch_size} on {device}")
+        if main:
+            print(f"resumed from {ckpt_path} at step {step}")
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # torch.compile fuses the small elementwise ops; it pays on GPUs, hardly on a 2-core CPU
+    # (bench.py), and costs ~30-60 s of compilation at the start of every run.
+    if args.compile:
+        net = torch.compile(net)
+    if main:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
+              f"images, {args.steps} steps of {B} on {world} x {device}"
+              + (f" ({accum} micro-batches of {micro} per process)" if accum > 1 else ""))
 
     def checkpoint():
-        cdm.save_checkpoint({"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "args": vars_plain(args),
-                             "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}},
-                            ckpt_path)
+        if not main:
+            return
+        state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                 "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                 "args": vars_plain(args),
+                 "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}}
+        cdm.save_checkpoint(state, ckpt_path)
+        if args.keep_every and step % args.keep_every == 0:
+            cdm.save_checkpoint(state, os.path.join(args.out, f"ckpt_{step:07d}.pt"))
 
     # A fixed batch of training images (one per class, cycling) whose classes and low-res copies
     # condition the preview grids.
@@ -190,7 +266,7 @@ def train(args, config, dataset, make_kwargs):
     def preview():
         x0 = data.to_float(dataset.x[preview_idx]).to(device)
         c = dataset.y[preview_idx].to(device)
-        kwargs = make_kwargs(x0, c, train=False)
+        kwargs = make_kwargs(x0, c, train=False, generator=None)
         sampler = diffusion.respace(args.sample_steps)
         x = sampler.sample(ema, x0.shape, kwargs, generator=torch.Generator().manual_seed(0))
         rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
@@ -198,66 +274,117 @@ def train(args, config, dataset, make_kwargs):
         save_grid(path, rows)
         return path
 
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
-    # torch.compile fuses the small elementwise ops; it pays on GPUs, hardly on a 2-core CPU
-    # (bench.py), and costs ~30-60 s of compilation at the start of every run.
-    net = torch.compile(model) if args.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or tqdm is None,
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or not main,
                dynamic_ncols=True) if tqdm else None
     quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the current step, save, exit. A second
+    # Ctrl-C quits at once. Stopping only between steps keeps the checkpoint exactly resumable.
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        if main:
+            print("\nstopping after this step to save a checkpoint (Ctrl-C again: quit at once)", flush=True)
+    handlers = ({sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     model.train()
-    while step < args.steps:
-        idx = torch.randint(0, N, (args.batch_size,), generator=gen)
-        x0 = data.random_flip(data.to_float(dataset.x[idx]), generator=gen).to(device)
-        c = dataset.y[idx].to(device)
-        kwargs = make_kwargs(x0, c, train=True)
-        t = torch.randint(1, diffusion.T + 1, (args.batch_size,), generator=gen).to(device)
-        with autocast:
-            terms = diffusion.training_losses(net, x0, t, kwargs)
-        loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good "
-                             f"checkpoint is {ckpt_path}. Lower --lr or use --precision fp32.")
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(args, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        # EMA with a warm-up so that short CPU runs are not dominated by the random init (our choice).
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        step += 1
-        seen += args.batch_size
-        q = ((t - 1) * 4 // diffusion.T).tolist()  # which quarter of the t range each example is in
-        for qi, m in zip(q, terms["mse"].detach().tolist()):
-            quarters[qi].append(m)
+    try:
+        while step < args.steps:
+            # The global batch, identical on every rank; then this rank's slice.
+            idx = torch.randint(0, N, (B,), generator=gen)
+            x0 = data.random_flip(data.to_float(dataset.x[idx]), generator=gen)
+            c = dataset.y[idx]
+            kwargs = make_kwargs(x0, c, train=True, generator=gen)
+            t = torch.randint(1, diffusion.T + 1, (B,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            x0, c, t, eps = (v[mine].to(device) for v in (x0, c, t, eps))
+            kwargs = {k: v[mine].to(device) for k, v in kwargs.items()}
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(args, step)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, mse = 0.0, []
+            for m in range(accum):
+                r = slice(m * micro, (m + 1) * micro)
+                sync = m == accum - 1 or world == 1   # DDP all-reduces on the last micro-batch only
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+                    terms = diffusion.training_losses(net, x0[r], t[r], {k: v[r] for k, v in kwargs.items()},
+                                                      eps=eps[r])
+                    loss = terms["loss"].mean() / accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+                mse.append(terms["mse"].detach().float().cpu())
+            loss_value, stopping = all_sum([loss_sum, float(bool(stop))], world)
+            loss_value /= world
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"error: the loss became {loss_value} at step {step}; stopped. The "
+                                 f"last good checkpoint is {ckpt_path}. Lower --lr, or use "
+                                 "--precision fp32 or bf16.")
+            if args.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            # EMA with a warm-up so that short CPU runs are not dominated by the random init (our choice).
+            ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+            step += 1
+            seen += B
+            q = ((t.cpu() - 1) * 4 // diffusion.T).tolist()  # the quarter of the t range of each example
+            for qi, v in zip(q, torch.cat(mse).tolist()):
+                quarters[qi].append(v)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if main and (step % args.log_every == 0 or step == args.steps):
+                rate = seen / (time.time() - t0)
+                qm = [float(np.mean(v)) if v else float("nan") for v in quarters]
+                line = {"step": step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
+                        "minutes": (time.time() - t0) / 60}
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                msg = (f"step {step:6d} | loss {loss_value:.4f} | mse by t quarter "
+                       + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
+                if bar and not bar.disable:
+                    bar.write(msg)
+                else:
+                    print(msg, flush=True)  # flushed: logs piped to a file stay current
+                quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
+            if step % args.save_every == 0 or step == args.steps:
+                checkpoint()
+            if main and args.sample_every and step % args.sample_every == 0 and step != args.steps:
+                preview()
+            if stopping and step < args.steps:        # any rank was signalled: all stop together
+                checkpoint()
+                if main:
+                    print(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume",
+                          flush=True)
+                raise SystemExit(130)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.log_every == 0 or step == args.steps:
-            rate = seen / (time.time() - t0)
-            qm = [float(np.mean(v)) if v else float("nan") for v in quarters]
-            line = {"step": step, "loss": loss.item(), "mse_quarters": qm, "img_per_s": rate,
-                    "minutes": (time.time() - t0) / 60}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-            msg = (f"step {step:6d} | loss {loss.item():.4f} | mse by t quarter "
-                   + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
-            if bar and not bar.disable:
-                bar.write(msg)
-            else:
-                print(msg, flush=True)  # flushed: logs piped to a file stay current
-            quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
-        if step % args.save_every == 0 or step == args.steps:
-            checkpoint()
-        if args.sample_every and step % args.sample_every == 0 and step != args.steps:
-            preview()
-    if bar:
-        bar.close()
-    path = preview()
-    print(f"saved {ckpt_path} and {path}")
+            bar.close()
+    if main:
+        path = preview()
+        print(f"saved {ckpt_path} and {path}")
+    if world > 1:
+        # DDP keeps the replicas equal by construction; say so, measured, rather than assume it.
+        import torch.distributed as dist
+        diff = torch.zeros(())
+        for p in model.parameters():
+            ref = p.detach().clone()
+            dist.broadcast(ref, src=0)
+            diff = torch.maximum(diff, (p.detach() - ref).abs().max().cpu())
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        if main:
+            print(f"weights on all {world} processes agree (largest difference {diff.item():.3g})")
+        dist.destroy_process_group()
     return model, ema
 
 
