@@ -737,6 +737,28 @@ def test_image_folder(tmp_path):
     assert data.class_names_for(str(tmp_path)) == ["a_cats", "b_dogs"]
 
 
+def test_prepare_folder_writes_the_arrays_a_run_loads(tmp_path):
+    """`python data.py prepare` decodes each image once and writes one .npz per resolution; a
+    training run on that .npz sees exactly what it would have read from the folder."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "train"
+    for k, name in enumerate(["n01", "n02"]):
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            _save(src / name / f"{i}.jpg", rng.integers(0, 256, (40 + 8 * i, 64 - 4 * i, 3)))
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", str(src), "--res", "8,16",
+                        "--out", str(tmp_path / "out" / "imnet")], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0, p.stderr
+    for res in (8, 16):
+        prepared = data.load_dataset(str(tmp_path / "out" / f"imnet_{res}.npz"), res)
+        direct = data.load_dataset(str(src), res)
+        assert torch.equal(prepared.x, direct.x) and torch.equal(prepared.y, direct.y)
+        assert prepared.num_classes == 2 and prepared.x.shape == (6, 3, res, res)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode != 0 and "not a folder" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no class sub-folders"):
         data.load_dataset(str(tmp_path), 8)
@@ -923,7 +945,7 @@ def start_and_wait(args, out, min_steps, timeout=120):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = [*LONG, "--steps", "200"]
+    args = [*LONG, "--steps", "120"]
     run("train_base.py", *args, "--out", str(tmp_path / "whole"))
     killed = tmp_path / "killed"
     proc = start_and_wait(args, killed, min_steps=12)
@@ -931,13 +953,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.communicate()
     assert proc.returncode == -9, "the run finished before it could be killed"
     at = checkpoint_of(killed)["step"]
-    assert 10 <= at < 200 and at % 5 == 0                             # the last periodic save
+    assert 10 <= at < 120 and at % 5 == 0                             # the last periodic save
     run("train_base.py", *args, "--out", str(killed), "--resume")
     whole, resumed = checkpoint_of(tmp_path / "whole"), checkpoint_of(killed)
     for key in ("model", "ema"):
         for name, w in whole[key].items():
             assert torch.equal(w, resumed[key][name]), (key, name)
-    assert logged_losses(killed) == logged_losses(tmp_path / "whole")   # all 200 steps, exactly
+    assert logged_losses(killed) == logged_losses(tmp_path / "whole")   # all 120 steps, exactly
 
 
 def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
