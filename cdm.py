@@ -477,7 +477,7 @@ class ResBlock(nn.Module):
 def attention(q, k, v, fused=True):
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, heads, N, d) (Vaswani et al. 2017,
     Eq. 1). fused: PyTorch's scaled_dot_product_attention, one kernel that never stores the
-    N x N weights, ~4x faster on the CPU; the plain lines below compute the same numbers.
+    N x N weights, 3-4x faster in fp32 on the CPU; the plain lines below compute the same numbers.
     One measured exception: the CPU backward of the fused kernel is slow in bf16, so bf16
     training on the CPU takes the plain lines (two bf16 matmuls), +15% img/s (bench.py)."""
     slow_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
@@ -621,7 +621,8 @@ def model_from_config(cfg):
 
 def set_fast_path(model, enabled=True):
     """The speed-ups, all on by default (numbers in the README, from bench.py):
-    - channels_last memory (NHWC): oneDNN's and cuDNN's 3x3 convolutions run ~2x faster on it;
+    - channels_last memory (NHWC), the layout GPU tensor cores want; a lone 3x3 conv runs ~2x
+      faster in it on the CPU too, though the whole U-Net gains little there (README, Speed);
     - the fused attention kernel (`attention`) instead of the plain softmax(q k^T) v;
     - GroupNorm on an NCHW copy on the CPU (`GroupNorm`).
     enabled=False gives the plain computation; test_fast_path_matches_plain checks that both

@@ -1,4 +1,4 @@
-"""evaluate.py -- is a sampled cascade right? Two measurements that need no Inception network.
+"""evaluate.py -- is a sampled cascade right? Measurements that need no Inception network.
 
 1. Class accuracy: a small classifier trained only on *real* images of the dataset labels the
    final-stage samples; the fraction labelled with the class they were conditioned on says
@@ -7,6 +7,12 @@
 2. Low-res consistency of each SR stage: its output, downsampled back to its input resolution,
    against the clean low-res image it was conditioned on (before augmentation), as PSNR in dB.
    A stage that ignores z, or invents a different image, scores low.
+3. FID and IS (CDM §4.1) computed on the features and class probabilities of that same small
+   classifier instead of Inception-v3: the formulas are the standard ones, the numbers are NOT
+   comparable with published Inception FIDs. For ImageNet samples, run the ADM evaluation suite
+   (openai/guided-diffusion, evaluations/) on sample.py's samples.npz, which uses its layout.
+4. CAS (CDM §4.2, --cas): a classifier trained from scratch on the samples only, tested on real
+   held-out images; top-1 and top-5.
 
   python evaluate.py                      # scores samples/ (written by sample.py) on 'shapes'
   python evaluate.py --samples other/ --data shapes
@@ -36,8 +42,12 @@ class Classifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(ch, num_classes)
 
+    def embed(self, x):
+        """The pooled penultimate features: what FID compares (Inception's pool3, in miniature)."""
+        return self.features(x).mean(dim=(2, 3))
+
     def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.embed(x))
 
 
 def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progress=False):
@@ -62,6 +72,60 @@ def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progres
 def predict(clf, images_uint8_nchw, batch_size=256):
     return torch.cat([clf(data.to_float(images_uint8_nchw[i:i + batch_size])).argmax(1)
                       for i in range(0, len(images_uint8_nchw), batch_size)])
+
+
+@torch.no_grad()
+def embed_and_probs(clf, images_uint8_nchw, batch_size=256):
+    """Features (N, D) and class probabilities (N, K) of uint8 images, float64 numpy."""
+    feats, probs = [], []
+    for i in range(0, len(images_uint8_nchw), batch_size):
+        f = clf.embed(data.to_float(images_uint8_nchw[i:i + batch_size]))
+        feats.append(f.double())
+        probs.append(torch.softmax(clf.head(f).double(), dim=1))
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; the
+    formula of FID, Heusel et al. 2017):
+        d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+    Tr (sigma1 sigma2)^(1/2) = sum of sqrt(eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2)), a
+    symmetric PSD matrix, so plain symmetric eigendecompositions suffice (no scipy)."""
+    w, V = np.linalg.eigh(sigma1)
+    root1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * cross)
+
+
+def fid(feats_a, feats_b):
+    """FID between two sets of features (N, D): the Frechet distance of their Gaussian fits."""
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (feats_a, feats_b)]
+    return frechet_distance(*stats[0], *stats[1])
+
+
+def inception_score(probs, splits=1):
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), with our classifier's p(y|x):
+    high when each sample is confidently one class and the classes are used evenly. Ranges
+    from 1 to the number of classes."""
+    scores = []
+    for part in np.array_split(probs, splits):
+        py = part.mean(0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
+        scores.append(float(np.exp(kl)))
+    return float(np.mean(scores))
+
+
+def classification_accuracy_score(samples, labels, real, steps=300, seed=0):
+    """CAS (Ravuri & Vinyals 2019; CDM §4.2): train a classifier from scratch on generated
+    samples only, report its top-1 and top-5 accuracy on held-out *real* images."""
+    train_set = data.ImageData(samples, labels, real.num_classes, real.class_names)
+    clf = train_classifier(train_set, steps=steps, seed=seed)
+    with torch.no_grad():
+        logits = torch.cat([clf(data.to_float(real.x[i:i + 256])) for i in range(0, len(real.y), 256)])
+    top = logits.topk(min(5, real.num_classes), dim=1).indices
+    top1 = (top[:, 0] == real.y).float().mean().item()
+    top5 = (top == real.y[:, None]).any(1).float().mean().item()
+    return top1, top5
 
 
 def psnr(a, b):
@@ -94,12 +158,14 @@ def get_classifier(source, res, cache, num_classes, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", default="samples", help="folder written by sample.py")
+    p.add_argument("--samples", default="samples",
+                   help="folder written by sample.py, or one .npz (e.g. from sample.py --s_sweep)")
     p.add_argument("--data", default="shapes", help="dataset the cascade was trained on")
     p.add_argument("--classifier", default=None, help="cache file for the real-data classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's training")
+    p.add_argument("--cas", action="store_true", help="also train a classifier on the samples (CAS)")
     args = p.parse_args(argv)
-    path = os.path.join(args.samples, "samples.npz")
+    path = args.samples if args.samples.endswith(".npz") else os.path.join(args.samples, "samples.npz")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist; run sample.py first")
     f = np.load(path)
@@ -113,8 +179,19 @@ def main(argv=None):
     acc = (predict(clf, x) == y).float().mean().item()
     print(f"classifier accuracy on real held-out images: {100 * real_acc:.1f}% ({len(test.y)} images)")
     print(f"samples labelled with their conditioning class: {100 * acc:.1f}% ({len(y)} samples, {res}px)")
-    stages = os.path.join(args.samples, "stages.npz")
-    if os.path.exists(stages):
+    feats, probs = embed_and_probs(clf, x)
+    real_feats, real_probs = embed_and_probs(clf, test.x)
+    note = " (few samples: FID is biased upwards; compare only at equal N)" if len(y) < 2 * feats.shape[1] else ""
+    print(f"FID against {len(test.y)} real held-out images, on this classifier's features: "
+          f"{fid(feats, real_feats):.2f}{note}")
+    print(f"IS on this classifier: {inception_score(probs):.2f} (real images: "
+          f"{inception_score(real_probs):.2f}; at most {test.num_classes})")
+    if args.cas:
+        top1, top5 = classification_accuracy_score(x, y, test, seed=args.seed)
+        print(f"CAS (a classifier trained on the samples only, tested on real images): "
+              f"top-1 {100 * top1:.1f}%, top-5 {100 * top5:.1f}%")
+    stages = os.path.join(os.path.dirname(path), "stages.npz")
+    if os.path.exists(stages) and not args.samples.endswith(".npz"):
         for lo, hi, db in lowres_consistency(stages):
             print(f"SR stage {lo}->{hi}: downsampled output vs its clean input: PSNR {db:.1f} dB")
     return acc

@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--s", type=int_list, default=None,
                    help="augmentation time s for each noise-augmented stage (default: T/10 of its "
                         "low-res schedule); one value, or one per stage")
+    p.add_argument("--s_sweep", type=int_list, default=None,
+                   help="sample once per value, e.g. 0,100,250, used as s for every noise-augmented "
+                        "stage; writes samples_s<value>.npz each (same seed, so only s differs)")
     p.add_argument("--truncated", action="store_true",
                    help="stop the previous stage's chain at s instead of re-noising its z0 (CDM §3.3)")
     p.add_argument("--eta", type=float, default=None, help="use DDIM with this eta (0: deterministic)")
@@ -84,28 +87,47 @@ def main(argv=None):
         if not 1 <= k <= st.config["diffusion"]["T"]:
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")
     noise_T = lambda st: st.config["augment"]["T"] // 10 if st.config["augment"]["type"] == "noise" else None
-    s = per_stage(args.s, stages, noise_T, "s")
-    for k, (st, s_k) in enumerate(zip(stages, s)):
-        aug = st.config["augment"]
-        if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
-            raise SystemExit(f"error: stage {k + 1} needs s in 0..{aug['T']}, got {s_k}")
+
+    def s_per_stage(values):
+        s = per_stage(values, stages, noise_T, "s")
+        for k, (st, s_k) in enumerate(zip(stages, s)):
+            aug = st.config["augment"]
+            if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
+                raise SystemExit(f"error: stage {k + 1} needs s in 0..{aug['T']}, got {s_k}")
+        return s
 
     # Labels cycle through the chosen classes, so a grid has whole rows per class.
     c_all = torch.tensor([classes[i % len(classes)] for i in range(args.n)], dtype=torch.long)
-    gen = torch.Generator().manual_seed(args.seed)
+
+    def generate(s):
+        gen = torch.Generator().manual_seed(args.seed)
+        outs = [[] for _ in stages]
+        for b in range(0, args.n, args.batch_size):
+            c = c_all[b:b + args.batch_size].to(device)
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                    xs = cdm.sample_cascade(stages, c, steps=steps, s=s, truncated=args.truncated,
+                                            eta=args.eta, generator=gen, progress=not args.no_progress)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            for k, x in enumerate(xs):
+                outs[k].append(x.float().cpu())
+        return [torch.cat(o) for o in outs]
+
+    to_nhwc = lambda x: data.to_uint8(x).permute(0, 2, 3, 1).numpy()
+    if args.s_sweep is not None:
+        if not any(st.config["augment"]["type"] == "noise" for st in stages):
+            raise SystemExit("error: --s_sweep needs a noise-augmented stage in the cascade")
+        os.makedirs(args.out, exist_ok=True)
+        for v in args.s_sweep:
+            t0 = time.time()
+            outs = generate(s_per_stage([v]))
+            path = os.path.join(args.out, f"samples_s{v}.npz")
+            data.save_npz(path, to_nhwc(outs[-1]), c_all.numpy())
+            print(f"s = {v}: sampled {args.n} images in {time.time() - t0:.1f} s; wrote {path}")
+        return
     t0 = time.time()
-    outs = [[] for _ in stages]
-    for b in range(0, args.n, args.batch_size):
-        c = c_all[b:b + args.batch_size].to(device)
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                xs = cdm.sample_cascade(stages, c, steps=steps, s=s, truncated=args.truncated,
-                                        eta=args.eta, generator=gen, progress=not args.no_progress)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        for k, x in enumerate(xs):
-            outs[k].append(x.float().cpu())
-    outs = [torch.cat(o) for o in outs]
+    outs = generate(s_per_stage(args.s))
     secs = time.time() - t0
 
     os.makedirs(args.out, exist_ok=True)
@@ -115,7 +137,6 @@ def main(argv=None):
     save_grid(os.path.join(args.out, "grid.png"), list(final.split(per_row)))
     panel = min(args.n, 8)                                # each sample at each stage: one column per stage
     save_grid(os.path.join(args.out, "stages.png"), [o[:panel] for o in outs])
-    to_nhwc = lambda x: data.to_uint8(x).permute(0, 2, 3, 1).numpy()
     data.save_npz(os.path.join(args.out, "samples.npz"), to_nhwc(outs[-1]), c_all.numpy())
     np.savez(os.path.join(args.out, "stages.npz"), labels=c_all.numpy(),
              **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})

@@ -870,6 +870,11 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     # Truncated sampling through the same files.
     run("sample.py", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated", "--precision", "bf16",
         "--out", str(d / "trunc"), "--no_progress")
+    # An s sweep: one .npz per value, same seed, so only s differs.
+    p = run("sample.py", *ck[:2], "--n", "3", "--steps", "2", "--s_sweep", "0,15", "--out", str(d / "sweep"),
+            "--no_progress")
+    a, b = (np.load(d / "sweep" / f"samples_s{v}.npz")["arr_0"] for v in (0, 15))
+    assert a.shape == b.shape == (3, 16, 16, 3) and not np.array_equal(a, b)
 
 
 def test_scripts_resume(tiny_cascade, tmp_path):
@@ -1089,3 +1094,70 @@ def test_classifier_learns_a_separable_case():
     ds = data.ImageData(x, y, 2, ["dark", "red"])
     clf = evaluate.train_classifier(ds, steps=60, batch_size=32)
     assert (evaluate.predict(clf, x) == y).float().mean().item() == 1.0
+
+
+# ---- FID, IS and CAS (CDM §4) ----
+
+def test_frechet_distance_matches_the_closed_form():
+    import evaluate
+    rng = np.random.default_rng(0)
+    D = 6
+    Q, _ = np.linalg.qr(rng.normal(size=(D, D)))        # shared eigenvectors: the two commute
+    a, b = rng.uniform(0.1, 2, D), rng.uniform(0.1, 2, D)
+    S1, S2 = (Q * a) @ Q.T, (Q * b) @ Q.T
+    mu1, mu2 = rng.normal(size=D), rng.normal(size=D)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, S1, mu2, S2) == pytest.approx(expected, rel=1e-9)
+    # Non-commuting covariances: Tr (S1 S3)^(1/2) from the eigenvalues of S1 S3 directly.
+    A = rng.normal(size=(D, D))
+    S3 = A @ A.T + 0.1 * np.eye(D)
+    cross = np.sqrt(np.linalg.eigvals(S1 @ S3).real).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(S1) + np.trace(S3) - 2 * cross
+    assert evaluate.frechet_distance(mu1, S1, mu2, S3) == pytest.approx(expected, rel=1e-9)
+    assert evaluate.frechet_distance(mu2, S3, mu1, S1) == pytest.approx(expected, rel=1e-9)
+    assert abs(evaluate.frechet_distance(mu1, S3, mu1, S3)) < 1e-9
+
+
+def test_fid_is_zero_on_itself_and_grows_with_corruption():
+    import evaluate
+    real = data.load_dataset("shapes", 8, "test", n=512)
+    clf = evaluate.train_classifier(data.load_dataset("shapes", 8, "train", n=1024), steps=60)
+    feats, _ = evaluate.embed_and_probs(clf, real.x)
+    assert abs(evaluate.fid(feats, feats)) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    scores = []
+    for sigma in (5, 20, 60):
+        noisy = (real.x.float() + sigma * torch.randn(real.x.shape, generator=g)).clamp(0, 255).round()
+        scores.append(evaluate.fid(evaluate.embed_and_probs(clf, noisy.to(torch.uint8))[0], feats))
+    assert 0 < scores[0] < scores[1] < scores[2]
+
+
+def test_inception_score_extremes():
+    import evaluate
+    K = 5
+    confident_and_even = np.eye(K)[np.arange(100) % K]
+    assert evaluate.inception_score(confident_and_even) == pytest.approx(K, rel=1e-6)
+    one_class = np.eye(K)[np.zeros(100, dtype=int)]
+    assert evaluate.inception_score(one_class) == pytest.approx(1.0, rel=1e-6)
+    unsure = np.full((100, K), 1 / K)
+    assert evaluate.inception_score(unsure) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_cas_on_separable_and_on_shuffled_labels():
+    """Ten classes, each a distinct colour (corners of the RGB cube and two greys) plus noise."""
+    import evaluate
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[r, gr, b] for r in (0, 255) for gr in (0, 255) for b in (0, 255)]
+                           + [[85, 85, 85], [170, 170, 170]], dtype=torch.float32)
+
+    def ten_classes(n):
+        y = torch.arange(n) % 10
+        x = colours[y][:, :, None, None] + 25 * torch.randn(n, 3, 8, 8, generator=g)
+        return x.clamp(0, 255).round().to(torch.uint8), y
+    x, y = ten_classes(500)
+    real = data.ImageData(*ten_classes(1000), 10, [str(k) for k in range(10)])
+    top1, top5 = evaluate.classification_accuracy_score(x, y, real, steps=150)
+    assert top1 > 0.98 and top5 == 1.0
+    shuffled = y[torch.randperm(len(y), generator=g)]
+    top1, top5 = evaluate.classification_accuracy_score(x, shuffled, real, steps=150)
+    assert top1 < 0.3 and top5 < 0.8                          # chance: 0.1 and 0.5
