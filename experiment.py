@@ -1,6 +1,6 @@
 """experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3-4.4), in miniature.
 
-  python experiment.py                  # ~35 min on 2 CPU cores; writes results/
+  python experiment.py                  # ~40 min on 2 CPU cores; writes results/
   python experiment.py --quick          # a 2-minute smoke run of the same pipeline (tiny, noisy)
 
 On the embedded `shapes` data it trains, with the repository's own scripts:
@@ -13,7 +13,8 @@ then samples N images per setting and scores them with FID on the features of a 
 on real shapes images (evaluate.py; not comparable with Inception FID), against held-out real
 images. The s sweep feeds sr_aug (a) generated low-res images, re-noised to z_s (non-truncated),
 (b) generated images from a base chain stopped at s (truncated), (c) ground-truth low-res images
-re-noised to z_s. Spread: the standard deviation of FID over bootstrap resamples of the samples.
+re-noised to z_s. Spread: every FID is computed for --seeds independent sets of samples (fresh
+noise, fresh real low-res images); tables and plots show the mean and the standard deviation.
 Outputs: results/experiment.json, results/fid_vs_s.png (truncated vs non-truncated),
 results/fid_vs_s_lowres.png (generated vs ground-truth z), results/table.md.
 """
@@ -53,21 +54,27 @@ def train(script, args, out, quick, log):
 
 
 class Scorer:
-    """FID (with bootstrap spread) of uint8 samples against real held-out images at one res."""
+    """FID of uint8 samples against real held-out images at one resolution, on the features of
+    a classifier trained on real images (evaluate.py)."""
 
-    def __init__(self, res, out, seed, n_real, boot):
+    def __init__(self, res, out, seed, n_real):
         cache = os.path.join(out, f"classifier_shapes_{res}px.pt")
         real = data.load_dataset("shapes", res, "test", n=n_real, seed=seed)
         self.clf = evaluate.get_classifier("shapes", res, cache, real.num_classes, seed)
         self.real_feats = evaluate.embed_and_probs(self.clf, real.x)[0]
-        self.boot, self.rng = boot, np.random.default_rng(seed)
 
     def __call__(self, x_float):
-        feats = evaluate.embed_and_probs(self.clf, data.to_uint8(x_float))[0]
-        value = evaluate.fid(feats, self.real_feats)
-        spread = [evaluate.fid(feats[self.rng.integers(0, len(feats), len(feats))], self.real_feats)
-                  for _ in range(self.boot)]
-        return {"fid": value, "std": float(np.std(spread))}
+        return evaluate.fid(evaluate.embed_and_probs(self.clf, data.to_uint8(x_float))[0], self.real_feats)
+
+
+def aggregate(runs):
+    """Per-seed results (same nested keys, float leaves) -> {"fid": mean, "std": sample std
+    over seeds, "runs": [...]} at every leaf."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: aggregate([r[key] for r in runs]) for key in first}
+    return {"fid": float(np.mean(runs)), "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
+            "runs": [float(v) for v in runs]}
 
 
 def main(argv=None):
@@ -76,11 +83,12 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=512, help="samples per setting")
     p.add_argument("--s", default="0,25,50,100,150,200,250", help="augmentation times to sweep")
     p.add_argument("--seed", type=int, default=0, help="seed for training, sampling and bootstrap")
-    p.add_argument("--boot", type=int, default=30, help="bootstrap resamples for the spread")
+    p.add_argument("--seeds", type=int, default=2,
+                   help="independent sampling runs (noise and real images); the spread is over these")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (minutes; numbers are noise)")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.s, args.boot = 32, "0,100", 2
+        args.n, args.s = 32, "0,100"
     s_values = [int(v) for v in args.s.split(",")]
     runs = os.path.join(args.out, "runs")
     os.makedirs(runs, exist_ok=True)
@@ -108,65 +116,76 @@ def main(argv=None):
                            r("sr32_none"), args.quick, log),
     }
     st = {k: cdm.load_stage(os.path.join(r(k), "ckpt.pt")) for k in wall}
-    fid16 = Scorer(16, args.out, args.seed, 2048, args.boot)
-    fid32 = Scorer(32, args.out, args.seed, 2048, args.boot)
+    fid16 = Scorer(16, args.out, args.seed, 2048)
+    fid32 = Scorer(32, args.out, args.seed, 2048)
     log("classifiers ready")
 
     N = args.n
     c = torch.arange(N) % 8
-    real16 = data.to_float(data.load_dataset("shapes", 16, "test", n=N, seed=args.seed + 1).x)
-    real_z0 = cdm.downsample(real16, 8)          # ground-truth low-res images (held-out, unseen)
-    aug = st["sr_aug"].config["augment"]
-    low_res_diffusion = cdm.aug_diffusion(aug)
+    # Held-out real images (not the FID reference), one for each entry of c: class k where c = k;
+    # each sampling seed takes fresh ones.
+    pool = data.load_dataset("shapes", 16, "test", n=(2 + args.seeds) * N, seed=args.seed + 1)
+    by_class = [torch.nonzero(pool.y == k)[:, 0].tolist() for k in range(8)]
+    low_res_diffusion = cdm.aug_diffusion(st["sr_aug"].config["augment"])
+    base_steps = st["base"].config["sample_steps"]
 
-    def gen():
-        return torch.Generator().manual_seed(args.seed)
-
-    def sr(stage, z, s=None):
+    def sr(stage, z, s, seed, steps=None):
         kwargs = {"c": c, "z": z}
         if s is not None:
             kwargs["s"] = torch.full((N,), s, dtype=torch.long)
-        diffusion = stage.diffusion.respace(stage.config["sample_steps"])
-        return diffusion.sample(stage.model, (N, 3, stage.resolution, stage.resolution), kwargs, generator=gen())
+        diffusion = stage.diffusion.respace(steps or stage.config["sample_steps"])
+        return diffusion.sample(stage.model, (N, 3, stage.resolution, stage.resolution), kwargs,
+                                generator=torch.Generator().manual_seed(seed))
 
-    def renoise(z0, s):
-        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(args.seed + 7))
+    def renoise(z0, s, seed):
+        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 7))
         return cdm.noise_augment(z0, torch.full((N,), s, dtype=torch.long), low_res_diffusion, eps)
 
-    results = {"wall_seconds": wall, "n": N, "s": s_values, "seed": args.seed, "sweep": {}}
+    # Every FID once per sampling seed: fresh noise everywhere and fresh real images.
+    runs, base_z0 = [], {}
     with torch.no_grad():
-        base_steps = st["base"].config["sample_steps"]
-        base_z0 = st["base"].diffusion.respace(base_steps).sample(st["base"].model, (N, 3, 8, 8), {"c": c},
-                                                          generator=gen())
-        for s in s_values:
-            row = {"non_truncated": fid16(sr(st["sr_aug"], renoise(base_z0, s), s)),
-                   "ground_truth": fid16(sr(st["sr_aug"], renoise(real_z0, s), s))}
-            if s:
-                chain = st["base"].diffusion.respace(base_steps, include=[s])
-                z_s = chain.sample(st["base"].model, (N, 3, 8, 8), {"c": c}, stop_at=s, generator=gen())
-                row["truncated"] = fid16(sr(st["sr_aug"], z_s, s))
-            else:
-                row["truncated"] = row["non_truncated"]         # s = 0: the same computation
-            results["sweep"][s] = row
-            log(f"s = {s:4d}: FID non-truncated {row['non_truncated']['fid']:.2f}, truncated "
-                f"{row['truncated']['fid']:.2f}, ground-truth z {row['ground_truth']['fid']:.2f}")
-        results["no_aug"] = {"generated": fid16(sr(st["sr_none"], base_z0)),
-                             "ground_truth": fid16(sr(st["sr_none"], real_z0))}
-        single = st["single"].diffusion.respace(st["single"].config["sample_steps"]).sample(st["single"].model, (N, 3, 16, 16), {"c": c},
-                                                           generator=gen())
-        results["single"] = fid16(single)
-        results["real_16"] = fid16(real16)   # the floor: real images that were not the reference
-        log(f"no augmentation: FID {results['no_aug']['generated']['fid']:.2f} (generated z), "
-            f"{results['no_aug']['ground_truth']['fid']:.2f} (ground-truth z); single 16x16 model "
-            f"{results['single']['fid']:.2f}; real images {results['real_16']['fid']:.2f}")
-        best = min(s_values, key=lambda s: results["sweep"][s]["non_truncated"]["fid"])
-        results["best_s"] = best
-        z16 = sr(st["sr_aug"], renoise(base_z0, best), best)
-        results["blur"] = {"on": fid32(sr(st["sr32_blur"], z16)), "off": fid32(sr(st["sr32_none"], z16))}
-        results["real_32"] = fid32(data.to_float(data.load_dataset("shapes", 32, "test", n=N,
-                                                                   seed=args.seed + 1).x))
-        log(f"16->32 on generated 16x16 (s = {best}): FID blur {results['blur']['on']['fid']:.2f}, "
-            f"no blur {results['blur']['off']['fid']:.2f}")
+        for k in range(args.seeds):
+            seed_k = args.seed + 1000 * k
+            real16 = data.to_float(pool.x[[by_class[j].pop() for j in c.tolist()]])
+            real_z0 = cdm.downsample(real16, 8)  # ground-truth low-res images with matching classes
+            base_z0[k] = st["base"].diffusion.respace(base_steps).sample(
+                st["base"].model, (N, 3, 8, 8), {"c": c}, generator=torch.Generator().manual_seed(seed_k))
+            run = {"sweep": {}}
+            for s in s_values:
+                row = {"non_truncated": fid16(sr(st["sr_aug"], renoise(base_z0[k], s, seed_k), s, seed_k)),
+                       "ground_truth": fid16(sr(st["sr_aug"], renoise(real_z0, s, seed_k), s, seed_k))}
+                if s:
+                    chain = st["base"].diffusion.respace(base_steps, include=[s])
+                    z_s = chain.sample(st["base"].model, (N, 3, 8, 8), {"c": c}, stop_at=s,
+                                       generator=torch.Generator().manual_seed(seed_k))
+                    row["truncated"] = fid16(sr(st["sr_aug"], z_s, s, seed_k))
+                else:
+                    row["truncated"] = row["non_truncated"]     # s = 0: the same computation
+                run["sweep"][s] = row
+                log(f"seed {k}, s = {s:4d}: FID non-truncated {row['non_truncated']:.2f}, truncated "
+                    f"{row['truncated']:.2f}, ground-truth z {row['ground_truth']:.2f}")
+            run["no_aug"] = {"generated": fid16(sr(st["sr_none"], base_z0[k], None, seed_k)),
+                             "ground_truth": fid16(sr(st["sr_none"], real_z0, None, seed_k))}
+            run["single"] = fid16(st["single"].diffusion.respace(st["single"].config["sample_steps"]).sample(
+                st["single"].model, (N, 3, 16, 16), {"c": c}, generator=torch.Generator().manual_seed(seed_k)))
+            run["real_16"] = fid16(real16)     # the floor: real images that are not the reference
+            log(f"seed {k}: no augmentation {run['no_aug']['generated']:.2f} (generated z), "
+                f"{run['no_aug']['ground_truth']:.2f} (ground-truth z); single 16x16 model "
+                f"{run['single']:.2f}; real images {run['real_16']:.2f}")
+            runs.append(run)
+        mean_nt = {s: np.mean([r["sweep"][s]["non_truncated"] for r in runs]) for s in s_values}
+        best = min(s_values, key=mean_nt.get)
+        real32 = data.load_dataset("shapes", 32, "test", n=(1 + args.seeds) * N, seed=args.seed + 1).x
+        for k, run in enumerate(runs):
+            seed_k = args.seed + 1000 * k
+            z16 = sr(st["sr_aug"], renoise(base_z0[k], best, seed_k), best, seed_k)
+            run["blur"] = {"on": fid32(sr(st["sr32_blur"], z16, None, seed_k, steps=25)),
+                           "off": fid32(sr(st["sr32_none"], z16, None, seed_k, steps=25))}
+            run["real_32"] = fid32(data.to_float(real32[k * N:(k + 1) * N]))
+            log(f"seed {k}, 16->32 on generated 16x16 (s = {best}): FID blur {run['blur']['on']:.2f}, "
+                f"no blur {run['blur']['off']:.2f}")
+    results = aggregate(runs)
+    results.update(wall_seconds=wall, n=N, s=s_values, seed=args.seed, seeds=args.seeds, best_s=best)
     results["minutes"] = (time.time() - t_start) / 60
     results["log"] = lines
     with open(os.path.join(args.out, "experiment.json"), "w") as f:
@@ -209,7 +228,9 @@ def plot(results, out):
 
 def write_table(results, out):
     f = lambda d: f"{d['fid']:.2f} ± {d['std']:.2f}"
-    rows = ["| s | non-truncated (generated z) | truncated (generated z) | ground-truth z |",
+    rows = [f"FID on classifier features, mean ± standard deviation over {results['seeds']} sampling seeds, "
+            f"{results['n']} samples each.", "",
+            "| s | non-truncated (generated z) | truncated (generated z) | ground-truth z |",
             "|---|---|---|---|"]
     for s in results["s"]:
         r = results["sweep"][s]

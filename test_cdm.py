@@ -1161,3 +1161,23 @@ def test_cas_on_separable_and_on_shuffled_labels():
     shuffled = y[torch.randperm(len(y), generator=g)]
     top1, top5 = evaluate.classification_accuracy_score(x, shuffled, real, steps=150)
     assert top1 < 0.3 and top5 < 0.8                          # chance: 0.1 and 0.5
+
+
+# ---- the notebook ----
+
+def test_notebook_runs_top_to_bottom_and_uses_cdm_only():
+    """notebook.ipynb executes headless with every cell succeeding (nbclient and ipykernel, which
+    the README's test command installs), and it defines no model, schedule or augmentation of its
+    own: its only helper is the plotting function `show`."""
+    import ast
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(os.path.join(HERE, "notebook.ipynb"), as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    tree = ast.parse(code)
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert defined == {"show"}, defined
+    assert "import cdm" in code
+    assert all(c.outputs for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs"
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": HERE}}).execute()   # raises if any cell fails
