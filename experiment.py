@@ -175,13 +175,14 @@ def main(argv=None):
             runs.append(run)
         mean_nt = {s: np.mean([r["sweep"][s]["non_truncated"] for r in runs]) for s in s_values}
         best = min(s_values, key=mean_nt.get)
-        real32 = data.load_dataset("shapes", 32, "test", n=(1 + args.seeds) * N, seed=args.seed + 1).x
+        pool32 = data.load_dataset("shapes", 32, "test", n=(2 + args.seeds) * N, seed=args.seed + 1)
+        by_class32 = [torch.nonzero(pool32.y == j)[:, 0].tolist() for j in range(8)]
         for k, run in enumerate(runs):
             seed_k = args.seed + 1000 * k
             z16 = sr(st["sr_aug"], renoise(base_z0[k], best, seed_k), best, seed_k)
             run["blur"] = {"on": fid32(sr(st["sr32_blur"], z16, None, seed_k, steps=25)),
                            "off": fid32(sr(st["sr32_none"], z16, None, seed_k, steps=25))}
-            run["real_32"] = fid32(data.to_float(real32[k * N:(k + 1) * N]))
+            run["real_32"] = fid32(data.to_float(pool32.x[[by_class32[j].pop() for j in c.tolist()]]))
             log(f"seed {k}, 16->32 on generated 16x16 (s = {best}): FID blur {run['blur']['on']:.2f}, "
                 f"no blur {run['blur']['off']:.2f}")
     results = aggregate(runs)
