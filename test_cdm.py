@@ -1178,6 +1178,10 @@ def test_notebook_runs_top_to_bottom_and_uses_cdm_only():
     defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert defined == {"show"}, defined
     assert "import cdm" in code
+    import re
+    named = set(re.findall(r"`(test_\w+)`", "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")))
+    ours = {n for n in globals() if n.startswith("test_")}
+    assert len(named) >= 5 and named <= ours, named - ours     # the exercises name real tests
     assert all(c.outputs for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs"
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": HERE}}).execute()   # raises if any cell fails
