@@ -288,8 +288,9 @@ def _load_folder(root, res, n):
 
 def prepare_folder(root, resolutions, out_prefix, n=None, progress=True):
     """One-off preparation of a large image folder such as ImageNet's train set: read (decode)
-    every image once and write OUT_PREFIX_<res>.npz for each resolution (centre crop of the short
-    side, then area resize, as BigGAN/ADM do), so that training at 32x32 or 64x64 never decodes a
+    every image once and write OUT_PREFIX_<res>.npz for each resolution (the centre square, as
+    BigGAN/ADM take, area-resized; ADM resizes before cropping, which differs only in rounding),
+    so that training at 32x32 or 64x64 never decodes a
     full-size JPEG again. Returns the written paths. Memory: N x res^2 x 3 bytes per resolution
     (ImageNet: 3.9 GB at 32, 15.7 GB at 64)."""
     items, classes = _folder_items(root, n)
