@@ -177,17 +177,24 @@ def timed(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
+def example_inputs(cfg, B, generator=None, device="cpu"):
+    """Random (x_t, t, c, z, s) for a configuration; z and s are None where it takes none."""
+    res, low = cfg["resolution"], cfg["low_res"]
+    x = torch.randn(B, 3, res, res, generator=generator).to(device)
+    t = torch.randint(1, 1000, (B,), generator=generator).to(device)
+    c = torch.randint(0, cfg["num_classes"], (B,), generator=generator).to(device)
+    z = torch.randn(B, 3, low, low, generator=generator).to(device) if low else None
+    s = torch.randint(0, 250, (B,), generator=generator).to(device) if cfg["aug_time"] else None
+    return x, t, c, z, s
+
+
 def model_flops(cfg, B, backward):
     """FLOPs of one forward (+ backward) pass at batch B, counted by PyTorch's FlopCounterMode on
     our network. The peers build the same architecture, so the model FLOPs (the numerator of model
     FLOP utilisation) are the same; work they add, such as recomputation, does not count."""
     from torch.utils.flop_counter import FlopCounterMode
     model = cdm.model_from_config(cfg)
-    res, low = cfg["resolution"], cfg["low_res"]
-    args = (torch.randn(B, 3, res, res), torch.randint(1, 1000, (B,)),
-            torch.randint(0, cfg["num_classes"], (B,)),
-            torch.randn(B, 3, low, low) if low else None,
-            torch.randint(0, 250, (B,)) if cfg["aug_time"] else None)
+    args = example_inputs(cfg, B)
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
         out = model(*args)
         if backward:
@@ -214,12 +221,8 @@ def run_row(row):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     B = row["batch_size"] if row["phase"] == "train" else row["sample_batch"]
     g = torch.Generator().manual_seed(1)
-    res, low = cfg["resolution"], cfg["low_res"]
-    x = torch.randn(B, 3, res, res, generator=g).to(device)
-    t = torch.randint(1, 1000, (B,), generator=g).to(device)
-    c = torch.randint(0, cfg["num_classes"], (B,), generator=g).to(device)
-    z = torch.randn(B, 3, low, low, generator=g).to(device) if low else None
-    s = torch.randint(0, 250, (B,), generator=g).to(device) if cfg["aug_time"] else None
+    res = cfg["resolution"]
+    x, t, c, z, s = example_inputs(cfg, B, g, device)
     result = {"params": sum(p.numel() for p in model.parameters())}
 
     if row["phase"] == "train":                    # forward + backward + AdamW step, fixed batch

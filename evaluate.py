@@ -69,9 +69,13 @@ def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progres
 
 
 @torch.no_grad()
-def predict(clf, images_uint8_nchw, batch_size=256):
-    return torch.cat([clf(data.to_float(images_uint8_nchw[i:i + batch_size])).argmax(1)
+def logits(clf, images_uint8_nchw, batch_size=256):
+    return torch.cat([clf(data.to_float(images_uint8_nchw[i:i + batch_size]))
                       for i in range(0, len(images_uint8_nchw), batch_size)])
+
+
+def predict(clf, images_uint8_nchw):
+    return logits(clf, images_uint8_nchw).argmax(1)
 
 
 @torch.no_grad()
@@ -120,9 +124,7 @@ def classification_accuracy_score(samples, labels, real, steps=300, seed=0):
     samples only, report its top-1 and top-5 accuracy on held-out *real* images."""
     train_set = data.ImageData(samples, labels, real.num_classes, real.class_names)
     clf = train_classifier(train_set, steps=steps, seed=seed)
-    with torch.no_grad():
-        logits = torch.cat([clf(data.to_float(real.x[i:i + 256])) for i in range(0, len(real.y), 256)])
-    top = logits.topk(min(5, real.num_classes), dim=1).indices
+    top = logits(clf, real.x).topk(min(5, real.num_classes), dim=1).indices
     top1 = (top[:, 0] == real.y).float().mean().item()
     top5 = (top == real.y[:, None]).any(1).float().mean().item()
     return top1, top5

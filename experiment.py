@@ -126,6 +126,10 @@ def main(argv=None):
     # each sampling seed takes fresh ones.
     pool = data.load_dataset("shapes", 16, "test", n=(2 + args.seeds) * N, seed=args.seed + 1)
     by_class = [torch.nonzero(pool.y == k)[:, 0].tolist() for k in range(8)]
+
+    def class_matched(pool, by_class):
+        """Unused real images of `pool`, the i-th of class c[i]; consumed from by_class."""
+        return data.to_float(pool.x[[by_class[k].pop() for k in c.tolist()]])
     low_res_diffusion = cdm.aug_diffusion(st["sr_aug"].config["augment"])
     base_steps = st["base"].config["sample_steps"]
 
@@ -146,7 +150,7 @@ def main(argv=None):
     with torch.no_grad():
         for k in range(args.seeds):
             seed_k = args.seed + 1000 * k
-            real16 = data.to_float(pool.x[[by_class[j].pop() for j in c.tolist()]])
+            real16 = class_matched(pool, by_class)
             real_z0 = cdm.downsample(real16, 8)  # ground-truth low-res images with matching classes
             base_z0[k] = st["base"].diffusion.respace(base_steps).sample(
                 st["base"].model, (N, 3, 8, 8), {"c": c}, generator=torch.Generator().manual_seed(seed_k))
@@ -182,7 +186,7 @@ def main(argv=None):
             z16 = sr(st["sr_aug"], renoise(base_z0[k], best, seed_k), best, seed_k)
             run["blur"] = {"on": fid32(sr(st["sr32_blur"], z16, None, seed_k, steps=25)),
                            "off": fid32(sr(st["sr32_none"], z16, None, seed_k, steps=25))}
-            run["real_32"] = fid32(data.to_float(pool32.x[[by_class32[j].pop() for j in c.tolist()]]))
+            run["real_32"] = fid32(class_matched(pool32, by_class32))
             log(f"seed {k}, 16->32 on generated 16x16 (s = {best}): FID blur {run['blur']['on']:.2f}, "
                 f"no blur {run['blur']['off']:.2f}")
     results = aggregate(runs)
