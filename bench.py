@@ -217,6 +217,8 @@ def run_row(row):
     except ImportError as e:
         return {"error": f"cannot import {impl} ({e}); see --peers"}
     model = model.to(device)
+    if impl == "cdm":
+        cdm.set_fast_path(model)                   # the memory layout depends on the device
     net = torch.compile(model) if row["compile"] else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     B = row["batch_size"] if row["phase"] == "train" else row["sample_batch"]

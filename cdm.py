@@ -8,6 +8,8 @@ It builds on:
   ADM   = Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (2105.05233)
   DDIM  = Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models" (2010.02502)
   SR3   = Saharia et al. 2021, "Image Super-Resolution via Iterative Refinement" (2104.07636)
+  PD    = Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
+          (2202.00512): the velocity parameterisation, which our demo stages use (a deviation)
 
 Read top to bottom:
   1. noise schedules                      (DDPM §4, iDDPM §3.2)
@@ -21,7 +23,8 @@ Vocabulary (the paper's symbols, used everywhere in this project):
   x0        a clean image at a stage's resolution, in [-1, 1], shape (B, 3, H, W)
   t         diffusion step, an integer in {1, ..., T}; t = 0 means "clean" (x_0)
   x_t       the noised image  sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-  eps       standard Gaussian noise; the network predicts it: eps_theta(x_t, t, ...)
+  eps       standard Gaussian noise; the paper's network predicts it: eps_theta(x_t, t, ...)
+            (or, our option, x0 or the velocity sqrt(abar_t) eps - sqrt(1 - abar_t) x0: see target)
   abar      alphas_cumprod, abar_t = prod_{i<=t} (1 - beta_i), abar_0 = 1
   c         class label, int64 (B,)
   z, z0     the low-resolution conditioning image of a super-resolution (SR) stage; z0 is clean
@@ -80,6 +83,7 @@ def cosine_schedule(T, offset=0.008, max_beta=0.999):
 
 
 SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+PREDICTIONS = ("eps", "x0", "velocity")  # what the network outputs: GaussianDiffusion.target
 
 
 def make_betas(schedule, T):
@@ -149,13 +153,15 @@ class GaussianDiffusion:
     that index i of this (possibly respaced) schedule stands for: it is what the network is told.
     """
 
-    def __init__(self, betas, variance="fixed", lambda_vlb=0.001, timesteps=None):
+    def __init__(self, betas, variance="fixed", lambda_vlb=0.001, timesteps=None, prediction="eps"):
         if variance not in ("fixed", "learned"):
             raise ValueError(f"variance must be 'fixed' or 'learned', got {variance!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         betas = np.asarray(betas, dtype=np.float64)
         assert betas[0] == 0.0 and np.all(betas[1:] > 0) and np.all(betas <= 1)
         self.T = len(betas) - 1
-        self.variance, self.lambda_vlb = variance, lambda_vlb
+        self.variance, self.lambda_vlb, self.prediction = variance, lambda_vlb, prediction
         self.timesteps = np.arange(self.T + 1) if timesteps is None else np.asarray(timesteps)
         # Everything below is float64 and indexed by t = 0..T (entry 0: the clean data).
         self.betas = betas
@@ -200,7 +206,8 @@ class GaussianDiffusion:
         abar = self.alphas_cumprod[kept]
         betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
         return GaussianDiffusion(np.concatenate([[0.0], betas]), self.variance, self.lambda_vlb,
-                                 timesteps=np.concatenate([[0], self.timesteps[kept]]))
+                                 timesteps=np.concatenate([[0], self.timesteps[kept]]),
+                                 prediction=self.prediction)
 
     # --- the forward process ------------------------------------------------------------------
     def q_sample(self, x0, t, eps):
@@ -220,6 +227,42 @@ class GaussianDiffusion:
         abar = self._at("alphas_cumprod", t, x_t)
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
+    # --- what the network predicts: eps (DDPM), x0, or the velocity (Salimans & Ho 2022) ------
+    def target(self, x0, eps, t):
+        """The regression target of L_simple for this model's parameterisation:
+
+            eps       DDPM Eq. (14): the noise
+            x0        the clean image
+            velocity  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (PD §4)
+
+        Not iDDPM's v (the variance interpolation, model_log_variance): a different quantity.
+        All three give the same x_t -> (x0, eps) map at the optimum; they differ in how errors
+        are weighted over t. ||eps_hat - eps||^2 = abar_t / (1 - abar_t) ||x0_hat - x0||^2 pays
+        nothing for a wrong x0 at high noise (abar_t -> 0), although the sampler amplifies those
+        eps errors by sqrt((1 - abar_t) / abar_t) (predict_x0); the velocity's loss is
+        ||x0_hat - x0||^2 / (1 - abar_t), well-conditioned at every noise level.
+        """
+        if self.prediction == "eps":
+            return eps
+        if self.prediction == "x0":
+            return x0
+        abar = self._at("alphas_cumprod", t, x0)
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    def x0_and_eps(self, x_t, t, pred):
+        """(x0_hat, eps_hat) from the network's prediction, each parameterisation inverted through
+        x_t = sqrt(abar) x0 + sqrt(1 - abar) eps:
+            eps:       x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+            x0:        eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+            velocity:  x0 = sqrt(abar) x_t - sqrt(1 - abar) v,  eps = sqrt(1 - abar) x_t + sqrt(abar) v
+        """
+        if self.prediction == "eps":
+            return self.predict_x0(x_t, t, pred), pred
+        abar = self._at("alphas_cumprod", t, x_t)
+        if self.prediction == "x0":
+            return pred, (x_t - abar.sqrt() * pred) / (1 - abar).sqrt()
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * pred, (1 - abar).sqrt() * x_t + abar.sqrt() * pred
+
     # --- the reverse process ------------------------------------------------------------------
     def model_log_variance(self, v, t, x):
         """log Sigma_theta: fixed beta~_t, or iDDPM §3.1 Eq. (15) with v in [-1, 1] mapped to [0, 1]:
@@ -233,7 +276,8 @@ class GaussianDiffusion:
         return frac * self._at("log_betas", t, x) + (1 - frac) * log_beta_tilde
 
     def split_output(self, out):
-        """The network outputs eps (C channels), and v (C more) if the variance is learned."""
+        """The network outputs its prediction (C channels: eps, x0 or the velocity, see target),
+        and iDDPM's v (C more) if the variance is learned."""
         return out.chunk(2, dim=1) if self.variance == "learned" else (out, None)
 
     def p_mean_variance(self, model, x_t, t, model_kwargs, clip=True):
@@ -241,8 +285,8 @@ class GaussianDiffusion:
         predicted x0 (DDPM Eq. (11) written through x0_hat). Clipping x0_hat to [-1, 1] is the
         usual sampling-time practice (DDPM / iDDPM code), never used in training."""
         out = model(x_t, torch.as_tensor(self.timesteps, device=x_t.device)[t], **model_kwargs)
-        eps, v = self.split_output(out.float())
-        x0_hat = self.predict_x0(x_t, t, eps)
+        pred, v = self.split_output(out.float())
+        x0_hat, eps = self.x0_and_eps(x_t, t, pred)
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
         mean, _, _ = self.q_posterior(x0_hat, x_t, t)
@@ -254,31 +298,32 @@ class GaussianDiffusion:
 
         L_simple = || eps - eps_theta(x_t, t) ||^2            DDPM Eq. (14), mean over pixels
         L_hybrid = L_simple + lambda * L_vlb,  lambda = 0.001  iDDPM §3.1, Eq. (16)
+        (for x0 or velocity prediction, L_simple regresses that target instead: see target)
 
         L_vlb = L_0 + ... + L_T is estimated from the sampled t as T * L_t (bits per dimension),
         which is the same as the iDDPM code's L_t * T / 1000 with lambda folded in. Inside L_vlb
-        the mean is built from eps_theta with its gradient stopped, so L_vlb only trains the
+        the mean is built from the prediction with its gradient stopped, so L_vlb only trains the
         variance and L_simple alone trains the mean (iDDPM §3.1).
         """
         eps = torch.randn_like(x0) if eps is None else eps
         x_t = self.q_sample(x0, t, eps)
         out = model(x_t, t, **model_kwargs).float()
-        eps_hat, v = self.split_output(out)
-        terms = {"mse": mean_flat((eps - eps_hat) ** 2)}
+        pred, v = self.split_output(out)
+        terms = {"mse": mean_flat((self.target(x0, eps, t) - pred) ** 2)}
         if self.variance == "learned":
-            terms["vlb"] = self.vlb_term(x0, x_t, t, eps_hat.detach(), v)
+            terms["vlb"] = self.vlb_term(x0, x_t, t, self.x0_and_eps(x_t, t, pred.detach())[0], v)
             terms["loss"] = terms["mse"] + self.lambda_vlb * self.T * terms["vlb"]
         else:
             terms["loss"] = terms["mse"]
         return terms
 
-    def vlb_term(self, x0, x_t, t, eps_hat, v):
+    def vlb_term(self, x0, x_t, t, x0_hat, v):
         """L_t of DDPM Eq. (5), in bits per dimension (B,):
 
             L_{t-1} = KL( q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t) )   for t >= 2
             L_0     = -log p_theta(x0 | x_1)  (the discretised decoder)       for t = 1
         """
-        x0_hat = self.predict_x0(x_t, t, eps_hat)  # not clipped: the loss sees the raw prediction
+        # x0_hat is not clipped: the loss sees the raw prediction
         mean_p, _, _ = self.q_posterior(x0_hat, x_t, t)
         logvar_p = self.model_log_variance(v, t, x_t)
         mean_q, _, logvar_q = self.q_posterior(x0, x_t, t)
@@ -325,9 +370,10 @@ class GaussianDiffusion:
 
 
 def diffusion_from_config(cfg):
-    """cfg: {"schedule": "cosine"|"linear", "T": int, "variance": "learned"|"fixed", "lambda_vlb"}"""
+    """cfg: {"schedule": "cosine"|"linear", "T": int, "variance": "learned"|"fixed", "lambda_vlb",
+    "prediction": "eps"|"x0"|"velocity" (absent in older checkpoints: eps)}"""
     return GaussianDiffusion(make_betas(cfg["schedule"], cfg["T"]), cfg["variance"],
-                             cfg.get("lambda_vlb", 0.001))
+                             cfg.get("lambda_vlb", 0.001), prediction=cfg.get("prediction", "eps"))
 
 
 # =============================================================================================
@@ -516,7 +562,8 @@ class UNet(nn.Module):
     resolution       image size H = W of x_t
     channel_mult     width multiplier per resolution level (the "mult" column of CDM's appendix)
     num_res_blocks   residual blocks per level; attention_resolutions: where self-attention goes
-    out_channels     3, or 6 when the variance is learned (eps and v)
+    in_channels      C: 3 for RGB images, 1 for grayscale data (data.keep_gray_as_one_channel)
+    out_channels     C, or 2C when the variance is learned (the prediction and iDDPM's v)
     num_classes      class-conditional: a learned class embedding is added to the time embedding
     low_res          SR model: z is resized up to `resolution` and concatenated with x_t along
                      channels, so the first conv sees 3 + 3 channels (CDM §3.2)
@@ -531,6 +578,7 @@ class UNet(nn.Module):
         ch = model_channels
         emb_dim = 4 * ch
         self.resolution, self.low_res, self.num_classes = resolution, low_res, num_classes
+        self.in_channels = in_channels
         self.aug_time, self.model_channels = aug_time, ch
         if resolution % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"resolution {resolution} cannot be halved {len(channel_mult) - 1} times")
@@ -571,9 +619,9 @@ class UNet(nn.Module):
 
     def check_inputs(self, x_t, t, c, z, s):
         """Clear errors for the mistakes people make when calling a model by hand."""
-        if x_t.ndim != 4 or x_t.shape[-2:] != (self.resolution, self.resolution):
-            raise ValueError(f"this model makes {self.resolution}x{self.resolution} images, "
-                             f"got x_t of shape {tuple(x_t.shape)}")
+        if x_t.ndim != 4 or x_t.shape[1:] != (self.in_channels, self.resolution, self.resolution):
+            raise ValueError(f"this model makes {self.in_channels}-channel {self.resolution}x"
+                             f"{self.resolution} images, got x_t of shape {tuple(x_t.shape)}")
         if self.num_classes:
             if c is None:
                 raise ValueError("this model is class-conditional: pass class labels c")
@@ -581,9 +629,10 @@ class UNet(nn.Module):
                 raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got "
                                  f"{c.min().item()}..{c.max().item()}")
         if self.low_res:
-            if z is None or z.shape[-2:] != (self.low_res, self.low_res):
+            if z is None or z.shape[1:] != (self.in_channels, self.low_res, self.low_res):
                 got = None if z is None else tuple(z.shape)
-                raise ValueError(f"this SR model needs z at {self.low_res}x{self.low_res}, got {got}")
+                raise ValueError(f"this SR model needs {self.in_channels}-channel z at {self.low_res}x"
+                                 f"{self.low_res}, got {got}")
         if self.aug_time and s is None:
             raise ValueError("this SR model was trained with noise augmentation: pass s")
 
@@ -595,7 +644,7 @@ class UNet(nn.Module):
         if self.aug_embed is not None:
             emb = emb + self.aug_embed(timestep_embedding(s, self.model_channels))
         if self.low_res:
-            x_t = torch.cat([x_t, upsample(z, self.resolution)], dim=1)  # (B, 3+3, H, W)
+            x_t = torch.cat([x_t, upsample(z, self.resolution)], dim=1)  # (B, C+C, H, W)
         h = self.input_conv(x_t)
         hs = [h]
         for layers in self.down:
@@ -619,18 +668,21 @@ def model_from_config(cfg):
     return UNet(**cfg)
 
 
-def set_fast_path(model, enabled=True):
-    """The speed-ups, all on by default (numbers in the README, from bench.py):
-    - channels_last memory (NHWC), the layout GPU tensor cores want; a lone 3x3 conv runs ~2x
-      faster in it on the CPU too, though the whole U-Net gains little there (README, Speed);
+def set_fast_path(model, enabled=True, channels_last=None):
+    """The speed-ups, all on by default (numbers in docs/speed.md, from bench.py):
+    - channels_last memory (NHWC), the layout GPU tensor cores want. channels_last=None: on CUDA
+      only, since on CPUs it measured neutral (AVX-512) to 2-20% slower (AVX2) for whole U-Nets;
     - the fused attention kernel (`attention`) instead of the plain softmax(q k^T) v;
-    - GroupNorm on an NCHW copy on the CPU (`GroupNorm`).
+    - GroupNorm on an NCHW copy for channels_last tensors on the CPU (`GroupNorm`).
     enabled=False gives the plain computation; test_fast_path_matches_plain checks that both
     give the same outputs and gradients. bf16 autocast and torch.compile are separate choices,
-    made by the scripts' --precision and --compile flags."""
+    made by the scripts' --precision and --compile flags. Call it after moving the model."""
     for m in model.modules():
         if isinstance(m, (GroupNorm, AttentionBlock)):
             m.fast = enabled
+    if channels_last is None:
+        channels_last = next(model.parameters()).device.type == "cuda"
+    enabled = enabled and channels_last
     return model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
 
@@ -649,6 +701,10 @@ class Stage:
     def resolution(self):
         return self.config["resolution"]
 
+    @property
+    def channels(self):  # 3, or 1 for a model of grayscale data (absent in older checkpoints: 3)
+        return self.config.get("model", {}).get("in_channels", 3)
+
 
 def check_cascade(stages):
     """Refuse cascades whose stages do not fit together, with a message that says why."""
@@ -664,6 +720,9 @@ def check_cascade(stages):
         if cur.config["low_res"] != prev.resolution:
             raise ValueError(f"stage {k + 1} is a {cur.config['low_res']}->{cur.resolution} SR model, "
                              f"but stage {k} makes {prev.resolution}x{prev.resolution} images")
+        if cur.channels != prev.channels:
+            raise ValueError(f"stage {k + 1} makes {cur.channels}-channel images, stage {k} "
+                             f"{prev.channels}-channel ones: they were trained on different data")
         if cur.config["num_classes"] != prev.config["num_classes"]:
             raise ValueError(f"stage {k + 1} knows {cur.config['num_classes']} classes, stage {k} "
                              f"knows {prev.config['num_classes']}: they were trained on different data")
@@ -681,8 +740,8 @@ def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, gener
     truncated  for noise-augmented stages: stop the previous stage's reverse chain at step s and
              hand over its z_s (CDM §3.3, truncated); otherwise run it to z0 and re-noise it with
              q(z_s | z0) (non-truncated). Blur-augmented stages get clean z (no blur at sampling).
-    Returns a list with each stage's output images (B, 3, H, W) in [-1, 1]; for a stage whose
-    successor was truncated this is the handed-over z_s.
+    Returns a list with each stage's output images (B, C, H, W) in [-1, 1] (C = 1 for models of
+    grayscale data); for a stage whose successor was truncated this is the handed-over z_s.
     """
     check_cascade(stages)
     B = c.shape[0]
@@ -712,7 +771,7 @@ def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, gener
                                  f"({nxt['schedule']}, T={nxt['T']}) to be stage {k + 1}'s own "
                                  f"({st.config['diffusion']['schedule']}, T={st.config['diffusion']['T']})")
         diffusion = st.diffusion.respace(steps[k], include=[stop_at] if stop_at else [])
-        shape = (B, 3, st.resolution, st.resolution)
+        shape = (B, st.channels, st.resolution, st.resolution)
         z = diffusion.sample(st.model, shape, kwargs, eta=eta, stop_at=stop_at, generator=generator,
                              progress=progress, desc=f"stage {k + 1} ({st.resolution}px)")
         outputs.append(z)
