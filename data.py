@@ -5,7 +5,8 @@
     load_dataset("path/to/train_dir", 64)        image folder, one sub-folder per class
     load_dataset("samples.npz", 64)              ADM convention: arr_0 uint8 NHWC, arr_1 labels
 
-Everything comes back as an ImageData holding uint8 (N, 3, res, res) RGB images and int64 labels.
+Everything comes back as an ImageData holding uint8 (N, C, res, res) images and int64 labels: C = 3
+(RGB), or C = 1 when a folder or .npz holds only grayscale images (keep_gray_as_one_channel).
 Images stay uint8 in memory (4x smaller than float32) and are converted per batch with to_float.
 
 Low-res copies are always *area* (box) downsamples of the high-res images, never re-renders: this is
@@ -39,13 +40,38 @@ ACCEPTED = "'shapes', 'cifar10', a directory with one sub-folder per class, or a
 
 @dataclass
 class ImageData:
-    x: torch.Tensor  # uint8 (N, 3, res, res), RGB
+    x: torch.Tensor  # uint8 (N, C, res, res): C = 3 (RGB), or 1 for grayscale sources
     y: torch.Tensor  # int64 (N,), class labels in [0, num_classes)
     num_classes: int
     class_names: list[str]
 
     def __len__(self):
         return len(self.y)
+
+    @property
+    def channels(self):
+        return self.x.shape[1]
+
+    def rgb(self):
+        """The images as 3 channels (gray repeated), e.g. for an RGB classifier or .npz files."""
+        return to_rgb(self.x)
+
+
+def to_rgb(x):
+    """(N, 1 or 3, H, W) -> (N, 3, H, W): gray images become R = G = B."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def keep_gray_as_one_channel(x):
+    """(N, 3, H, W) uint8 whose every pixel has R = G = B -> (N, 1, H, W); else unchanged.
+
+    A grayscale source (scans, handwriting, X-rays, our glyphs) gets 1-channel models [choice]:
+    their samples are gray by construction, where a 3-channel model of gray data spends capacity
+    on keeping R, G and B equal and, imperfectly trained, tints its samples (measured: a mean
+    |R - G| of 6/255 after the 16->32 stage; docs/choices.md)."""
+    if x.shape[1] == 3 and len(x) and bool((x[:, 0] == x[:, 1]).all() and (x[:, 1] == x[:, 2]).all()):
+        return x[:, :1].contiguous()
+    return x
 
 
 # --- the embedded dataset --------------------------------------------------------------------
@@ -144,6 +170,94 @@ def make_shapes(n, res=SHAPES_RES, seed=0, chunk=512):
     return out, y
 
 
+# --- a second, real-looking dataset: glyphs with handedness ----------------------------------
+GLYPH_CLASSES = list("0123456789bdpq")
+# The DejaVu fonts that ship inside matplotlib (so no download): sans, mono and serif, each
+# regular, bold, oblique/italic and bold oblique/italic.
+GLYPH_FONTS = ["DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique",
+               "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique",
+               "DejaVuSansMono-BoldOblique", "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic",
+               "DejaVuSerif-BoldItalic"]
+
+
+def make_glyphs(n_per_class, res=32, seed=0):
+    """Digits 0-9 and the letters b, d, p, q, drawn in white-ish on black [choice, ours].
+
+    Stand-in for a user's own folder of real grayscale images (handwriting, scans): flat black
+    backgrounds, one channel, and classes defined by their *handedness* -- b/d and p/q are each
+    other's mirror images, and a mirrored 2, 3, 4, 5, 7 or 9 is no digit. Every image varies in
+    font (12 DejaVu faces: sans, serif, mono; bold, oblique), glyph height (60-85% of the image,
+    size-normalised as in MNIST), width (x0.85-1.15), position, rotation (+-10 degrees), stroke
+    (0-4 px wider at 4x) and brightness (180-255). Rendered at 4x and area-downsampled
+    (anti-aliased). Deterministic in (n_per_class, res, seed).
+    Returns uint8 (N, res, res) grayscale and int64 labels (N,), classes interleaved.
+    """
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+    folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    big = 4 * res
+    fonts = {}
+    rng = np.random.default_rng(seed)
+    n = n_per_class * len(GLYPH_CLASSES)
+    y = np.arange(n) % len(GLYPH_CLASSES)
+    out = np.empty((n, res, res), dtype=np.uint8)
+    for i in range(n):
+        name = GLYPH_FONTS[rng.integers(len(GLYPH_FONTS))]
+        height, width = rng.uniform(0.6, 0.85), rng.uniform(0.85, 1.15)
+        angle, stroke = rng.uniform(-10, 10), int(rng.integers(0, 3))
+        shift, level = rng.uniform(-1, 1, 2), rng.uniform(180, 255)
+        if name not in fonts:
+            fonts[name] = ImageFont.truetype(os.path.join(folder, name + ".ttf"), big)
+        font, char = fonts[name], GLYPH_CLASSES[y[i]]
+        # Draw the glyph large, crop it to its ink, scale it to the drawn height and width.
+        left, top, right, bottom = font.getbbox(char, stroke_width=2 * stroke)
+        ink = Image.new("L", (right - left, bottom - top), 0)
+        ImageDraw.Draw(ink).text((-left, -top), char, fill=255, font=font,
+                                 stroke_width=2 * stroke, stroke_fill=255)
+        ink = ink.crop(ink.getbbox())
+        h = max(1, round(height * big))
+        w = max(1, min(big, round(ink.width * h / ink.height * width)))
+        ink = ink.resize((w, h), Image.LANCZOS)
+        # Paste it at a random offset that keeps it inside, then rotate about the centre.
+        canvas = Image.new("L", (big, big), 0)
+        cx, cy = (big - w) / 2 * (1 + 0.8 * shift[0]), (big - h) / 2 * (1 + 0.8 * shift[1])
+        canvas.paste(ink, (round(cx), round(cy)))
+        canvas = canvas.rotate(angle, resample=Image.BICUBIC)
+        img = np.asarray(canvas.resize((res, res), Image.BOX), dtype=np.float32) * (level / 255)
+        out[i] = np.rint(img).astype(np.uint8)
+    return out, y.astype(np.int64)
+
+
+def write_glyphs(folder, n_per_class=700, res=32, seed=0):
+    """Write make_glyphs as an image folder, one sub-folder per class (folder/<class>/NNNN.png,
+    grayscale PNG): exactly what a user's own data looks like to --data. Built in a temporary
+    folder beside `folder` and renamed into place, so an interrupted run leaves nothing half
+    written; an existing non-empty folder is never touched."""
+    from PIL import Image
+    import shutil
+    import tempfile
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ValueError(f"{folder} already exists and is not empty; delete it or choose another folder")
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    x, y = make_glyphs(n_per_class, res, seed)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-glyphs-")
+    try:
+        counts = [0] * len(GLYPH_CLASSES)
+        for im, k in zip(x, y):
+            d = os.path.join(tmp, GLYPH_CLASSES[k])
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(im, mode="L").save(os.path.join(d, f"{counts[k]:04d}.png"))
+            counts[k] += 1
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty, checked above
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(y)
+
+
 # --- conversions and helpers -----------------------------------------------------------------
 def to_float(x_uint8):
     """uint8 [0, 255] -> float32 [-1, 1], the range the diffusion model works in (DDPM §3.3)."""
@@ -153,6 +267,15 @@ def to_float(x_uint8):
 def to_uint8(x):
     """float [-1, 1] -> uint8, clamped (samples overshoot) and rounded (not truncated: to_float's inverse)."""
     return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def default_flip(source):
+    """Should training flip `source`'s images left-right at random? Only where a mirror image is
+    still an image of its class [choice]. ADM's loader flips always, right for ImageNet and CIFAR-10
+    (a mirrored dog is a dog), wrong for anything with handedness (digits, letters, text, 'b'/'d').
+    shapes: no -- its stripe angle is class-specific, and a flip turns class k's angle into class
+    (8 - k)'s. Image folders and .npz files: no, unless asked (--flip), since we cannot know."""
+    return source == "cifar10"
 
 
 def random_flip(x, generator=None):
@@ -248,10 +371,15 @@ def _class_folders(root):
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
 
 
-def _folder_items(root, n):
+HOLDOUT = 10  # image folders: every 10th image of each class is held out as the "test" split
+
+
+def _folder_items(root, n, split=None):
     """(path, class index) of an image folder, one sub-folder per class (ImageNet's train layout);
     class index = sorted folder order. Taken round-robin across classes so that the first `n`
-    stay class-balanced."""
+    stay class-balanced. split "test": every HOLDOUT-th image of each class in sorted order (the
+    10th, 20th, ...), the images evaluate.py scores against; "train": all the others, what the
+    training scripts see, so a held-out image is never trained on [choice]; None: all images."""
     classes = _class_folders(root)
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-folders: expected one sub-folder "
@@ -263,7 +391,13 @@ def _folder_items(root, n):
         if not files:
             raise ValueError(f"class folder {d} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                              f"add images or remove the folder")
-        per_class.append([os.path.join(d, f) for f in files])
+        paths = [os.path.join(d, f) for f in files]
+        if split is not None:
+            paths = [p for i, p in enumerate(paths) if (i % HOLDOUT == HOLDOUT - 1) == (split == "test")]
+        per_class.append(paths)
+    if not any(per_class):
+        raise ValueError(f"image folder {root} has no held-out images: every {HOLDOUT}th image of "
+                         f"a class is held out for evaluation, so each class needs {HOLDOUT} or more")
     items = [(per_class[k][i], k) for i in range(max(map(len, per_class)))
              for k in range(len(classes)) if i < len(per_class[k])]
     return (items[:n] if n is not None else items), classes
@@ -280,8 +414,8 @@ def _read_image(path, resolutions):
         raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from e
 
 
-def _load_folder(root, res, n):
-    items, classes = _folder_items(root, n)
+def _load_folder(root, res, n, split):
+    items, classes = _folder_items(root, n, split)
     x = torch.stack([_read_image(path, [res])[res] for path, _ in items])
     return x, torch.tensor([k for _, k in items], dtype=torch.int64), classes
 
@@ -346,12 +480,14 @@ def _load_npz(path, res, n):
 
 
 def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, root="data"):
-    """Load `source` as uint8 (N, 3, res, res) images and int64 labels (see the module docstring).
+    """Load `source` as uint8 (N, C, res, res) images and int64 labels (see the module docstring):
+    C = 3, or 1 for an image folder or .npz whose images are all grayscale.
 
-    split: "train" or "test" for shapes and cifar10; ignored for folders and .npz files (point at
-    a different folder / file instead). n: how many images to generate (shapes; default 16384
-    train / 2048 test) or keep (the first n, other sources). seed: shapes only; the test split
-    uses seed + 1_000_003 so it never overlaps the train split. download/root: cifar10 only.
+    split: "train" or "test" for shapes, cifar10 and image folders (whose "test" split is every
+    HOLDOUT-th image of each class); ignored for .npz files (point at another file).
+    n: how many images to generate (shapes; default 8192 train -- 3 s to render, more than a demo
+    stage draws -- and 2048 test) or keep (the first n, other sources). seed: shapes only; the
+    test split uses seed + 1_000_003 so it never overlaps the train split. download/root: cifar10.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -359,7 +495,7 @@ def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, 
         raise ValueError(f"n must be a positive number of images, got {n}")
     if source == "shapes":
         _check_native(res, SHAPES_RES, "the shapes dataset")
-        n = n if n is not None else (16384 if split == "train" else 2048)
+        n = n if n is not None else (8192 if split == "train" else 2048)
         x, y = make_shapes(n, SHAPES_RES, seed if split == "train" else seed + 1_000_003)
         x = _area_resize(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), res)
         return ImageData(x, torch.from_numpy(y), 8, list(SHAPE_NAMES))
@@ -371,11 +507,11 @@ def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, 
     if not isinstance(res, int) or res <= 0:
         raise ValueError(f"res must be a positive integer, got {res!r}")
     if os.path.isdir(source):
-        x, y, names = _load_folder(source, res, n)
-        return ImageData(x, y, len(names), names)
+        x, y, names = _load_folder(source, res, n, split)
+        return ImageData(keep_gray_as_one_channel(x), y, len(names), names)
     if os.path.isfile(source) and source.lower().endswith(".npz"):
         x, y, names = _load_npz(source, res, n)
-        return ImageData(x, y, len(names), names)
+        return ImageData(keep_gray_as_one_channel(x), y, len(names), names)
     why = "no such file or directory" if not os.path.exists(source) else "not a directory or .npz file"
     raise ValueError(f"unknown dataset source {source!r} ({why}); accepted: {ACCEPTED}")
 
@@ -394,19 +530,36 @@ def class_names_for(source):
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Prepare an image folder (one sub-folder per class, "
-                                "e.g. ImageNet's train set) as pre-resized .npz arrays, once.")
-    p.add_argument("command", choices=["prepare"])
-    p.add_argument("folder", help="the image folder, e.g. /data/imagenet/train")
-    p.add_argument("--res", default="32,64", help="comma-separated resolutions to write")
-    p.add_argument("--out", default="data/imagenet_train", help="writes OUT_<res>.npz")
-    p.add_argument("--n", type=int, default=None, help="only the first N images (class-balanced)")
+    p = argparse.ArgumentParser(description="Data preparation, once: 'prepare' an image folder (one "
+                                "sub-folder per class, e.g. ImageNet's train set) as pre-resized .npz "
+                                "arrays, or render the 'glyphs' image folder.",
+                                epilog="python data.py glyphs data/glyphs   |   python data.py prepare "
+                                       "/data/imagenet/train --res 32,64 --out data/imagenet_train")
+    p.add_argument("command", choices=["prepare", "glyphs"])
+    p.add_argument("folder", help="prepare: the image folder to read; glyphs: the folder to write")
+    p.add_argument("--res", default=None, help="prepare: comma-separated resolutions to write "
+                   "(default 32,64); glyphs: the image size (default 32)")
+    p.add_argument("--out", default="data/imagenet_train", help="prepare: writes OUT_<res>.npz")
+    p.add_argument("--n", type=int, default=None, help="prepare: only the first N images "
+                   "(class-balanced); glyphs: images per class (default 700)")
+    p.add_argument("--seed", type=int, default=0, help="glyphs: the seed of the renderer")
     a = p.parse_args()
-    if not os.path.isdir(a.folder):
-        raise SystemExit(f"error: {a.folder} is not a folder; expected one sub-folder per class")
     try:
-        res = [int(r) for r in a.res.split(",")]
-        for path in prepare_folder(a.folder, res, a.out, a.n):
-            print("wrote", path)
+        res = [int(r) for r in (a.res or ("32" if a.command == "glyphs" else "32,64")).split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --res {a.res!r}: expected comma-separated integers") from None
+    if min(res) < 1 or (a.n is not None and a.n < 1):
+        raise SystemExit("error: --res and --n must be positive")
+    try:
+        if a.command == "glyphs":
+            if len(res) != 1:
+                raise ValueError("glyphs: give one --res")
+            count = write_glyphs(a.folder, a.n or 700, res[0], a.seed)
+            print(f"wrote {count} images of {len(GLYPH_CLASSES)} classes to {a.folder}/")
+        else:
+            if not os.path.isdir(a.folder):
+                raise ValueError(f"{a.folder} is not a folder; expected one sub-folder per class")
+            for path in prepare_folder(a.folder, res, a.out, a.n):
+                print("wrote", path)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
