@@ -35,8 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int_list, default=None,
                    help="respaced sampling steps per stage, e.g. 50,25,25 (default: each checkpoint's)")
     p.add_argument("--s", type=int_list, default=None,
-                   help="augmentation time s for each noise-augmented stage (default: T/10 of its "
-                        "low-res schedule); one value, or one per stage")
+                   help="augmentation time s for each noise-augmented stage (default: the stage's "
+                        "own, chosen in training, --sample_s); one value, or one per stage")
     p.add_argument("--s_sweep", type=int_list, default=None,
                    help="sample once per value, e.g. 0,100,250, used as s for every noise-augmented "
                         "stage; writes samples_s<value>.npz each (same seed, so only s differs)")
@@ -66,8 +66,24 @@ def per_stage(values, stages, default, what):
     return list(values)
 
 
+def check_args(args):
+    """Every flag checked before the checkpoints are loaded: one clear line, no traceback."""
+    if args.n < 1:
+        raise SystemExit(f"error: --n {args.n}: the number of samples must be at least 1")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch_size {args.batch_size}: must be at least 1")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        raise SystemExit(f"error: --eta {args.eta}: DDIM's eta lies in [0, 1] (0: deterministic)")
+    for flag in ("steps", "s", "s_sweep", "classes"):
+        values = getattr(args, flag)
+        if values is not None and (not values or min(values) < (1 if flag == "steps" else 0)):
+            raise SystemExit(f"error: --{flag} {','.join(map(str, values))}: give "
+                             f"{'positive' if flag == 'steps' else 'non-negative'} integers")
+    return args
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args = check_args(parse_args(argv))
     device = pick_device(args.device)
     try:
         stages = [cdm.load_stage(path, device, ema=not args.no_ema) for path in args.checkpoints]
@@ -80,16 +96,16 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"error: classes {bad} out of range: this cascade knows classes "
                          f"0..{num_classes - 1} ({', '.join(stages[0].config['class_names'])})")
-    if args.n < 1:
-        raise SystemExit("error: --n must be at least 1")
     steps = per_stage(args.steps, stages, lambda st: st.config["sample_steps"], "steps")
     for st, k in zip(stages, steps):
         if not 1 <= k <= st.config["diffusion"]["T"]:
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")
-    noise_T = lambda st: st.config["augment"]["T"] // 10 if st.config["augment"]["type"] == "noise" else None
+    def default_s(st):  # the stage's own choice at training time (older checkpoints: T/10)
+        aug = st.config["augment"]
+        return aug.get("sample_s", aug["T"] // 10) if aug["type"] == "noise" else None
 
     def s_per_stage(values):
-        s = per_stage(values, stages, noise_T, "s")
+        s = per_stage(values, stages, default_s, "s")
         for k, (st, s_k) in enumerate(zip(stages, s)):
             aug = st.config["augment"]
             if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
@@ -114,7 +130,7 @@ def main(argv=None):
                 outs[k].append(x.float().cpu())
         return [torch.cat(o) for o in outs]
 
-    to_nhwc = lambda x: data.to_uint8(x).permute(0, 2, 3, 1).numpy()
+    to_nhwc = lambda x: data.to_uint8(data.to_rgb(x)).permute(0, 2, 3, 1).numpy()  # gray -> R=G=B
     if args.s_sweep is not None:
         if not any(st.config["augment"]["type"] == "noise" for st in stages):
             raise SystemExit("error: --s_sweep needs a noise-augmented stage in the cascade")
@@ -139,6 +155,7 @@ def main(argv=None):
     save_grid(os.path.join(args.out, "stages.png"), [o[:panel] for o in outs])
     data.save_npz(os.path.join(args.out, "samples.npz"), to_nhwc(outs[-1]), c_all.numpy())
     np.savez(os.path.join(args.out, "stages.npz"), labels=c_all.numpy(),
+             data=np.array(str(stages[0].config.get("data", "shapes"))),  # for evaluate.py
              **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})
     res = " -> ".join(str(st.resolution) for st in stages)
     print(f"sampled {args.n} images ({res}) in {secs:.1f} s; wrote grid.png, stages.png, samples.npz "

@@ -15,10 +15,13 @@ import torch
 import trainer
 
 PRESETS = {
-    # The CPU demo (our choice): 8x8 shapes, learned variances, cosine schedule, short run.
+    # The CPU demo (our choice): 8x8 shapes, learned variances, cosine schedule, short run. It
+    # predicts the velocity, not eps (deviation): its samples' backgrounds kept the data's
+    # brightness (docs/choices.md).
     "demo": dict(res=8, ch=48, mult=(1, 2), res_blocks=1, attn=(4,), heads=2, dropout=0.0,
-                 schedule="cosine", T=1000, variance="learned", sample_steps=50, steps=1000,
-                 batch_size=32, lr=1e-3, warmup=50, ema=0.999, lr_decay="cosine", out="runs/base"),
+                 schedule="cosine", T=1000, variance="learned", prediction="velocity",
+                 sample_steps=50, steps=500, batch_size=32, lr=1e-3, warmup=50, ema=0.999,
+                 lr_decay="cosine", out="runs/base"),
     # CIFAR-10 32x32, the iDDPM setup (Nichol & Dhariwal 2021, their CIFAR-10 L_hybrid runs):
     # 128 channels, 3 blocks, attention at 16 and 8, dropout 0.3, T = 4000, batch 128, 500k steps.
     "cifar10": dict(data="cifar10", res=32, ch=128, mult=(1, 2, 2, 2), res_blocks=3, attn=(16, 8),
@@ -26,15 +29,17 @@ PRESETS = {
                     sample_steps=100, steps=500_000, batch_size=128, lr=1e-4, warmup=0, ema=0.9999,
                     lr_decay="none", save_every=5000, keep_every=50_000, out="runs/cifar10_base"),
     # ImageNet 32x32 base of every CDM pipeline (CDM appendix table; paper-notes §6): ch 256,
+    # random left-right flips (a mirrored ImageNet photo keeps its class; reported to help),
     # mult 1,2,3,4, 6 blocks, attention at 16 and 8, 4 heads, dropout 0.1, batch 2048, 700k steps,
     # Adam 1e-4, EMA 0.9999, T = 4000, cosine, learned variances (hybrid loss).
-    "imagenet32": dict(data="data/imagenet_train_32.npz", res=32, ch=256, mult=(1, 2, 3, 4),
+    "imagenet32": dict(flip=True, data="data/imagenet_train_32.npz", res=32, ch=256, mult=(1, 2, 3, 4),
                        res_blocks=6, attn=(16, 8), heads=4, dropout=0.1, schedule="cosine", T=4000,
                        variance="learned", sample_steps=250, steps=700_000, batch_size=2048,
                        lr=1e-4, warmup=0, ema=0.9999, lr_decay="none", save_every=5000,
                        keep_every=50_000, out="runs/imagenet32_base"),
 }
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, with the preset's values as defaults, every one checked (trainer.check_args)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     d = PRESETS[pre.parse_known_args(argv)[0].preset]
@@ -42,7 +47,11 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="a named configuration; the flags below override it")
     p.add_argument("--res", type=int, default=d["res"], help="image resolution of the base model")
-    args = trainer.add_common_args(p, d).parse_args(argv)
+    return trainer.check_args(trainer.add_common_args(p, d).parse_args(argv))
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dataset = trainer.load_training_data(args, args.res)
     config = trainer.make_config(args, dataset)
 

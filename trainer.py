@@ -43,6 +43,11 @@ def add_common_args(p, d):
     g.add_argument("--data_root", default="data", help="where cifar-10-python.tar.gz is (or goes)")
     g.add_argument("--download", action="store_true", help="download CIFAR-10 if it is missing")
     g.add_argument("--n_train", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--flip", dest="flip", action="store_true", default=d.get("flip"),
+                   help="flip training images left-right at random: only for data whose classes "
+                        "are mirror-symmetric (default: on for cifar10 and the ImageNet presets, "
+                        "off for shapes, image folders and .npz)")
+    g.add_argument("--no_flip", dest="flip", action="store_false", help="never flip (see --flip)")
     g = p.add_argument_group("model (ADM-style U-Net)")
     g.add_argument("--ch", type=int, default=d["ch"], help="base channel count")
     g.add_argument("--mult", type=int_list, default=d["mult"], help="channel multiplier per level")
@@ -57,6 +62,9 @@ def add_common_args(p, d):
     g.add_argument("--T", type=int, default=d["T"], help="diffusion steps in training")
     g.add_argument("--variance", choices=["learned", "fixed"], default=d["variance"],
                    help="learned: hybrid loss (iDDPM §3.1); fixed: L_simple with Sigma = beta~")
+    g.add_argument("--prediction", choices=cdm.PREDICTIONS, default=d.get("prediction", "eps"),
+                   help="what the network predicts: eps (DDPM, the paper), x0, or the velocity "
+                        "v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)")
     g.add_argument("--sample_steps", type=int, default=d["sample_steps"],
                    help="respaced steps for the preview grids")
     g = p.add_argument_group("optimisation")
@@ -92,11 +100,54 @@ def add_common_args(p, d):
     return p
 
 
-def model_config(args, *, out_channels, num_classes, low_res=None, aug_time=False):
+# Every flag is checked before any work starts (our choice): a wrong value gets one "error:" line
+# that names the flag and what it must be, never a traceback minutes into a run.
+POSITIVE = ["res", "ch", "res_blocks", "heads", "T", "sample_steps", "steps", "batch_size",
+            "log_every", "save_every", "n_train"]
+NON_NEGATIVE = ["micro_batch", "warmup", "grad_clip", "keep_every", "sample_every"]
+
+
+def check_args(args):
+    """Validate the shared flags and resolve the data-dependent default of --flip. Returns args."""
+    def fail(msg):
+        raise SystemExit(f"error: {msg}")
+    for name in POSITIVE + NON_NEGATIVE:
+        v = getattr(args, name, None)
+        if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and name in POSITIVE)):
+            fail(f"--{name} {v}: must be {'positive' if name in POSITIVE else '0 or more'}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        fail(f"--lr {args.lr}: the learning rate must be a positive number (the paper: 1e-4)")
+    if not 0 <= args.ema < 1:
+        fail(f"--ema {args.ema}: the EMA decay must lie in [0, 1) (the paper: 0.9999)")
+    if not 0 <= args.dropout < 1:
+        fail(f"--dropout {args.dropout}: must lie in [0, 1)")
+    if not args.mult or min(args.mult) < 1:
+        fail(f"--mult {','.join(map(str, args.mult))}: give one positive multiplier per level, e.g. 1,2,2")
+    if any(r < 1 for r in args.attn):
+        fail(f"--attn {','.join(map(str, args.attn))}: resolutions must be positive")
+    if args.res % 2 ** (len(args.mult) - 1):
+        fail(f"--res {args.res} cannot be halved {len(args.mult) - 1} times (one per --mult level "
+             f"after the first): use a multiple of {2 ** (len(args.mult) - 1)} or fewer levels")
+    widths = {args.ch * m for level, m in enumerate(args.mult)
+              if args.res >> level in args.attn or level == len(args.mult) - 1}  # + the middle block
+    if any(w % args.heads for w in widths):
+        fail(f"--heads {args.heads} must divide the channels of every attention block "
+             f"({', '.join(map(str, sorted(widths)))} with --ch {args.ch} --mult "
+             f"{','.join(map(str, args.mult))})")
+    if args.sample_steps > args.T:
+        fail(f"--sample_steps {args.sample_steps}: at most --T ({args.T})")
+    pick_device(args.device)
+    if args.flip is None:
+        args.flip = data.default_flip(args.data)
+    return args
+
+
+def model_config(args, *, out_channels, num_classes, low_res=None, aug_time=False, in_channels=3):
     return {"resolution": args.res, "model_channels": args.ch, "channel_mult": list(args.mult),
             "num_res_blocks": args.res_blocks, "attention_resolutions": list(args.attn),
             "num_heads": args.heads, "dropout": args.dropout, "out_channels": out_channels,
-            "num_classes": num_classes, "low_res": low_res, "aug_time": aug_time}
+            "num_classes": num_classes, "low_res": low_res, "aug_time": aug_time,
+            "in_channels": in_channels}
 
 
 def make_config(args, dataset, *, low_res=None, augment=None):
@@ -107,21 +158,38 @@ def make_config(args, dataset, *, low_res=None, augment=None):
         "resolution": args.res, "low_res": low_res,
         "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
         "data": args.data,
-        "model": model_config(args, out_channels=6 if learned else 3, num_classes=dataset.num_classes,
-                              low_res=low_res, aug_time=augment["type"] == "noise"),
+        "model": model_config(args, out_channels=dataset.channels * (2 if learned else 1),
+                              num_classes=dataset.num_classes, low_res=low_res,
+                              aug_time=augment["type"] == "noise", in_channels=dataset.channels),
         "diffusion": {"schedule": args.schedule, "T": args.T, "variance": args.variance,
-                      "lambda_vlb": 0.001},
+                      "lambda_vlb": 0.001, "prediction": args.prediction},
         "augment": augment,
+        "flip": bool(args.flip),
         "sample_steps": args.sample_steps,
     }
 
 
 def pick_device(name):
+    """'auto' (CUDA if present), or a device that exists here; anything else exits with a message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device; use 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {name}: CUDA is not available on this machine; use "
+                             f"--device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} "
+                             f"GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device {name}: cdm runs on 'cpu', 'cuda' or 'mps'")
+    return device
 
 
 def load_training_data(args, res):
@@ -135,18 +203,19 @@ def load_training_data(args, res):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1 - decay)
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, all tensors in one call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def save_grid(path, rows, min_tile=64):
-    """rows: list of (B, 3, H, W) float tensors in [-1, 1], one grid row each. Every image is
+    """rows: list of (B, C, H, W) float tensors in [-1, 1] (C = 1 or 3), one grid row each. Every image is
     enlarged with nearest-neighbour (so low-res pixels stay visible) to the largest H, and to at
     least min_tile pixels, so low-res inputs and high-res outputs line up."""
     from PIL import Image
     H = max(r.shape[-1] for r in rows)
     H = H * math.ceil(min_tile / H)
-    rows = [torch.nn.functional.interpolate(r.float().cpu(), size=(H, H), mode="nearest") for r in rows]
+    rows = [torch.nn.functional.interpolate(data.to_rgb(r.float().cpu()), size=(H, H), mode="nearest")
+            for r in rows]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, B*H)
     Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
 
@@ -206,20 +275,24 @@ def train(args, config, dataset, make_kwargs):
         raise SystemExit(f"error: the dataset has {N} images, fewer than --batch_size {B}")
 
     torch.manual_seed(args.seed)                   # the same initial weights on every rank
-    model = cdm.set_fast_path(cdm.model_from_config(config["model"]).to(device))
+    try:
+        model = cdm.set_fast_path(cdm.model_from_config(config["model"]).to(device))
+    except ValueError as e:                        # e.g. --heads not dividing a level's channels
+        raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed + rank)            # dropout differs per rank, as it should
     diffusion = cdm.diffusion_from_config(config["diffusion"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one kernel per op, all tensors
     # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     gen = torch.Generator().manual_seed(args.seed)  # data order, flips, t, eps and augmentation
     step = 0
     if args.resume and os.path.exists(ckpt_path):
         ckpt = cdm.load_checkpoint(ckpt_path)
-        if ckpt["config"]["model"] != config["model"] or ckpt["config"]["diffusion"] != config["diffusion"]:
-            raise SystemExit(f"error: {ckpt_path} was trained with a different model or diffusion "
-                             "config; use the same flags, or a new --out")
+        changed = [k for k in ("model", "diffusion", "augment", "flip") if ckpt["config"].get(k) != config[k]]
+        if changed:
+            raise SystemExit(f"error: {ckpt_path} was trained with a different {' and '.join(changed)} "
+                             "config; resume with the same flags, or start a new --out")
         if ckpt["args"].get("batch_size") != B:
             raise SystemExit(f"error: {ckpt_path} was trained with --batch_size "
                              f"{ckpt['args'].get('batch_size')}; resume with the same global batch")
@@ -244,7 +317,8 @@ def train(args, config, dataset, make_kwargs):
         net = torch.compile(net)
     if main:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
-              f"images, {args.steps} steps of {B} on {world} x {device}"
+              f"images{' (all grayscale: a 1-channel model)' if dataset.channels == 1 else ''}, "
+              f"{args.steps} steps of {B} on {world} x {device}"
               + (f" ({accum} micro-batches of {micro} per process)" if accum > 1 else ""))
 
     def checkpoint():
@@ -299,7 +373,9 @@ def train(args, config, dataset, make_kwargs):
         while step < args.steps:
             # The global batch, identical on every rank; then this rank's slice.
             idx = torch.randint(0, N, (B,), generator=gen)
-            x0 = data.random_flip(data.to_float(dataset.x[idx]), generator=gen)
+            x0 = data.to_float(dataset.x[idx])
+            if config["flip"]:
+                x0 = data.random_flip(x0, generator=gen)
             c = dataset.y[idx]
             kwargs = make_kwargs(x0, c, train=True, generator=gen)
             t = torch.randint(1, diffusion.T + 1, (B,), generator=gen)
