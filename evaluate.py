@@ -18,6 +18,8 @@
   python evaluate.py --samples other/ --data shapes
 """
 import argparse
+import contextlib
+import json
 import os
 
 import numpy as np
@@ -50,15 +52,18 @@ class Classifier(nn.Module):
         return self.head(self.embed(x))
 
 
-def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progress=False):
-    """Train on real images only (with flips), float inputs in [-1, 1]."""
+def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progress=False, flip=False):
+    """Train on real images only, float inputs in [-1, 1]; with random flips only where the
+    classes are mirror-symmetric (data.default_flip), so that it can tell a '2' from its mirror."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     clf = Classifier(dataset.num_classes)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     for step in range(steps):
         idx = torch.randint(0, len(dataset.y), (batch_size,), generator=gen)
-        x = data.random_flip(data.to_float(dataset.x[idx]), generator=gen)
+        x = data.to_float(data.to_rgb(dataset.x[idx]))
+        if flip:
+            x = data.random_flip(x, generator=gen)
         loss = F.cross_entropy(clf(x), dataset.y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,6 +135,41 @@ def classification_accuracy_score(samples, labels, real, steps=300, seed=0):
     return top1, top5
 
 
+def mirror_rate(clf, samples, labels, real):
+    """How many samples came out mirror-imaged, on the classes that are not mirror-symmetric.
+
+    A class counts as mirror-symmetric when the classifier (trained without flips) still labels
+    most of its *real* held-out images, mirrored, with their class (a '0', an '8'; not a '2' or
+    a 'b'). A sample of another class counts as mirrored when the classifier labels its mirror
+    image with the sample's class and the sample itself with another: a 'b' drawn where a 'd' was
+    asked for. Real images score near 0%, real images mirrored near 100%; a model that learned
+    mirrored classes, about half its samples. Returns (rate, samples counted, asymmetric classes)."""
+    real_mirrored_ok = predict(clf, real.x.flip(-1)) == real.y
+    asym = [k for k in range(real.num_classes)
+            if (real.y == k).any() and real_mirrored_ok[real.y == k].float().mean() < 0.5]
+    keep = torch.isin(labels, torch.tensor(asym, dtype=labels.dtype))
+    if not keep.any():
+        return float("nan"), 0, asym
+    x, y = samples[keep], labels[keep]
+    mirrored = (predict(clf, x.flip(-1)) == y) & (predict(clf, x) != y)
+    return mirrored.float().mean().item(), int(keep.sum()), asym
+
+
+def channel_difference(images_uint8_nchw):
+    """Mean |R - G| and |G - B| in 1/255 units: 0 for gray images, which must stay gray."""
+    x = images_uint8_nchw.float()
+    return ((x[:, 0] - x[:, 1]).abs().mean().item() + (x[:, 1] - x[:, 2]).abs().mean().item()) / 2
+
+
+def border_mean(images_uint8_nchw, width=3):
+    """Mean brightness (0..255) of the `width`-pixel frame of each image: where flat backgrounds
+    are, so samples whose background drifted from the data's stand out."""
+    x = images_uint8_nchw.float()
+    inner = torch.zeros(x.shape[-2:], dtype=torch.bool)
+    inner[width:-width, width:-width] = True
+    return x[:, :, ~inner].mean().item()
+
+
 def psnr(a, b):
     """PSNR in dB of images in [0, 255] (any float tensors of equal shape), over the whole set."""
     mse = ((a.double() - b.double()) ** 2).mean().item()
@@ -147,14 +187,20 @@ def lowres_consistency(stages_npz):
 
 
 def get_classifier(source, res, cache, num_classes, seed=0):
-    """Train the real-data classifier once and keep it in `cache` (a plain state dict)."""
+    """Train the real-data classifier once and keep it in `cache` (a plain state dict, and what it
+    was trained on: a cache made for other data or settings is retrained, never reused)."""
+    meta = {"source": os.path.abspath(source) if os.path.exists(source) else source, "res": res,
+            "num_classes": num_classes, "seed": seed, "flip": data.default_flip(source)}
     if os.path.exists(cache):
-        clf = Classifier(num_classes)
-        clf.load_state_dict(torch.load(cache, weights_only=True))
-        return clf.eval()
-    clf = train_classifier(data.load_dataset(source, res, "train", seed=seed), seed=seed, progress=True)
+        saved = torch.load(cache, weights_only=True)
+        if isinstance(saved, dict) and saved.get("meta") == meta:
+            clf = Classifier(num_classes)
+            clf.load_state_dict(saved["state"])
+            return clf.eval()
+    train = data.load_dataset(source, res, "train", seed=seed)
+    clf = train_classifier(train, seed=seed, progress=True, flip=meta["flip"])
     os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    cdm.save_checkpoint(clf.state_dict(), cache)
+    cdm.save_checkpoint({"state": clf.state_dict(), "meta": meta}, cache)
     return clf
 
 
@@ -162,41 +208,78 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", default="samples",
                    help="folder written by sample.py, or one .npz (e.g. from sample.py --s_sweep)")
-    p.add_argument("--data", default="shapes", help="dataset the cascade was trained on")
+    p.add_argument("--data", default=None,
+                   help="dataset the cascade was trained on (default: the one sample.py recorded "
+                        "in stages.npz, else 'shapes')")
     p.add_argument("--classifier", default=None, help="cache file for the real-data classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's training")
     p.add_argument("--cas", action="store_true", help="also train a classifier on the samples (CAS)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     path = args.samples if args.samples.endswith(".npz") else os.path.join(args.samples, "samples.npz")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist; run sample.py first")
-    f = np.load(path)
-    x = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(f["arr_1"]).long()
+    try:
+        with np.load(path) as f:
+            x = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous()
+            y = torch.from_numpy(f["arr_1"]).long()
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} as samples (arr_0 uint8 NHWC images, arr_1 "
+                         f"labels): {type(e).__name__}: {e}") from None
+    stages = os.path.join(os.path.dirname(path), "stages.npz")
+    stages = stages if os.path.exists(stages) and not args.samples.endswith(".npz") else None
+    if args.data is None:
+        with np.load(stages) if stages else contextlib.nullcontext({}) as f:
+            args.data = str(f["data"]) if "data" in f else "shapes"
     res = x.shape[-1]
-    cache = args.classifier or os.path.join("runs", f"classifier_{os.path.basename(args.data)}_{res}px.pt")
-    test = data.load_dataset(args.data, res, "test", seed=args.seed)
+    cache = args.classifier or os.path.join("runs", f"classifier_{os.path.basename(os.path.normpath(args.data))}_{res}px.pt")
+    try:
+        test = data.load_dataset(args.data, res, "test", seed=args.seed)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    gray = test.channels == 1
+    test = data.ImageData(test.rgb(), test.y, test.num_classes, test.class_names)  # what samples are
+    if y.min() < 0 or y.max() >= test.num_classes:
+        raise SystemExit(f"error: {path} has labels {y.min().item()}..{y.max().item()}, but {args.data} "
+                         f"has {test.num_classes} classes: were the samples made from another dataset?")
     clf = get_classifier(args.data, res, cache, test.num_classes, args.seed)
-    real_acc = (predict(clf, test.x) == test.y).float().mean().item()
-    acc = (predict(clf, x) == y).float().mean().item()
-    print(f"classifier accuracy on real held-out images: {100 * real_acc:.1f}% ({len(test.y)} images)")
-    print(f"samples labelled with their conditioning class: {100 * acc:.1f}% ({len(y)} samples, {res}px)")
+    out = {"data": args.data, "n": len(y), "res": res}
+    out["real_accuracy"] = (predict(clf, test.x) == test.y).float().mean().item()
+    out["accuracy"] = (predict(clf, x) == y).float().mean().item()
+    print(f"classifier accuracy on real held-out images: {100 * out['real_accuracy']:.1f}% ({len(test.y)} images)")
+    print(f"samples labelled with their conditioning class: {100 * out['accuracy']:.1f}% ({len(y)} samples, {res}px)")
     feats, probs = embed_and_probs(clf, x)
     real_feats, real_probs = embed_and_probs(clf, test.x)
     note = " (few samples: FID is biased upwards; compare only at equal N)" if len(y) < 2 * feats.shape[1] else ""
-    print(f"FID against {len(test.y)} real held-out images, on this classifier's features: "
-          f"{fid(feats, real_feats):.2f}{note}")
-    print(f"IS on this classifier: {inception_score(probs):.2f} (real images: "
-          f"{inception_score(real_probs):.2f}; at most {test.num_classes})")
+    out["fid"], out["is"], out["is_real"] = fid(feats, real_feats), inception_score(probs), inception_score(real_probs)
+    print(f"FID against {len(test.y)} real held-out images, on this classifier's features: {out['fid']:.2f}{note}")
+    print(f"IS on this classifier: {out['is']:.2f} (real images: {out['is_real']:.2f}; at most {test.num_classes})")
+    if not data.default_flip(args.data):
+        rate, counted, asym = mirror_rate(clf, x, y, test)
+        if counted:
+            out["mirrored"] = rate
+            print(f"mirror-imaged samples: {100 * rate:.1f}% of the {counted} samples of the classes "
+                  f"that are not mirror-symmetric ({', '.join(test.class_names[k] for k in asym)})")
+        else:
+            print("mirror-imaged samples: not measured (to the classifier, every class sampled looks "
+                  "the same mirrored)")
+    out["border"], out["border_real"] = border_mean(x), border_mean(test.x)
+    print(f"3-pixel border brightness: samples {out['border']:.1f}, real images {out['border_real']:.1f} (of 255)")
+    if gray:
+        out["channel_difference"] = channel_difference(x)
+        print(f"gray data: the samples' mean |R-G|, |G-B| is {out['channel_difference']:.2f}/255 (real: 0)")
     if args.cas:
-        top1, top5 = classification_accuracy_score(x, y, test, seed=args.seed)
+        out["cas_top1"], out["cas_top5"] = classification_accuracy_score(x, y, test, seed=args.seed)
         print(f"CAS (a classifier trained on the samples only, tested on real images): "
-              f"top-1 {100 * top1:.1f}%, top-5 {100 * top5:.1f}%")
-    stages = os.path.join(os.path.dirname(path), "stages.npz")
-    if os.path.exists(stages) and not args.samples.endswith(".npz"):
+              f"top-1 {100 * out['cas_top1']:.1f}%, top-5 {100 * out['cas_top5']:.1f}%")
+    if stages:
+        out["lowres_psnr"] = []
         for lo, hi, db in lowres_consistency(stages):
+            out["lowres_psnr"].append(db)
             print(f"SR stage {lo}->{hi}: downsampled output vs its clean input: PSNR {db:.1f} dB")
-    return acc
+    if args.json:
+        cdm.atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(out, indent=1)))
+    return out
 
 
 if __name__ == "__main__":
