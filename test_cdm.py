@@ -200,11 +200,13 @@ def test_sample_stops_at_the_requested_step():
         cdm.GaussianDiffusion(cdm.cosine_schedule(100)).respace(5).sample(spy, (1, 3, 4, 4), {}, stop_at=33)
 
 
-def test_ancestral_sampling_with_the_true_eps_recovers_a_point_mass():
-    # If the data is a single point x0*, the optimal eps prediction is (x_t - sqrt(abar) x0*) /
-    # sqrt(1 - abar); sampling with it must land on x0*. Checks p_mean_variance + the loop.
+@pytest.mark.parametrize("prediction", cdm.PREDICTIONS)
+def test_ancestral_sampling_with_the_true_prediction_recovers_a_point_mass(prediction):
+    # If the data is a single point x0*, the optimal prediction is known in closed form (eps =
+    # (x_t - sqrt(abar) x0*) / sqrt(1 - abar), and target() of it); sampling with it must land on
+    # x0*. Checks p_mean_variance, the inversion x0_and_eps and the loop, for each parameterisation.
     target = torch.tensor([0.5, -0.25, 0.0]).view(1, 3, 1, 1)
-    base = cdm.GaussianDiffusion(cdm.cosine_schedule(200), variance="fixed")
+    base = cdm.GaussianDiffusion(cdm.cosine_schedule(200), variance="fixed", prediction=prediction)
     d = base.respace(20)
 
     class Oracle(torch.nn.Module):
@@ -214,10 +216,54 @@ def test_ancestral_sampling_with_the_true_eps_recovers_a_point_mass():
 
         def forward(self, x_t, t, **kw):
             abar = torch.as_tensor(base.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-            return (x_t - abar.sqrt() * target) / (1 - abar).sqrt()
+            eps = (x_t - abar.sqrt() * target) / (1 - abar).sqrt()
+            return base.target(target.expand_as(x_t), eps, t)
 
     x = d.sample(Oracle(), (4, 3, 2, 2), {}, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x, target.expand_as(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", cdm.PREDICTIONS)
+def test_prediction_targets_invert_to_x0_and_eps(prediction):
+    # x0_and_eps(x_t, t, target(x0, eps, t)) must give back (x0, eps) exactly, at every t; and the
+    # velocity has its closed form v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022).
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(64, 3, 4, 4, generator=g) * 2 - 1, torch.randn(64, 3, 4, 4, generator=g)
+    t = torch.linspace(1, 990, 64).long()
+    x_t = d.q_sample(x0, t, eps)
+    x0_hat, eps_hat = d.x0_and_eps(x_t, t, d.target(x0, eps, t))
+    torch.testing.assert_close(x0_hat, x0, atol=2e-4, rtol=0)
+    torch.testing.assert_close(eps_hat, eps, atol=2e-4, rtol=0)
+    abar = torch.as_tensor(d.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    expected = {"eps": eps, "x0": x0, "velocity": abar.sqrt() * eps - (1 - abar).sqrt() * x0}
+    torch.testing.assert_close(d.target(x0, eps, t), expected[prediction])
+
+
+def test_velocity_loss_weights_x0_errors_evenly_across_noise_levels():
+    # Why the SR stages predict the velocity: for the same error in x0_hat, the eps loss shrinks
+    # like abar / (1 - abar) as the noise grows (it pays ~nothing for a wrong x0 at high noise),
+    # while the velocity loss stays ||x0_hat - x0||^2 / (1 - abar) >= ||x0_hat - x0||^2.
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, torch.randn(1, 3, 8, 8, generator=g)
+    err = 0.1 * torch.randn(1, 3, 8, 8, generator=g)
+    losses = {}
+    for prediction in ("eps", "velocity"):
+        d = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), prediction=prediction)
+        for t in (100, 990):
+            tt = torch.tensor([t])
+            x_t = d.q_sample(x0, tt, eps)
+            # the prediction whose x0_hat is x0 + err, at the same x_t
+            wrong = d.target(x0 + err, (x_t - d._at("alphas_cumprod", tt, x_t).sqrt() * (x0 + err))
+                             / (1 - d._at("alphas_cumprod", tt, x_t)).sqrt(), tt)
+            losses[prediction, t] = ((wrong - d.target(x0, eps, tt)) ** 2).mean().item()
+    e2 = (err ** 2).mean().item()
+    abar = cdm.cosine_schedule(1000)
+    abar = np.cumprod(1 - abar)
+    for t in (100, 990):
+        assert losses["eps", t] == pytest.approx(e2 * abar[t] / (1 - abar[t]), rel=1e-3)
+        assert losses["velocity", t] == pytest.approx(e2 / (1 - abar[t]), rel=1e-3)
+    assert losses["eps", 990] < 1e-3 * e2 and losses["velocity", 990] >= e2
 
 
 def test_initial_l_simple_is_one_with_zero_initialised_output():
@@ -242,10 +288,11 @@ def test_hybrid_loss_vlb_trains_only_the_variance():
     assert head.grad[:, :3].abs().max() == 0 and head.grad[:, 3:].abs().max() > 0
 
 
-def test_overfitting_one_batch_drives_the_loss_down():
+@pytest.mark.parametrize("prediction", ["eps", "velocity"])
+def test_overfitting_one_batch_drives_the_loss_down(prediction):
     torch.manual_seed(0)
     model = tiny_unet(out_channels=6)
-    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100), variance="learned")
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(100), variance="learned", prediction=prediction)
     x0 = torch.rand(8, 3, 8, 8) * 2 - 1
     c = torch.randint(0, 3, (8,))
     t = torch.randint(1, 101, (8,))
@@ -382,6 +429,25 @@ def test_unet_conditioning_inputs_matter():
         assert not torch.allclose(sr(x, t, **args), ref)
 
 
+def test_one_channel_models_make_one_channel_cascades():
+    # Models of grayscale data: C = 1 in, 2C = 2 out (learned variance); a cascade keeps C = 1,
+    # and refuses to chain a 1-channel stage after a 3-channel one.
+    base = cdm.Stage(tiny_unet(in_channels=1, out_channels=2).eval(),
+                     cdm.GaussianDiffusion(cdm.cosine_schedule(20), variance="learned"),
+                     stage_config(resolution=8, model=dict(in_channels=1)))
+    sr = cdm.Stage(tiny_unet(resolution=16, in_channels=1, out_channels=2, low_res=8).eval(),
+                   cdm.GaussianDiffusion(cdm.cosine_schedule(20), variance="learned"),
+                   stage_config(resolution=16, low_res=8, model=dict(in_channels=1)))
+    outs = cdm.sample_cascade([base, sr], torch.tensor([0, 2]), steps=[3, 3], progress=False)
+    assert [tuple(o.shape) for o in outs] == [(2, 1, 8, 8), (2, 1, 16, 16)]
+    rgb = cdm.Stage(tiny_unet(resolution=16, low_res=8).eval(), sr.diffusion,
+                    stage_config(resolution=16, low_res=8))
+    with pytest.raises(ValueError, match="1-channel"):
+        cdm.check_cascade([base, rgb])
+    with pytest.raises(ValueError, match="1-channel"):
+        base.model(torch.zeros(1, 3, 8, 8), torch.tensor([1]), c=torch.tensor([0]))
+
+
 def test_unet_rejects_bad_inputs():
     m = tiny_unet(resolution=16, low_res=8, aug_time=True)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([1])
@@ -390,7 +456,7 @@ def test_unet_rejects_bad_inputs():
         m(torch.randn(1, 3, 32, 32), t, **good)
     with pytest.raises(ValueError, match=r"class labels must lie in 0\.\.2"):
         m(x, t, **{**good, "c": torch.tensor([3])})
-    with pytest.raises(ValueError, match="needs z at 8x8"):
+    with pytest.raises(ValueError, match="needs 3-channel z at 8x8"):
         m(x, t, **{**good, "z": torch.randn(1, 3, 4, 4)})
     with pytest.raises(ValueError, match="pass s"):
         m(x, t, **{**good, "s": None})
@@ -435,7 +501,7 @@ def test_fast_path_matches_plain():
     change no output and no gradient beyond float32 rounding."""
     fast, inputs = perturbed_sr_unet()
     plain = copy.deepcopy(fast)
-    cdm.set_fast_path(fast, True)
+    cdm.set_fast_path(fast, True, channels_last=True)
     cdm.set_fast_path(plain, False)
     assert fast.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not any(m.fast for m in plain.modules() if isinstance(m, (cdm.GroupNorm, cdm.AttentionBlock)))
@@ -648,6 +714,38 @@ def test_random_flip_flips_about_half():
     assert torch.equal(out, again)
 
 
+def test_flips_default_per_source_and_off_means_off(tmp_path):
+    import train_base
+    import train_sr
+    import trainer
+    flip = lambda script, *a: script.parse_args(list(a)).flip
+    assert flip(train_base, "--data", "cifar10") and flip(train_base, "--preset", "imagenet32")
+    assert flip(train_sr, "--preset", "imagenet64") and flip(train_sr, "--preset", "imagenet256")
+    assert not flip(train_base, "--data", "shapes") and not flip(train_sr, "--preset", "demo32")
+    assert not flip(train_base, "--data", str(tmp_path)) and not flip(train_base, "--data", "x.npz")
+    assert flip(train_base, "--data", str(tmp_path), "--flip")
+    assert not flip(train_base, "--preset", "imagenet32", "--no_flip")
+    # Off means off: every batch the model is trained on is unmirrored. The images are
+    # left-to-right ramps (dark left edge), so a mirrored one has a bright left edge.
+    ramp = torch.linspace(0, 255, 8).round().to(torch.uint8).expand(64, 3, 8, 8).clone()
+    dataset = data.ImageData(ramp, torch.arange(64) % 2, 2, ["a", "b"])
+    for on in (False, True):
+        args = train_base.parse_args([*TINY, "--res", "8", "--attn", "", "--batch_size", "16",
+                                      "--steps", "4", "--out", str(tmp_path / str(on)),
+                                      "--flip" if on else "--no_flip"])
+        seen = []
+
+        def spy(x0, c, train, generator):
+            if train:
+                seen.append(x0[:, 0, 0, 0] > x0[:, 0, 0, -1])  # mirrored?
+            return {"c": c}
+        trainer.train(args, trainer.make_config(args, dataset), dataset, spy)
+        mirrored = torch.cat(seen)
+        assert len(mirrored) == 64
+        assert (mirrored.sum() == 0) if not on else (16 <= mirrored.sum() <= 48)
+        assert cdm.load_checkpoint(str(tmp_path / str(on) / "ckpt.pt"))["config"]["flip"] == on
+
+
 # --- CIFAR-10 (a tiny archive in the official format) ----------------------------------------
 def _make_fake_cifar(root, per_batch=3):
     """cifar-10-python.tar.gz layout: pickled dicts with bytes keys, data (N, 3072) channel-major."""
@@ -726,7 +824,7 @@ def test_image_folder(tmp_path):
     _save(tmp_path / "a_cats" / "tall.PNG", np.full((50, 20, 3), 200))  # extension case-insensitive
     _save(tmp_path / "b_dogs" / "small.bmp", np.full((5, 5, 3), 30))     # smaller than res: upsampled
     (tmp_path / "b_dogs" / "notes.txt").write_text("not an image")        # ignored
-    d = data.load_dataset(str(tmp_path), 8, split="test")  # split is ignored for folders
+    d = data.load_dataset(str(tmp_path), 8)  # fewer than 10 images a class: none held out
     assert d.x.shape == (3, 3, 8, 8) and d.x.dtype == torch.uint8
     assert d.class_names == ["a_cats", "b_dogs"] and d.num_classes == 2
     # round-robin order: cats/tall, dogs/small, cats/wide (files sorted within a class)
@@ -757,6 +855,77 @@ def test_prepare_folder_writes_the_arrays_a_run_loads(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", str(tmp_path / "none")],
                        capture_output=True, text=True, cwd=HERE)
     assert p.returncode != 0 and "not a folder" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_image_folder_holds_out_every_tenth_image_of_each_class(tmp_path):
+    # The "test" split of a folder is what evaluate.py scores against: every 10th image of each
+    # class (sorted names), never seen in training; "train" is the rest, None (prepare) is all.
+    for name, count in (("a", 25), ("b", 12)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            _save(tmp_path / name / f"{i:03d}.png", np.full((4, 4, 3), 100 * (name == "b") + i))
+    train = data.load_dataset(str(tmp_path), 4, "train")
+    test = data.load_dataset(str(tmp_path), 4, "test")
+    codes = lambda d: sorted((int(k), int(v)) for k, v in zip(d.y, d.x[:, 0, 0, 0]))
+    assert codes(test) == [(0, 9), (0, 19), (1, 109)]
+    assert len(train) == 25 + 12 - 3 and not set(codes(train)) & set(codes(test))
+    assert test.num_classes == train.num_classes == 2
+    items, _ = data._folder_items(str(tmp_path), None)
+    assert len(items) == 37
+    (tmp_path / "c").mkdir()  # a class too small to hold anything out still trains
+    _save(tmp_path / "c" / "0.png", np.zeros((4, 4, 3)))
+    assert (data.load_dataset(str(tmp_path), 4, "train").y == 2).sum() == 1
+    small = tmp_path / "small"
+    (small / "x").mkdir(parents=True)
+    _save(small / "x" / "0.png", np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="no held-out images"):
+        data.load_dataset(str(small), 4, "test")
+
+
+def test_glyphs_are_deterministic_gray_on_black_and_handed(tmp_path):
+    x, y = data.make_glyphs(6, 32, seed=0)
+    x2, _ = data.make_glyphs(6, 32, seed=0)
+    assert np.array_equal(x, x2) and not np.array_equal(x, data.make_glyphs(6, 32, seed=1)[0])
+    assert x.shape == (6 * 14, 32, 32) and np.bincount(y).tolist() == [6] * 14
+    border = np.concatenate([x[:, :2].ravel(), x[:, -2:].ravel(), x[:, :, :2].ravel(), x[:, :, -2:].ravel()])
+    assert (border == 0).mean() > 0.95                # flat black backgrounds
+    assert all(x[i].max() >= 150 for i in range(len(x)))  # every image holds a bright glyph
+    # handedness: the stem of a 'b' (ascender) and a 'p' (descender) is on the left, of a 'd' and
+    # a 'q' on the right: where the ink of the top (b, d) or bottom (p, q) third of each glyph's
+    # box lies, left (< 0) or right (> 0) of the box's centre, in units of its width
+    def lean(img, part):
+        ys, xs = np.nonzero(img > 64)
+        third = (ys.max() - ys.min() + 1) / 3
+        sel = ys < ys.min() + third if part == "top" else ys > ys.max() - third
+        return (xs[sel].mean() - (xs.min() + xs.max()) / 2) / (xs.max() - xs.min() + 1)
+    xg, yg = data.make_glyphs(20, 32, seed=0)
+    side = {ch: np.mean([lean(im, "top" if ch in "bd" else "bottom")
+                         for im in xg[yg == data.GLYPH_CLASSES.index(ch)]]) for ch in "bdpq"}
+    assert max(side["b"], side["p"]) < -0.05 and min(side["d"], side["q"]) > 0.05, side
+    # written as an image folder that the loaders read as 14 gray classes
+    folder = tmp_path / "glyphs"
+    assert data.write_glyphs(str(folder), 10, 16) == 140
+    assert Image.open(folder / "b" / "0000.png").mode == "L"
+    loaded = data.load_dataset(str(folder), 16, "test")
+    assert loaded.class_names == sorted(data.GLYPH_CLASSES) and len(loaded) == 14
+    assert loaded.channels == 1 and loaded.rgb().shape[1] == 3  # gray: a 1-channel dataset
+    with pytest.raises(ValueError, match="not empty"):  # never writes over a user's folder
+        data.write_glyphs(str(folder), 10, 16)
+
+
+def test_gray_sources_become_one_channel_and_colour_ones_stay_rgb(tmp_path):
+    for name, colour in (("gray", False), ("colour", True)):
+        for k in ("a", "b"):
+            (tmp_path / name / k).mkdir(parents=True)
+            img = np.random.default_rng(0).integers(0, 256, (8, 8, 3))
+            if not colour:
+                img[..., 1] = img[..., 2] = img[..., 0]
+            _save(tmp_path / name / k / "0.png", img)
+        d = data.load_dataset(str(tmp_path / name), 8)
+        assert d.channels == (3 if colour else 1) and d.rgb().shape == (2, 3, 8, 8)
+    gray = data.load_dataset(str(tmp_path / "gray"), 8)
+    assert torch.equal(gray.rgb()[:, 1], gray.x[:, 0])           # R = G = B when expanded
+    assert data.load_dataset("shapes", 8, n=16).channels == 3
 
 
 def test_image_folder_errors(tmp_path):
@@ -905,6 +1074,53 @@ def test_scripts_give_clear_errors(tiny_cascade, tmp_path):
     assert p.returncode != 0 and "different model" in p.stderr
 
 
+BAD_FLAGS = [  # (script, flags, what the error line must say)
+    ("train_base.py", ["--batch_size", "0"], "--batch_size 0"),
+    ("train_base.py", ["--steps", "-5"], "--steps -5"),
+    ("train_base.py", ["--lr", "-1"], "--lr"),
+    ("train_base.py", ["--lr", "nan"], "--lr"),
+    ("train_base.py", ["--device", "tpu"], "--device 'tpu'"),
+    ("train_base.py", ["--device", "cuda:99"], "--device cuda:99"),
+    ("train_base.py", ["--ema", "1.5"], "--ema"),
+    ("train_base.py", ["--dropout", "1"], "--dropout"),
+    ("train_base.py", ["--micro_batch", "-1"], "--micro_batch"),
+    ("train_base.py", ["--heads", "5"], "--heads 5"),
+    ("train_base.py", ["--mult", ""], "--mult"),
+    ("train_base.py", ["--res", "6", "--mult", "1,2,2"], "--res 6"),
+    ("train_base.py", ["--sample_steps", "5000"], "--sample_steps"),
+    ("train_base.py", ["--n_train", "0"], "--n_train"),
+    ("train_base.py", ["--T", "0"], "--T"),
+    ("train_base.py", ["--log_every", "0"], "--log_every"),
+    ("train_sr.py", ["--low_res", "0"], "--low_res 0"),
+    ("train_sr.py", ["--s_max", "5000"], "--s_max"),
+    ("train_sr.py", ["--blur_sigma", "0.6", "0.4"], "--blur_sigma"),
+    ("train_sr.py", ["--blur_p", "2"], "--blur_p"),
+    ("sample.py", ["--n", "0"], "--n 0"),
+    ("sample.py", ["--batch_size", "0"], "--batch_size 0"),
+    ("sample.py", ["--steps", "0"], "--steps"),
+    ("sample.py", ["--eta", "-1"], "--eta"),
+    ("sample.py", ["--device", "tpu"], "--device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("script,flags,says", BAD_FLAGS, ids=[" ".join([s] + f) for s, f, _ in BAD_FLAGS])
+def test_every_flag_is_checked_before_work_starts(script, flags, says, capsys):
+    # In-process (fast); test_bad_flags_exit_cleanly_from_the_shell checks the real exit.
+    import importlib
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        module.main(flags + ["--out", "/nonexistent/never-written"] if script != "sample.py" else flags)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and says in e.value.code
+    assert "\n" not in e.value.code.strip()
+
+
+def test_bad_flags_exit_cleanly_from_the_shell(tmp_path):
+    for script, flags in (("train_base.py", ["--batch_size", "0"]), ("sample.py", ["--n", "-3"])):
+        p = run(script, *flags, "--out", str(tmp_path / "never"), ok=False)
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+        assert not (tmp_path / "never").exists()
+
+
 def test_scripts_train_in_bf16(tmp_path):
     """The bf16 autocast path of the training loop (the plain attention of bf16 CPU training)."""
     out = tmp_path / "bf16"
@@ -1025,13 +1241,13 @@ def test_fp16_with_a_gradient_scaler(tmp_path):
 
 
 def test_presets_build_on_the_meta_device():
-    """Each paper preset's network, built without allocating its weights; the counts are the
-    README's, and the 64->256 network is close to SR3's 625M (ours resamples with a conv, SR3
+    """Each paper preset's network, built without allocating its weights; the counts are those
+    docs/scale-up.md lists, and the 64->256 network is close to SR3's 625M (ours resamples with a conv, SR3
     with BigGAN residual blocks)."""
     import bench
     import train_base
     import train_sr
-    readme = open(os.path.join(HERE, "README.md")).read()
+    doc = open(os.path.join(HERE, "docs", "scale-up.md"), encoding="utf-8").read()
     presets = [(train_base.PRESETS["cifar10"], None, False, 10),
                (train_base.PRESETS["imagenet32"], None, False, 1000),
                (train_sr.PRESETS["imagenet64"], 32, True, 1000),
@@ -1043,7 +1259,7 @@ def test_presets_build_on_the_meta_device():
             model = cdm.model_from_config(bench.from_preset(d, d["res"], k, low_res=low, aug_time=aug))
         assert all(p.is_meta for p in model.parameters())
         counts.append(sum(p.numel() for p in model.parameters()))
-        assert f"{counts[-1]:,}" in readme, f"README does not list {counts[-1]:,}"
+        assert f"{counts[-1]:,}" in doc, f"docs/scale-up.md does not list {counts[-1]:,}"
     assert abs(counts[-1] / 625e6 - 1) < 0.08
 
 
@@ -1097,6 +1313,44 @@ def test_classifier_learns_a_separable_case():
 
 
 # ---- FID, IS and CAS (CDM §4) ----
+
+def test_mirror_rate_counts_mirrored_samples_of_handed_classes():
+    # Three classes on 8x8: an 'L' (bar left, foot right), its mirror image, and a symmetric 'T'.
+    # A classifier trained without flips tells the L's apart; the T is found mirror-symmetric.
+    import evaluate
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(n) % 3
+        x = torch.zeros(n, 3, 8, 8)
+        x[y == 0, :, 1:7, 1:3] = 1
+        x[y == 0, :, 5:7, 1:6] = 1
+        x[y == 1] = x[y == 0].flip(-1)[: (y == 1).sum()]
+        x[y == 2, :, 1:3, 1:7] = 1
+        x[y == 2, :, 1:7, 3:5] = 1
+        x = x * torch.empty(n, 1, 1, 1).uniform_(0.6, 1, generator=g) + 0.05 * torch.randn(x.shape, generator=g)
+        return data.ImageData(data.to_uint8(x * 2 - 1), y, 3, ["L", "J", "T"])
+    train, real = make(300), make(90)
+    clf = evaluate.train_classifier(train, steps=150, seed=0)
+    rate, counted, asym = evaluate.mirror_rate(clf, real.x, real.y, real)
+    assert asym == [0, 1] and counted == 60 and rate < 0.05
+    rate, _, _ = evaluate.mirror_rate(clf, real.x.flip(-1), real.y, real)
+    assert rate > 0.95
+    half = torch.where((torch.arange(90) % 2 == 0)[:, None, None, None], real.x, real.x.flip(-1))
+    assert 0.3 < evaluate.mirror_rate(clf, half, real.y, real)[0] < 0.7
+
+
+def test_channel_difference_and_border_brightness_closed_forms():
+    import evaluate
+    gray = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).expand(4, 3, 8, 8)
+    assert evaluate.channel_difference(gray) == 0
+    tinted = gray.clone().clamp(0, 200)
+    tinted[:, 0] += 10                                    # R = G + 10, G = B
+    assert evaluate.channel_difference(tinted) == pytest.approx(5.0)
+    framed = torch.full((2, 3, 10, 10), 50, dtype=torch.uint8)
+    framed[:, :, 3:7, 3:7] = 200
+    assert evaluate.border_mean(framed, 3) == pytest.approx(50.0)
+
 
 def test_frechet_distance_matches_the_closed_form():
     import evaluate
