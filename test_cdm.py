@@ -1437,5 +1437,10 @@ def test_notebook_runs_top_to_bottom_and_uses_cdm_only():
     ours = {n for n in globals() if n.startswith("test_")}
     assert len(named) >= 5 and named <= ours, named - ours     # the exercises name real tests
     assert all(c.outputs for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs"
+    # Every cell runs, but the live training is cut from 300 to 30 steps (90 s of the suite's time):
+    # the committed outputs show the full run.
+    cell = [c for c in nb.cells if '"--steps", "300"' in c.source]
+    assert len(cell) == 1
+    cell[0].source = cell[0].source.replace('"--steps", "300"', '"--steps", "30"')
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": HERE}}).execute()   # raises if any cell fails
