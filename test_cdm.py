@@ -997,7 +997,7 @@ def test_unknown_source():
 
 TINY = ["--ch", "8", "--mult", "1,2", "--res_blocks", "1", "--heads", "1", "--batch_size", "4",
         "--n_train", "16", "--steps", "3", "--sample_steps", "2", "--T", "20", "--no_progress",
-        "--log_every", "1"]
+        "--log_every", "1", "--device", "cpu"]  # CPU behaviour, also on a machine with a GPU
 
 
 def run(script, *args, ok=True):
@@ -1025,7 +1025,7 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     log = (d / "sr16" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3 and "mse_quarters" in log[0]
     ck = [str(d / n / "ckpt.pt") for n in ("base", "sr16", "sr32")]
-    p = run("sample.py", *ck, "--n", "6", "--classes", "1,3", "--steps", "2", "--s", "5",
+    p = run("sample.py", "--device", "cpu", *ck, "--n", "6", "--classes", "1,3", "--steps", "2", "--s", "5",
             "--out", str(d / "samples"), "--no_progress")
     assert "sampled 6 images (8 -> 16 -> 32)" in p.stdout
     f = np.load(d / "samples" / "samples.npz")
@@ -1037,10 +1037,10 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     for name in ("grid.png", "stages.png"):
         assert (d / "samples" / name).stat().st_size > 0
     # Truncated sampling through the same files.
-    run("sample.py", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated", "--precision", "bf16",
+    run("sample.py", "--device", "cpu", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated", "--precision", "bf16",
         "--out", str(d / "trunc"), "--no_progress")
     # An s sweep: one .npz per value, same seed, so only s differs.
-    p = run("sample.py", *ck[:2], "--n", "3", "--steps", "2", "--s_sweep", "0,15", "--out", str(d / "sweep"),
+    p = run("sample.py", "--device", "cpu", *ck[:2], "--n", "3", "--steps", "2", "--s_sweep", "0,15", "--out", str(d / "sweep"),
             "--no_progress")
     a, b = (np.load(d / "sweep" / f"samples_s{v}.npz")["arr_0"] for v in (0, 15))
     assert a.shape == b.shape == (3, 16, 16, 3) and not np.array_equal(a, b)
@@ -1231,6 +1231,33 @@ def test_torchrun_two_processes_match_one(tmp_path):
         torch.testing.assert_close(one["model"][name], two["model"][name], rtol=1e-4, atol=1e-5)
     l1, l2 = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert l1.keys() == l2.keys() and all(abs(l1[k] - l2[k]) < 1e-5 for k in l1)
+
+
+def test_collectives_reduce_tensors_on_the_models_device(tmp_path, monkeypatch):
+    """Every tensor the training loop's collectives see lives on the model's device (NCCL reduces
+    only CUDA tensors): run them in a one-process gloo group and record each tensor's device."""
+    import torch.distributed as dist
+    import trainer
+    seen = []
+
+    def recording(fn):
+        def wrapped(tensor, *a, **k):
+            seen.append((fn.__name__, tensor.device))
+            return fn(tensor, *a, **k)
+        return wrapped
+    monkeypatch.setattr(dist, "all_reduce", recording(dist.all_reduce))
+    monkeypatch.setattr(dist, "broadcast", recording(dist.broadcast))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(3, 2)
+        device = next(model.parameters()).device
+        assert trainer.all_sum([1.5, 2.0], 2, device) == [1.5, 2.0]   # one process: sums of one
+        assert trainer.replicas_max_difference(model) == 0
+    finally:
+        dist.destroy_process_group()
+    names = [n for n, _ in seen]
+    assert names.count("all_reduce") == 2 and names.count("broadcast") == 2
+    assert all(d == device for _, d in seen), seen
 
 
 def test_fp16_with_a_gradient_scaler(tmp_path):

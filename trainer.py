@@ -235,14 +235,30 @@ def setup_distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def all_sum(values, world):
-    """Element-wise sums of a list of floats over all processes (every rank gets the same list)."""
+def all_sum(values, world, device):
+    """Element-wise sums of a list of floats over all processes (every rank gets the same list).
+    The tensor lives on the training device: NCCL reduces CUDA tensors only."""
     if world == 1:
         return values
     import torch.distributed as dist
-    v = torch.tensor(values, dtype=torch.float64)
+    v = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(v)
     return v.tolist()
+
+
+def replicas_max_difference(model):
+    """The largest difference between any weight on any process and rank 0's copy of it. DDP
+    keeps the replicas equal by construction; we say so, measured, rather than assume it.
+    Every tensor stays on the model's device (NCCL reduces CUDA tensors only)."""
+    import torch.distributed as dist
+    device = next(model.parameters()).device
+    diff = torch.zeros((), device=device)
+    for p in model.parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, src=0)
+        diff = torch.maximum(diff, (p.detach() - ref).abs().max())
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
 def train(args, config, dataset, make_kwargs):
@@ -256,8 +272,19 @@ def train(args, config, dataset, make_kwargs):
     flips, t, eps and augmentation all come from one seeded generator) and trains on its own slice,
     in micro-batches of at most --micro_batch; DDP averages the gradients. So N processes take the
     same steps as one process would, to float rounding, and a resumed run continues exactly.
+    The process group is destroyed on every way out (return, error, interrupt).
     """
     rank, world, device = setup_distributed(args.device)
+    try:
+        return _train(args, config, dataset, make_kwargs, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(args, config, dataset, make_kwargs, rank, world, device):
     main = rank == 0
     B = args.batch_size
     if B % world:
@@ -396,7 +423,7 @@ def train(args, config, dataset, make_kwargs):
                 scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 mse.append(terms["mse"].detach().float().cpu())
-            loss_value, stopping = all_sum([loss_sum, float(bool(stop))], world)
+            loss_value, stopping = all_sum([loss_sum, float(bool(stop))], world, device)
             loss_value /= world
             if not math.isfinite(loss_value):
                 raise SystemExit(f"error: the loss became {loss_value} at step {step}; stopped. The "
@@ -450,17 +477,9 @@ def train(args, config, dataset, make_kwargs):
         path = preview()
         print(f"saved {ckpt_path} and {path}")
     if world > 1:
-        # DDP keeps the replicas equal by construction; say so, measured, rather than assume it.
-        import torch.distributed as dist
-        diff = torch.zeros(())
-        for p in model.parameters():
-            ref = p.detach().clone()
-            dist.broadcast(ref, src=0)
-            diff = torch.maximum(diff, (p.detach() - ref).abs().max().cpu())
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        diff = replicas_max_difference(model)
         if main:
-            print(f"weights on all {world} processes agree (largest difference {diff.item():.3g})")
-        dist.destroy_process_group()
+            print(f"weights on all {world} processes agree (largest difference {diff:.3g})")
     return model, ema
 
 
