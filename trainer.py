@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 
-import numpy as np
 import torch
 
 import cdm
@@ -380,8 +379,91 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or not main,
                dynamic_ncols=True) if tqdm else None
-    quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def batch():
+        """The global batch, drawn identically on every rank from `gen`; this rank's slice of it,
+        on the device: clean images x0 ~ q(x0), classes c, steps t ~ U{1..T}, noise eps ~ N(0, I),
+        and the stage's conditioning (SR: the augmented low-res z, and s)."""
+        idx = torch.randint(0, N, (B,), generator=gen)
+        x0 = data.to_float(dataset.x[idx])
+        if config["flip"]:
+            x0 = data.random_flip(x0, generator=gen)
+        c = dataset.y[idx]
+        kwargs = make_kwargs(x0, c, train=True, generator=gen)
+        t = torch.randint(1, diffusion.T + 1, (B,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        x0, c, t, eps = (v[mine].to(device) for v in (x0, c, t, eps))
+        return x0, t, eps, {k: v[mine].to(device) for k, v in kwargs.items()}
+
+    def gradient_step(x0, t, eps, kwargs):
+        """One step of gradient descent on L_hybrid (DDPM Algorithm 1, iDDPM §3.1), accumulated over
+        micro-batches, then the EMA. Returns this rank's loss and per-example MSE as device tensors:
+        nothing here waits for the device."""
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(args, step)
+        opt.zero_grad(set_to_none=True)
+        loss_sum, mse = torch.zeros((), device=device), []
+        for m in range(accum):
+            r = slice(m * micro, (m + 1) * micro)
+            sync = m == accum - 1 or world == 1   # DDP all-reduces on the last micro-batch only
+            with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+                terms = diffusion.training_losses(net, x0[r], t[r], {k: v[r] for k, v in kwargs.items()},
+                                                  eps=eps[r])
+                loss = terms["loss"].mean() / accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+            mse.append(terms["mse"].detach().float())
+        if args.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        # EMA with a warm-up so that short CPU runs are not dominated by the random init (our choice).
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        return loss_sum, torch.cat(mse)
+
+    class Stats:
+        """What the log reports, summed on the device between log lines (the host reads it once
+        per interval): the MSE by quarter of the t range, and whether any loss was non-finite."""
+
+        def __init__(self):
+            self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+            self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+            self.bad = torch.zeros((), device=device)
+            self.t0, self.seen = time.time(), 0
+
+        def add(self, loss, mse, t):
+            q = (t - 1) * 4 // diffusion.T        # the quarter of the t range of each example
+            self.sums.index_add_(0, q, mse.double())
+            self.counts.index_add_(0, q, torch.ones_like(mse, dtype=torch.float64))
+            self.bad += (~torch.isfinite(loss)).float()
+            self.seen += B
+
+    def check_finite(loss):
+        """Stop, on every rank, if any loss since the last check was not finite -- before a
+        checkpoint could save the damage. Returns the step's loss averaged over the ranks."""
+        loss_value, bad = all_sum([loss.item(), stats.bad.item()], world, device)
+        if bad or not math.isfinite(loss_value):
+            raise SystemExit(f"error: the loss became {loss_value / world} by step {step}; stopped. The "
+                             f"last good checkpoint is {ckpt_path}. Lower --lr, or use "
+                             "--precision fp32 or bf16.")
+        return loss_value / world
+
+    def write_log(loss_value):
+        rate = stats.seen / (time.time() - stats.t0)
+        qm = (stats.sums / stats.counts).tolist()  # nan for a quarter with no example
+        line = {"step": step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
+                "minutes": (time.time() - stats.t0) / 60}
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+        msg = (f"step {step:6d} | loss {loss_value:.4f} | mse by t quarter "
+               + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
+        if bar and not bar.disable:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.write(msg)
+        else:
+            print(msg, flush=True)  # flushed: logs piped to a file stay current
 
     # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the current step, save, exit. A second
     # Ctrl-C quits at once. Stopping only between steps keeps the checkpoint exactly resumable.
@@ -393,76 +475,38 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         stop.append(signum)
         if main:
             print("\nstopping after this step to save a checkpoint (Ctrl-C again: quit at once)", flush=True)
+
+    def stopping():
+        """Was any rank signalled? All ranks must agree, to stop at the same step: with several
+        processes that is the one small host sync per step."""
+        return all_sum([float(bool(stop))], world, device)[0] > 0 if world > 1 else bool(stop)
+
     handlers = ({sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
                 if threading.current_thread() is threading.main_thread() else {})
     model.train()
+    stats = Stats()
     try:
         while step < args.steps:
-            # The global batch, identical on every rank; then this rank's slice.
-            idx = torch.randint(0, N, (B,), generator=gen)
-            x0 = data.to_float(dataset.x[idx])
-            if config["flip"]:
-                x0 = data.random_flip(x0, generator=gen)
-            c = dataset.y[idx]
-            kwargs = make_kwargs(x0, c, train=True, generator=gen)
-            t = torch.randint(1, diffusion.T + 1, (B,), generator=gen)
-            eps = torch.randn(x0.shape, generator=gen)
-            x0, c, t, eps = (v[mine].to(device) for v in (x0, c, t, eps))
-            kwargs = {k: v[mine].to(device) for k, v in kwargs.items()}
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(args, step)
-            opt.zero_grad(set_to_none=True)
-            loss_sum, mse = 0.0, []
-            for m in range(accum):
-                r = slice(m * micro, (m + 1) * micro)
-                sync = m == accum - 1 or world == 1   # DDP all-reduces on the last micro-batch only
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                    terms = diffusion.training_losses(net, x0[r], t[r], {k: v[r] for k, v in kwargs.items()},
-                                                      eps=eps[r])
-                    loss = terms["loss"].mean() / accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-                mse.append(terms["mse"].detach().float().cpu())
-            loss_value, stopping = all_sum([loss_sum, float(bool(stop))], world, device)
-            loss_value /= world
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"error: the loss became {loss_value} at step {step}; stopped. The "
-                                 f"last good checkpoint is {ckpt_path}. Lower --lr, or use "
-                                 "--precision fp32 or bf16.")
-            if args.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            # EMA with a warm-up so that short CPU runs are not dominated by the random init (our choice).
-            ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+            x0, t, eps, kwargs = batch()
+            loss, mse = gradient_step(x0, t, eps, kwargs)
+            stats.add(loss, mse, t)
             step += 1
-            seen += B
-            q = ((t.cpu() - 1) * 4 // diffusion.T).tolist()  # the quarter of the t range of each example
-            for qi, v in zip(q, torch.cat(mse).tolist()):
-                quarters[qi].append(v)
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            if main and (step % args.log_every == 0 or step == args.steps):
-                rate = seen / (time.time() - t0)
-                qm = [float(np.mean(v)) if v else float("nan") for v in quarters]
-                line = {"step": step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
-                        "minutes": (time.time() - t0) / 60}
-                log.write(json.dumps(line) + "\n")
-                log.flush()
-                msg = (f"step {step:6d} | loss {loss_value:.4f} | mse by t quarter "
-                       + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
-                if bar and not bar.disable:
-                    bar.write(msg)
-                else:
-                    print(msg, flush=True)  # flushed: logs piped to a file stay current
-                quarters, t0, seen = [[] for _ in range(4)], time.time(), 0
-            if step % args.save_every == 0 or step == args.steps:
+            logging = step % args.log_every == 0 or step == args.steps
+            saving = step % args.save_every == 0 or step == args.steps
+            stop_now = stopping() and step < args.steps
+            if logging or saving or stop_now:       # the host reads the device here, and only here
+                loss_value = check_finite(loss)
+                if logging:
+                    if main:
+                        write_log(loss_value)
+                    stats = Stats()
+            if saving:
                 checkpoint()
             if main and args.sample_every and step % args.sample_every == 0 and step != args.steps:
                 preview()
-            if stopping and step < args.steps:        # any rank was signalled: all stop together
+            if stop_now:                            # any rank was signalled: all stop together
                 checkpoint()
                 if main:
                     print(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume",
