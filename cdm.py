@@ -352,12 +352,12 @@ class GaussianDiffusion:
         eta = 0 is deterministic; eta = 1 matches DDPM's variance beta~.
         """
         device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device) if noise is None else noise.to(device)
+        x = gaussian(shape, generator, device) if noise is None else noise.to(device)
         end = self._index_of(stop_at) if stop_at else 0
         for i in tqdm(range(self.T, end, -1), desc=desc, disable=not progress, leave=False):
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             mean, logvar, x0_hat, eps = self.p_mean_variance(model, x, t, model_kwargs)
-            n = torch.randn(shape, generator=generator).to(device) if i > 1 else torch.zeros_like(x)
+            n = gaussian(shape, generator, device) if i > 1 else torch.zeros_like(x)
             if eta is None:
                 x = mean + torch.exp(0.5 * logvar) * n
             else:
@@ -367,6 +367,13 @@ class GaussianDiffusion:
                 x = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps \
                     + sigma * n
         return x
+
+
+def gaussian(shape, generator, device):
+    """N(0, I) noise drawn where `generator` lives (a CUDA generator draws on the GPU, with no
+    host-to-device copy), then placed on `device`."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
 
 
 def diffusion_from_config(cfg):
@@ -757,7 +764,8 @@ def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, gener
                     raise ValueError(f"stage {k + 1} was trained with noise augmentation: choose s")
                 s_k = torch.full((B,), int(s[k]), dtype=torch.long, device=z0.device)
                 # Truncated: z already is z_s from the previous chain. Non-truncated: re-noise z0.
-                z = z0 if truncated else noise_augment(z0, s_k, aug_diffusion(aug))
+                z = z0 if truncated else noise_augment(z0, s_k, aug_diffusion(aug),
+                                                       gaussian(z0.shape, generator, z0.device))
                 kwargs.update(z=z, s=s_k)
             else:
                 kwargs.update(z=z0)

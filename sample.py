@@ -6,10 +6,15 @@ rebuilt from the files alone; stages that do not fit together are refused with a
   python sample.py                                           # the demo cascade in runs/
   python sample.py runs/base/ckpt.pt runs/sr16/ckpt.pt --classes 0,3 --n 16 --steps 100,50
   python sample.py ... --s 150 --truncated                   # truncated conditioning augmentation
+  torchrun --nproc_per_node 8 sample.py ... --num_samples 50000 --batch_size 500  # 8 GPUs
 
 Writes to --out: grid.png (final images, one row per class), stages.png (each sample at every stage
 of the cascade), samples.npz (final images in the ADM convention: arr_0 uint8 NHWC, arr_1 labels)
 and stages.npz (every stage's images, stage_1, stage_2, ...: the inputs and outputs of each SR stage).
+
+The samples come in chunks of --batch_size, chunk j with noise from its own generator seeded by
+(--seed, j) on the sampling device. Under torchrun each process samples every world-th chunk and
+rank 0 gathers and writes them, so N processes write the same files as one (same device kind).
 """
 import argparse
 import os
@@ -20,7 +25,7 @@ import torch
 
 import cdm
 import data
-from trainer import int_list, pick_device, save_grid
+from trainer import int_list, save_grid, setup_distributed
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
@@ -29,12 +34,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="*", default=DEMO_CHECKPOINTS,
                    help="one checkpoint per stage, base first (default: the demo cascade)")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
+    # Under torchrun spell --n and --s as --num_samples and --aug_s: torchrun reads a bare --n or
+    # --s after the script as an abbreviation of its own flags, and stops.
+    p.add_argument("--n", "--num_samples", dest="n", type=int, default=64, help="number of samples")
     p.add_argument("--classes", type=int_list, default=None,
                    help="class labels to cycle through, e.g. 0,3 (default: all classes)")
     p.add_argument("--steps", type=int_list, default=None,
                    help="respaced sampling steps per stage, e.g. 50,25,25 (default: each checkpoint's)")
-    p.add_argument("--s", type=int_list, default=None,
+    p.add_argument("--s", "--aug_s", dest="s", type=int_list, default=None,
                    help="augmentation time s for each noise-augmented stage (default: the stage's "
                         "own, chosen in training, --sample_s); one value, or one per stage")
     p.add_argument("--s_sweep", type=int_list, default=None,
@@ -84,7 +91,23 @@ def check_args(args):
 
 def main(argv=None):
     args = check_args(parse_args(argv))
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        run(args, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def chunk_generator(seed, chunk, device):
+    """The noise of chunk `chunk` of the samples: its own stream, drawn on the device."""
+    state = np.random.SeedSequence([seed, chunk]).generate_state(2, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & (2 ** 63 - 1))
+
+
+def run(args, rank, world, device):
     try:
         stages = [cdm.load_stage(path, device, ema=not args.no_ema) for path in args.checkpoints]
         cdm.check_cascade(stages)
@@ -116,21 +139,32 @@ def main(argv=None):
     c_all = torch.tensor([classes[i % len(classes)] for i in range(args.n)], dtype=torch.long)
 
     def generate(s):
-        gen = torch.Generator().manual_seed(args.seed)
-        outs = [[] for _ in stages]
-        for b in range(0, args.n, args.batch_size):
-            c = c_all[b:b + args.batch_size].to(device)
+        """Every stage's images, uint8 (n, C, H, W), in sample order; on rank 0 only (else None)."""
+        starts = list(range(0, args.n, args.batch_size))
+        mine = {}
+        for j in range(rank, len(starts), world):            # this process's chunks
+            c = c_all[starts[j]:starts[j] + args.batch_size].to(device)
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                     xs = cdm.sample_cascade(stages, c, steps=steps, s=s, truncated=args.truncated,
-                                            eta=args.eta, generator=gen, progress=not args.no_progress)
+                                            eta=args.eta, generator=chunk_generator(args.seed, j, device),
+                                            progress=not args.no_progress and rank == 0)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
-            for k, x in enumerate(xs):
-                outs[k].append(x.float().cpu())
-        return [torch.cat(o) for o in outs]
+            mine[j] = [data.to_uint8(x.float()).cpu() for x in xs]
+        if world > 1:
+            import torch.distributed as dist
+            print(f"process {rank} of {world}: sampled chunks {sorted(mine)} "
+                  f"({sum(len(v[0]) for v in mine.values())} images)", flush=True)
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(mine, gathered, dst=0)
+            if rank != 0:
+                return None
+            mine = {j: v for part in gathered for j, v in part.items()}
+        assert sorted(mine) == list(range(len(starts)))
+        return [torch.cat([mine[j][k] for j in range(len(starts))]) for k in range(len(stages))]
 
-    to_nhwc = lambda x: data.to_uint8(data.to_rgb(x)).permute(0, 2, 3, 1).numpy()  # gray -> R=G=B
+    to_nhwc = lambda u8: data.to_rgb(u8).permute(0, 2, 3, 1).numpy()  # gray -> R=G=B
     if args.s_sweep is not None:
         if not any(st.config["augment"]["type"] == "noise" for st in stages):
             raise SystemExit("error: --s_sweep needs a noise-augmented stage in the cascade")
@@ -138,6 +172,8 @@ def main(argv=None):
         for v in args.s_sweep:
             t0 = time.time()
             outs = generate(s_per_stage([v]))
+            if outs is None:
+                continue
             path = os.path.join(args.out, f"samples_s{v}.npz")
             data.save_npz(path, to_nhwc(outs[-1]), c_all.numpy())
             print(f"s = {v}: sampled {args.n} images in {time.time() - t0:.1f} s; wrote {path}")
@@ -145,20 +181,22 @@ def main(argv=None):
     t0 = time.time()
     outs = generate(s_per_stage(args.s))
     secs = time.time() - t0
+    if outs is None:                                      # not rank 0: rank 0 writes
+        return
 
     os.makedirs(args.out, exist_ok=True)
     order = torch.argsort(c_all, stable=True)             # grid rows by class
     per_row = max(1, args.n // len(classes)) if args.n % len(classes) == 0 else 8
-    final = outs[-1][order]
+    final = data.to_float(outs[-1][order])
     save_grid(os.path.join(args.out, "grid.png"), list(final.split(per_row)))
     panel = min(args.n, 8)                                # each sample at each stage: one column per stage
-    save_grid(os.path.join(args.out, "stages.png"), [o[:panel] for o in outs])
+    save_grid(os.path.join(args.out, "stages.png"), [data.to_float(o[:panel]) for o in outs])
     data.save_npz(os.path.join(args.out, "samples.npz"), to_nhwc(outs[-1]), c_all.numpy())
     np.savez(os.path.join(args.out, "stages.npz"), labels=c_all.numpy(),
              data=np.array(str(stages[0].config.get("data", "shapes"))),  # for evaluate.py
              **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})
     res = " -> ".join(str(st.resolution) for st in stages)
-    print(f"sampled {args.n} images ({res}) in {secs:.1f} s; wrote grid.png, stages.png, samples.npz "
+    print(f"sampled {args.n} images ({res}) in {secs:.1f} s on {world} x {device}; wrote grid.png, stages.png, samples.npz "
           f"and stages.npz to {args.out}/")
 
 

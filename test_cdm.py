@@ -1046,6 +1046,33 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     assert a.shape == b.shape == (3, 16, 16, 3) and not np.array_equal(a, b)
 
 
+def test_torchrun_sampling_shards_match_one_process(tiny_cascade, tmp_path):
+    """torchrun sample.py with 2 CPU processes (gloo): the chunks of samples are split disjointly
+    and completely over the processes, and rank 0 writes exactly what one process writes with the
+    same seed (each chunk's noise comes from (seed, chunk), not from a shared stream)."""
+    ck = [str(tiny_cascade / n / "ckpt.pt") for n in ("base", "sr16")]
+    flags = [*ck, "--device", "cpu", "--num_samples", "7", "--batch_size", "2", "--steps", "2", "--aug_s", "5",
+             "--seed", "3", "--no_progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # the same float rounding in both runs
+    one = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *flags, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "sample.py"), *flags, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "process 0 of 2: sampled chunks [0, 2] (4 images)" in p.stdout
+    assert "process 1 of 2: sampled chunks [1, 3] (3 images)" in p.stdout
+    assert "on 2 x cpu" in p.stdout
+    for name in ("samples.npz", "stages.npz"):
+        a, b = np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert len(np.load(tmp_path / "two" / "samples.npz")["arr_0"]) == 7
+    assert (tmp_path / "two" / "grid.png").stat().st_size > 0
+
+
 def test_scripts_resume(tiny_cascade, tmp_path):
     out = str(tmp_path / "base")
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--out", out)
