@@ -836,8 +836,8 @@ def test_image_folder(tmp_path):
 
 
 def test_prepare_folder_writes_the_arrays_a_run_loads(tmp_path):
-    """`python data.py prepare` decodes each image once and writes one .npz per resolution; a
-    training run on that .npz sees exactly what it would have read from the folder."""
+    """`python data.py prepare` decodes each image once into memory-mapped arrays, one per
+    resolution; a training run on that folder sees exactly what it would read from the images."""
     rng = np.random.default_rng(0)
     src = tmp_path / "train"
     for k, name in enumerate(["n01", "n02"]):
@@ -845,16 +845,75 @@ def test_prepare_folder_writes_the_arrays_a_run_loads(tmp_path):
         for i in range(3):
             _save(src / name / f"{i}.jpg", rng.integers(0, 256, (40 + 8 * i, 64 - 4 * i, 3)))
     p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", str(src), "--res", "8,16",
-                        "--out", str(tmp_path / "out" / "imnet")], capture_output=True, text=True, cwd=HERE)
+                        "--out", str(tmp_path / "imnet")], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0, p.stderr
+    assert "prepared 6 images at 8, 16" in p.stdout and "images/s" in p.stdout
     for res in (8, 16):
-        prepared = data.load_dataset(str(tmp_path / "out" / f"imnet_{res}.npz"), res)
+        prepared = data.load_dataset(str(tmp_path / "imnet"), res)
         direct = data.load_dataset(str(src), res)
-        assert torch.equal(prepared.x, direct.x) and torch.equal(prepared.y, direct.y)
+        assert torch.equal(prepared.x[:], direct.x) and torch.equal(prepared.y, direct.y)
+        assert torch.equal(prepared.x[torch.tensor([4, 1])], direct.x[[4, 1]])   # read by index
         assert prepared.num_classes == 2 and prepared.x.shape == (6, 3, res, res)
+        assert prepared.class_names == ["n01", "n02"] == data.class_names_for(str(tmp_path / "imnet"))
+    with pytest.raises(ValueError, match="prepared at 8, 16, not 32"):
+        data.load_dataset(str(tmp_path / "imnet"), 32)
     p = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "prepare", str(tmp_path / "none")],
                        capture_output=True, text=True, cwd=HERE)
     assert p.returncode != 0 and "not a folder" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_prepare_resumes_after_an_interruption(tmp_path):
+    """A prepare stopped part-way (here: a corrupt file in the last chunk) keeps what it finished;
+    run again, it decodes only the rest and ends with the arrays an uninterrupted run writes."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "train"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        for i in range(5):
+            _save(src / name / f"{i}.png", rng.integers(0, 256, (24, 24, 3)))
+    whole = data.prepare_folder(str(src), [8], str(tmp_path / "whole"), progress=False, workers=2, chunk=3)
+    good = (src / "b" / "4.png").read_bytes()
+    (src / "b" / "4.png").write_bytes(b"not a png")                  # item 9 of 10: the last chunk
+    with pytest.raises(ValueError, match="could not read image"):
+        data.prepare_folder(str(src), [8], str(tmp_path / "out"), progress=False, workers=2, chunk=3)
+    assert not (tmp_path / "out").exists()                           # only complete folders appear
+    progress = json.loads((tmp_path / "out.partial" / "progress.json").read_text())
+    assert progress["done"] == 9
+    (src / "b" / "4.png").write_bytes(good)
+    done = data.prepare_folder(str(src), [8], str(tmp_path / "out"), progress=False, workers=2, chunk=3)
+    assert not (tmp_path / "out.partial").exists()
+    a, b = data.load_dataset(whole, 8), data.load_dataset(done, 8)
+    assert torch.equal(a.x[:], b.x[:]) and torch.equal(a.y, b.y) and len(a.y) == 10
+
+
+def test_prepared_data_is_read_by_index_not_loaded(tmp_path):
+    """Training memory does not grow with the dataset: a 240 MB prepared set stays on disk, and
+    drawing 100 batches from it raises the resident set by a few MB, not 240."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    N = 20_000
+    x = np.lib.format.open_memmap(folder / "images_64.npy", mode="w+", dtype=np.uint8, shape=(N, 64, 64, 3))
+    for i in range(0, N, 2000):
+        x[i:i + 2000] = np.random.default_rng(i).integers(0, 256, (2000, 64, 64, 3), dtype=np.uint8)
+    x.flush()
+    del x
+    np.save(folder / "labels.npy", np.arange(N) % 10)
+    (folder / "classes.json").write_text(json.dumps([str(k) for k in range(10)]))
+    code = f"""
+import resource, torch, data
+d = data.load_dataset({str(folder)!r}, 64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+g = torch.Generator().manual_seed(0)
+for _ in range(100):
+    batch = data.to_float(d.x[torch.randint(0, len(d.y), (32,), generator=g)])
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(len(d.y), tuple(batch.shape), grown)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 0, p.stderr
+    n, grown_kb = p.stdout.split(" ", 1)[0], int(p.stdout.split()[-1])
+    assert n == str(N) and "(32, 3, 64, 64)" in p.stdout
+    assert grown_kb < 20_000, f"resident set grew by {grown_kb / 1024:.0f} MB"
 
 
 def test_image_folder_holds_out_every_tenth_image_of_each_class(tmp_path):

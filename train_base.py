@@ -32,7 +32,7 @@ PRESETS = {
     # random left-right flips (a mirrored ImageNet photo keeps its class; reported to help),
     # mult 1,2,3,4, 6 blocks, attention at 16 and 8, 4 heads, dropout 0.1, batch 2048, 700k steps,
     # Adam 1e-4, EMA 0.9999, T = 4000, cosine, learned variances (hybrid loss).
-    "imagenet32": dict(flip=True, data="data/imagenet_train_32.npz", res=32, ch=256, mult=(1, 2, 3, 4),
+    "imagenet32": dict(flip=True, data="data/imagenet_train", res=32, ch=256, mult=(1, 2, 3, 4),
                        res_blocks=6, attn=(16, 8), heads=4, dropout=0.1, schedule="cosine", T=4000,
                        variance="learned", sample_steps=250, steps=700_000, batch_size=2048,
                        lr=1e-4, warmup=0, ema=0.9999, lr_decay="none", save_every=5000,

@@ -40,7 +40,7 @@ PRESETS = {
     # The paper's ImageNet SR stages (CDM appendix table; paper-notes §6), Adam 1e-4, EMA 0.9999.
     # 32->64: ch 256, mult 1,2,3,4, 5 blocks, attention 16 and 8, 4 heads, dropout 0.1, batch 2048,
     # 400k steps, T = 4000, cosine, learned variances, Gaussian noise augmentation.
-    "imagenet64": dict(flip=True, data="data/imagenet_train_64.npz", res=64, low_res=32, aug="noise", ch=256,
+    "imagenet64": dict(flip=True, data="data/imagenet_train", res=64, low_res=32, aug="noise", ch=256,
                        mult=(1, 2, 3, 4), res_blocks=5, attn=(16, 8), heads=4, dropout=0.1,
                        schedule="cosine", T=4000, aug_T=4000, variance="learned", sample_steps=250,
                        steps=400_000, batch_size=2048, lr=1e-4, warmup=0, ema=0.9999,
@@ -48,12 +48,12 @@ PRESETS = {
     # 64->128 and 64->256 follow SR3: fixed variance, T = 2000, ~100 sampling steps, blur
     # augmentation (50%, sigma ~ U(0.4, 0.6)), batch 1024, 500k steps. Deviation: we condition on
     # the discrete t with a linear schedule, not on SR3's continuous noise level.
-    "imagenet128": dict(flip=True, data="data/imagenet_train_128.npz", res=128, low_res=64, aug="blur", ch=128,
+    "imagenet128": dict(flip=True, data="data/imagenet_train", res=128, low_res=64, aug="blur", ch=128,
                         mult=(1, 2, 4, 8, 8), res_blocks=3, attn=(16,), heads=1, dropout=0.0,
                         schedule="linear", T=2000, variance="fixed", sample_steps=100,
                         steps=500_000, batch_size=1024, lr=1e-4, warmup=0, ema=0.9999,
                         lr_decay="none", save_every=5000, keep_every=50_000, out="runs/imagenet128_sr"),
-    "imagenet256": dict(flip=True, data="data/imagenet_train_256.npz", res=256, low_res=64, aug="blur", ch=128,
+    "imagenet256": dict(flip=True, data="data/imagenet_train", res=256, low_res=64, aug="blur", ch=128,
                         mult=(1, 2, 4, 4, 8, 8), res_blocks=3, attn=(16,), heads=1, dropout=0.0,
                         schedule="linear", T=2000, variance="fixed", sample_steps=100,
                         steps=500_000, batch_size=1024, lr=1e-4, warmup=0, ema=0.9999,
