@@ -25,7 +25,7 @@ import torch
 
 import cdm
 import data
-from trainer import int_list, save_grid, setup_distributed
+from trainer import distributed, int_list, save_grid
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
@@ -91,14 +91,8 @@ def check_args(args):
 
 def main(argv=None):
     args = check_args(parse_args(argv))
-    rank, world, device = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world, device):
         run(args, rank, world, device)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 def chunk_generator(seed, chunk, device):
@@ -196,7 +190,8 @@ def run(args, rank, world, device):
              data=np.array(str(stages[0].config.get("data", "shapes"))),  # for evaluate.py
              **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})
     res = " -> ".join(str(st.resolution) for st in stages)
-    print(f"sampled {args.n} images ({res}) in {secs:.1f} s on {world} x {device}; wrote grid.png, stages.png, samples.npz "
+    print(f"sampled {args.n} images ({res}) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
+          f"stages.png, samples.npz "
           f"and stages.npz to {args.out}/")
 
 

@@ -234,6 +234,20 @@ def setup_distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+@contextlib.contextmanager
+def distributed(device_name):
+    """setup_distributed for the length of a `with` block; the process group is destroyed on every
+    way out of it (return, error, interrupt). Yields (rank, world_size, device)."""
+    rank, world, device = setup_distributed(device_name)
+    try:
+        yield rank, world, device
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def all_sum(values, world, device):
     """Element-wise sums of a list of floats over all processes (every rank gets the same list).
     The tensor lives on the training device: NCCL reduces CUDA tensors only."""
@@ -273,14 +287,8 @@ def train(args, config, dataset, make_kwargs):
     same steps as one process would, to float rounding, and a resumed run continues exactly.
     The process group is destroyed on every way out (return, error, interrupt).
     """
-    rank, world, device = setup_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world, device):
         return _train(args, config, dataset, make_kwargs, rank, world, device)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 def _train(args, config, dataset, make_kwargs, rank, world, device):
