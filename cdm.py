@@ -403,11 +403,12 @@ def upsample(z, res):
     return F.interpolate(z, size=(res, res), mode="bilinear", align_corners=False)
 
 
-def sample_aug_time(batch, s_max, generator=None, device="cpu"):
+def sample_aug_time(u, s_max):
     """Training draws s ~ U{0, ..., s_max} per example (CDM §3.3: one model amortised over all
-    strengths). The range is not in the paper: s_max = T/4 of the low-res schedule is our default,
-    which covers most of the best sampling-time s the paper reports for 32->64 (s/T = 0.13-0.31)."""
-    return torch.randint(0, int(s_max) + 1, (batch,), generator=generator).to(device)
+    strengths), here as floor(u (s_max + 1)) from uniforms u in [0, 1). The range is not in the
+    paper: s_max = T/4 of the low-res schedule is our default, which covers most of the best
+    sampling-time s the paper reports for 32->64 (s/T = 0.13-0.31)."""
+    return (u * (int(s_max) + 1)).long().clamp(max=int(s_max))
 
 
 def noise_augment(z0, s, low_res_diffusion, eps=None):
@@ -430,16 +431,17 @@ def gaussian_kernel3(sigma):
     return k / k.sum(dim=(1, 2), keepdim=True)
 
 
-def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, generator=None):
+def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, u=None):
     """Gaussian blur conditioning augmentation, CDM §3.3 (used for the 64->128 and 64->256 stages):
     a 3x3 Gaussian kernel with sigma ~ U(sigma_range), applied to a random fraction p of the
     training examples. The model is not told sigma; at sampling time z is not blurred at all.
-    Per-example sigma and coin flip are our choice. Returns (z_aug, applied: bool (B,)).
+    Per-example sigma and coin flip are our choice; they come from u, (B, 2) uniforms in [0, 1)
+    (drawn here if None). Returns (z_aug, applied: bool (B,)).
     """
     B, C, H, W = z.shape
-    u = torch.rand(B, generator=generator).to(z.device)
-    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * torch.rand(B, generator=generator).to(z.device)
-    applied = u < p
+    u = torch.rand(B, 2, device=z.device) if u is None else u
+    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * u[:, 1]
+    applied = u[:, 0] < p
     k = gaussian_kernel3(sigma).to(z.dtype)                                # (B, 3, 3)
     weight = k.repeat_interleave(C, dim=0)[:, None]                        # (B*C, 1, 3, 3)
     # One grouped convolution blurs every channel of every example with its own kernel.
@@ -448,14 +450,15 @@ def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, generator=None):
     return torch.where(applied[:, None, None, None], blurred, z), applied
 
 
-def augment_for_training(z0, aug, low_res_diffusion=None, generator=None):
-    """Apply a stage's training-time augmentation config to clean z0. Returns (z, s or None)."""
+def augment_for_training(z0, aug, low_res_diffusion, rng):
+    """Apply a stage's training-time augmentation config to clean z0. Returns (z, s or None).
+    rng: the training loop's random numbers (trainer.ExampleRandom): rng.rand / rng.randn(stream,
+    *shape) give one row per example."""
     if aug["type"] == "noise":
-        s = sample_aug_time(z0.shape[0], aug["s_max"], generator, z0.device)
-        eps = torch.randn(z0.shape, generator=generator).to(z0.device)
-        return noise_augment(z0, s, low_res_diffusion, eps), s
+        s = sample_aug_time(rng.rand("aug_s"), aug["s_max"])
+        return noise_augment(z0, s, low_res_diffusion, rng.randn("aug_eps", *z0.shape[1:])), s
     if aug["type"] == "blur":
-        return blur_augment(z0, tuple(aug["sigma"]), aug["p"], generator)[0], None
+        return blur_augment(z0, tuple(aug["sigma"]), aug["p"], rng.rand("blur", 2))[0], None
     return z0, None
 
 

@@ -282,11 +282,10 @@ def default_flip(source):
     return source == "cifar10"
 
 
-def random_flip(x, generator=None):
-    """Flip each example of a (B, C, H, W) batch left-right with probability 0.5, independently."""
-    device = generator.device if generator is not None else x.device
-    flip = torch.rand(x.shape[0], generator=generator, device=device).to(x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+def random_flip(x, u):
+    """Flip each example of a (B, C, H, W) batch left-right with probability 0.5, independently:
+    those whose uniform u (B,) in [0, 1) is below 0.5."""
+    return torch.where((u < 0.5)[:, None, None, None], x.flip(-1), x)
 
 
 def _area_resize(x, res, chunk=1024):

@@ -63,7 +63,7 @@ def train_classifier(dataset, steps=200, batch_size=64, lr=2e-3, seed=0, progres
         idx = torch.randint(0, len(dataset.y), (batch_size,), generator=gen)
         x = data.to_float(data.to_rgb(dataset.x[idx]))
         if flip:
-            x = data.random_flip(x, generator=gen)
+            x = data.random_flip(x, torch.rand(batch_size, generator=gen))
         loss = F.cross_entropy(clf(x), dataset.y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

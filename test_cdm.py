@@ -326,8 +326,9 @@ def test_noise_augment_identity_at_zero_and_forward_marginal():
 
 
 def test_sample_aug_time_covers_zero_to_s_max():
-    s = cdm.sample_aug_time(20_000, 7, torch.Generator().manual_seed(0))
+    s = cdm.sample_aug_time(torch.rand(20_000, generator=torch.Generator().manual_seed(0)), 7)
     assert s.min() == 0 and s.max() == 7
+    assert cdm.sample_aug_time(torch.tensor([0.0, 0.5, 1 - 2 ** -24]), 7).tolist() == [0, 4, 7]
     assert np.allclose(np.bincount(s.numpy()) / 20_000, 1 / 8, atol=0.015)
 
 
@@ -343,7 +344,7 @@ def test_blur_kernel_sums_to_one_and_is_symmetric():
 
 def test_blur_augment_hits_about_half_and_preserves_mean():
     z = torch.rand(2000, 3, 8, 8)
-    out, applied = cdm.blur_augment(z, generator=torch.Generator().manual_seed(0))
+    out, applied = cdm.blur_augment(z, u=torch.rand(2000, 2, generator=torch.Generator().manual_seed(0)))
     assert 0.45 < applied.float().mean().item() < 0.55
     assert torch.equal(out[~applied], z[~applied])
     changed = (out[applied] - z[applied]).abs().amax(dim=(1, 2, 3))
@@ -705,13 +706,45 @@ def test_to_float_to_uint8_round_trip():
 
 def test_random_flip_flips_about_half():
     x = torch.randn(2000, 3, 4, 5)
-    out = data.random_flip(x, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(0))
+    out = data.random_flip(x, u)
     same = (out == x).flatten(1).all(1)
     mirrored = (out == x.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all()  # each example is untouched or exactly mirrored
     assert 900 < mirrored.sum() < 1100  # p = 0.5, std 22
-    again = data.random_flip(x, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, again)
+    assert torch.equal(mirrored, u < 0.5)
+
+
+def test_example_random_is_a_function_of_seed_step_and_position():
+    """trainer.ExampleRandom: the numbers of an example depend only on (seed, step, stream, its
+    position in the global batch) -- so any slicing over processes gives the same batch -- and
+    they have the right distributions."""
+    import trainer
+    everyone = trainer.ExampleRandom(3, 10, torch.arange(256), "cpu")
+    n, u = everyone.randn("eps", 3, 16, 16), everyone.rand("flip")
+    k = everyone.randint("t", 1, 1001)
+    for part in (torch.arange(0, 128), torch.arange(128, 256), torch.arange(37, 41)):
+        mine = trainer.ExampleRandom(3, 10, part, "cpu")
+        assert torch.equal(mine.randn("eps", 3, 16, 16), n[part])
+        assert torch.equal(mine.rand("flip"), u[part]) and torch.equal(mine.randint("t", 1, 1001), k[part])
+    assert torch.equal(trainer.ExampleRandom(3, 10, torch.arange(256), "cpu").randn("eps", 3, 16, 16), n)
+    # Another step, seed or stream gives other numbers.
+    assert not torch.equal(trainer.ExampleRandom(3, 11, torch.arange(256), "cpu").randn("eps", 3, 16, 16), n)
+    assert not torch.equal(trainer.ExampleRandom(4, 10, torch.arange(256), "cpu").randn("eps", 3, 16, 16), n)
+    assert (everyone.randn("aug_eps", 3, 16, 16) - n).abs().min() < 1e-3 < (everyone.randn("aug_eps", 3, 16, 16) - n).abs().max()
+    # Distributions: N(0, 1) (196,608 values: mean std 0.0023, variance std 0.0032), U(0, 1), U{1..1000}.
+    assert abs(n.mean().item()) < 0.012 and abs(n.var().item() - 1) < 0.016
+    assert abs((n ** 4).mean().item() - 3) < 0.1                      # Gaussian kurtosis
+    uu = everyone.rand("u", 4096)
+    assert 0 < uu.min() and uu.max() < 1 and abs(uu.mean().item() - 0.5) < 0.003
+    assert abs(uu.var().item() - 1 / 12) < 0.001
+    assert k.min() >= 1 and k.max() <= 1000
+    # No correlation between examples, neighbouring elements or streams (|r| < 4 sigma = 4 / sqrt(n)).
+    flat = n.flatten(1)
+    r = lambda a, b: torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].abs().item()
+    assert r(flat[:-1], flat[1:]) < 4 / math.sqrt(flat[1:].numel())
+    assert r(flat[:, :-1], flat[:, 1:]) < 4 / math.sqrt(flat[:, 1:].numel())
+    assert r(uu, everyone.rand("v", 4096)) < 4 / math.sqrt(uu.numel())
 
 
 def test_flips_default_per_source_and_off_means_off(tmp_path):
@@ -735,7 +768,7 @@ def test_flips_default_per_source_and_off_means_off(tmp_path):
                                       "--flip" if on else "--no_flip"])
         seen = []
 
-        def spy(x0, c, train, generator):
+        def spy(x0, c, train, rng):
             if train:
                 seen.append(x0[:, 0, 0, 0] > x0[:, 0, 0, -1])  # mirrored?
             return {"c": c}
@@ -1213,6 +1246,18 @@ def test_scripts_train_in_bf16(tmp_path):
     p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--precision", "bf16", "--out", str(out))
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), p.stdout
+
+
+@needs_cuda
+def test_example_random_on_the_gpu_makes_the_cpu_numbers():
+    """The training randomness is made on the GPU, and is the same there as on the CPU: integers
+    bit for bit (exact integer hashing), normals to float rounding (log and cos differ by ulps)."""
+    import trainer
+    cpu, gpu = (trainer.ExampleRandom(5, 3, torch.arange(64), d) for d in ("cpu", "cuda"))
+    assert gpu.randn("eps", 3, 8, 8).is_cuda
+    assert torch.equal(gpu.randint("index", 0, 10_000).cpu(), cpu.randint("index", 0, 10_000))
+    assert torch.equal(gpu.rand("flip").cpu(), cpu.rand("flip"))
+    assert torch.allclose(gpu.randn("eps", 3, 8, 8).cpu(), cpu.randn("eps", 3, 8, 8), atol=1e-5)
 
 
 @needs_cuda

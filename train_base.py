@@ -10,8 +10,6 @@ learned variances with the hybrid loss and the cosine schedule, as for the paper
 """
 import argparse
 
-import torch
-
 import trainer
 
 PRESETS = {
@@ -55,7 +53,7 @@ def main(argv=None):
     dataset = trainer.load_training_data(args, args.res)
     config = trainer.make_config(args, dataset)
 
-    def make_kwargs(x0, c, train, generator):
+    def make_kwargs(x0, c, train, rng):
         return {"c": c}  # the base model sees only the class
 
     trainer.train(args, config, dataset, make_kwargs)

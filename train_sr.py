@@ -122,10 +122,10 @@ def main(argv=None):
     dataset = trainer.load_training_data(args, args.res)
     config = trainer.make_config(args, dataset, low_res=args.low_res, augment=augment)
 
-    def make_kwargs(x0, c, train, generator):
+    def make_kwargs(x0, c, train, rng):
         z0 = cdm.downsample(x0, args.low_res)            # training pair (x0, z0), area filter
         if train:
-            z, s = cdm.augment_for_training(z0, augment, low_res_diffusion, generator)
+            z, s = cdm.augment_for_training(z0, augment, low_res_diffusion, rng)
         elif augment["type"] == "noise":                 # sampling: a fixed s, and re-noised z
             s = torch.full((len(c),), args.sample_s, dtype=torch.long, device=z0.device)
             z = cdm.noise_augment(z0, s, low_res_diffusion)

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 
 import torch
 
@@ -200,6 +201,66 @@ def load_training_data(args, res):
         raise SystemExit(f"error: {e}") from None
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """x * c mod 2^32 for int64 x in [0, 2^32) and a 32-bit constant c, without int64 overflow:
+    the two 16-bit halves of c each give a product below 2^48."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """A 32-bit integer hash (the 'lowbias32' constants of C. Wellons' hash-prospector): every
+    input bit flips about half of the output bits. Works on Python ints and int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class ExampleRandom:
+    """The training randomness of one step, for the examples at global positions `positions` of
+    the global batch -- made on `device` by hashing (seed, step, stream, position, element), with
+    no generator state (a "counter-based" random number generator, as Philox is).
+
+    Why: under torchrun each rank makes only its own slice's numbers, on its own GPU, yet every
+    number is what a one-process run makes for that example (2 processes == 1 process), and a
+    resumed run needs nothing but the step (SIGKILL + resume == uninterrupted). Each `stream` (a
+    name: "index", "flip", "t", "eps", ...) is an independent sequence. Every method returns a
+    tensor whose first dimension is the examples.
+    """
+
+    def __init__(self, seed, step, positions, device):
+        self.device = torch.device(device)
+        self.key = _mix32((_mix32(seed & _M32) + step) & _M32)   # seed mod 2^32
+        self.positions = positions.to(self.device, torch.int64)
+
+    def _bits(self, stream, shape):
+        """Independent 32-bit integers, (examples, *shape), as int64 in [0, 2^32): the hash of
+        (example's hash XOR element's hash), each keyed by (seed, step, stream)."""
+        key = _mix32(self.key ^ zlib.crc32(stream.encode()))
+        ex = _mix32(self.positions ^ key)                                 # one per example
+        element = torch.arange(math.prod(shape), device=self.device, dtype=torch.int64)
+        el = _mix32(element ^ _mix32(key ^ 0x9E3779B9))                   # one per element
+        return _mix32(ex[:, None] ^ el[None, :]).reshape(len(ex), *shape)
+
+    def rand(self, stream, *shape):
+        """Uniform on (0, 1): 24 random bits, centred in their bin, so never exactly 0 or 1."""
+        return ((self._bits(stream, shape) >> 8).float() + 0.5) / 2 ** 24
+
+    def randint(self, stream, low, high):
+        """One integer per example, uniform on {low, ..., high - 1} (exact integer arithmetic,
+        the same on every device: (bits * n) >> 32 < n for n < 2^31)."""
+        return low + ((self._bits(stream, ()) * (high - low)) >> 32)
+
+    def randn(self, stream, *shape):
+        """N(0, 1) by the Box-Muller transform: sqrt(-2 ln u1) cos(2 pi u2)."""
+        u = self.rand(stream, 2, *shape)
+        return torch.sqrt(-2 * torch.log(u[:, 0])) * torch.cos(2 * math.pi * u[:, 1])
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, all tensors in one call."""
@@ -277,14 +338,15 @@ def replicas_max_difference(model):
 def train(args, config, dataset, make_kwargs):
     """The training loop shared by both stages.
 
-    make_kwargs(x0, c, train, generator) -> the model's conditioning inputs for a batch of clean
+    make_kwargs(x0, c, train, rng) -> the model's conditioning inputs for a batch of clean
     images x0: {"c": c} for a base model; SR adds z (and s), made from x0 with augmentation
-    (random numbers from `generator`) when train=True.
+    (random numbers from `rng`, an ExampleRandom) when train=True.
 
-    Under torchrun every process builds the same *global* batch of --batch_size images (indices,
-    flips, t, eps and augmentation all come from one seeded generator) and trains on its own slice,
-    in micro-batches of at most --micro_batch; DDP averages the gradients. So N processes take the
-    same steps as one process would, to float rounding, and a resumed run continues exactly.
+    Under torchrun each process makes only its own slice of the global batch of --batch_size
+    images, on its device, and trains on it in micro-batches of at most --micro_batch; DDP averages
+    the gradients. Every random number (which image, flip, t, eps, augmentation) is a hash of
+    (--seed, step, the example's position in the global batch): so N processes take the same steps
+    as one process would, to float rounding, and a resumed run continues exactly.
     The process group is destroyed on every way out (return, error, interrupt).
     """
     with distributed(args.device) as (rank, world, device):
@@ -319,7 +381,6 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one kernel per op, all tensors
     # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    gen = torch.Generator().manual_seed(args.seed)  # data order, flips, t, eps and augmentation
     step = 0
     if args.resume and os.path.exists(ckpt_path):
         ckpt = cdm.load_checkpoint(ckpt_path)
@@ -335,7 +396,6 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         opt.load_state_dict(ckpt["opt"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["rng"]["data"])
         if world == 1:                             # dropout's generator; per-rank ones restart
             torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
@@ -361,7 +421,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
                  "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "args": vars_plain(args),
-                 "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}}
         cdm.save_checkpoint(state, ckpt_path)
         if args.keep_every and step % args.keep_every == 0:
             cdm.save_checkpoint(state, os.path.join(args.out, f"ckpt_{step:07d}.pt"))
@@ -374,7 +434,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     def preview():
         x0 = data.to_float(dataset.x[preview_idx]).to(device)
         c = dataset.y[preview_idx].to(device)
-        kwargs = make_kwargs(x0, c, train=False, generator=None)
+        kwargs = make_kwargs(x0, c, train=False, rng=None)
         sampler = diffusion.respace(args.sample_steps)
         x = sampler.sample(ema, x0.shape, kwargs, generator=torch.Generator().manual_seed(0))
         rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
@@ -387,22 +447,22 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or not main,
                dynamic_ncols=True) if tqdm else None
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    positions = torch.arange(rank * per_rank, (rank + 1) * per_rank)  # this rank's slice
 
     def batch():
-        """The global batch, drawn identically on every rank from `gen`; this rank's slice of it,
-        on the device: clean images x0 ~ q(x0), classes c, steps t ~ U{1..T}, noise eps ~ N(0, I),
-        and the stage's conditioning (SR: the augmented low-res z, and s)."""
-        idx = torch.randint(0, N, (B,), generator=gen)
-        x0 = data.to_float(dataset.x[idx])
+        """This rank's slice of the global batch, made on the device: clean images x0 ~ q(x0)
+        (uniform over the training set, with replacement), classes c, steps t ~ U{1..T}, noise
+        eps ~ N(0, I), and the stage's conditioning (SR: the augmented low-res z, and s). Only the
+        image indices are made on the host, which reads the images; uint8 travels to the device."""
+        idx = ExampleRandom(args.seed, step, positions, "cpu").randint("index", 0, N)
+        rng = ExampleRandom(args.seed, step, positions, device)
+        x0 = data.to_float(dataset.x[idx].to(device, non_blocking=True))
         if config["flip"]:
-            x0 = data.random_flip(x0, generator=gen)
-        c = dataset.y[idx]
-        kwargs = make_kwargs(x0, c, train=True, generator=gen)
-        t = torch.randint(1, diffusion.T + 1, (B,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        x0, c, t, eps = (v[mine].to(device) for v in (x0, c, t, eps))
-        return x0, t, eps, {k: v[mine].to(device) for k, v in kwargs.items()}
+            x0 = data.random_flip(x0, rng.rand("flip"))
+        c = dataset.y[idx].to(device, non_blocking=True)
+        t = rng.randint("t", 1, diffusion.T + 1)
+        eps = rng.randn("eps", *x0.shape[1:])
+        return x0, t, eps, make_kwargs(x0, c, train=True, rng=rng)
 
     def gradient_step(x0, t, eps, kwargs):
         """One step of gradient descent on L_hybrid (DDPM Algorithm 1, iDDPM §3.1), accumulated over
