@@ -17,6 +17,7 @@ conditioning a 16->32 stage sees for `load_dataset("shapes", 32)` [choice: anti-
 downsampling, see paper-notes §3].
 """
 import hashlib
+import json
 import os
 import pickle
 import tarfile
@@ -451,7 +452,6 @@ def prepare_folder(root, resolutions, out, n=None, progress=True, workers=None, 
     Memory here: one chunk per worker. Interrupted, it resumes: the arrays fill OUT.partial/, whose
     progress.json says how many images are done (written after they are flushed to disk); a
     finished folder is renamed into place at once, so OUT exists only when complete."""
-    import json
     import multiprocessing
     if _is_prepared(out):
         return out
@@ -539,9 +539,15 @@ class DiskImages:
         return x[0] if one else x
 
 
+def _prepared_classes(folder):
+    """The class names a prepared folder was written with."""
+    with open(os.path.join(folder, "classes.json")) as f:
+        return json.load(f)
+
+
 def _load_prepared(folder, res, n):
-    """A folder written by prepare_folder: the images at `res`, memory-mapped (read on use)."""
-    import json
+    """A folder written by prepare_folder: the images at `res`, left on disk (DiskImages) and read
+    per batch by index."""
     path = os.path.join(folder, f"images_{res}.npy")
     if not os.path.isfile(path):
         have = sorted(int(f[7:-4]) for f in os.listdir(folder) if f.startswith("images_") and f.endswith(".npy"))
@@ -550,7 +556,7 @@ def _load_prepared(folder, res, n):
     try:
         x = DiskImages(path, n)
         y = np.load(os.path.join(folder, "labels.npy"))
-        classes = json.load(open(os.path.join(folder, "classes.json")))
+        classes = _prepared_classes(folder)
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder} is damaged ({e}); prepare it again") from None
     if x.shape[2:] != (res, res) or len(y) < len(x) or (len(y) and y.max() >= len(classes)):
@@ -639,8 +645,7 @@ def class_names_for(source):
     if source == "cifar10":
         return list(CIFAR10_CLASSES)
     if os.path.isdir(source) and _is_prepared(source):
-        import json
-        return json.load(open(os.path.join(source, "classes.json")))
+        return _prepared_classes(source)
     if os.path.isdir(source):
         return _class_folders(source)
     raise ValueError(f"class_names_for knows 'shapes', 'cifar10' and image folders, not {source!r}; "
