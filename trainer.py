@@ -303,10 +303,9 @@ def distributed(device_name):
     try:
         yield rank, world, device
     finally:
-        if world > 1:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        import torch.distributed as dist    # also with one process: torchrun made a group
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_sum(values, world, device):
