@@ -10,10 +10,14 @@ It builds on:
   SR3   = Saharia et al. 2021, "Image Super-Resolution via Iterative Refinement" (2104.07636)
   PD    = Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
           (2202.00512): the velocity parameterisation, which our demo stages use (a deviation)
+  DPM++ = Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+          Diffusion Probabilistic Models" (2211.01095): the multistep ODE solver DPM-Solver++(2M)
+  EDM   = Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
+          Generative Models" (2206.00364): Heun's second-order ODE sampler (Algorithm 1)
 
 Read top to bottom:
   1. noise schedules                      (DDPM §4, iDDPM §3.2)
-  2. Gaussian diffusion: q, posterior, losses, samplers (DDPM, iDDPM, DDIM)
+  2. Gaussian diffusion: q, posterior, losses, samplers (DDPM, iDDPM, DDIM, DPM++, EDM)
   3. conditioning augmentation           (CDM §3.3: Gaussian noise, Gaussian blur)
   4. the U-Net                            (DDPM App. B, iDDPM, ADM §3; CDM §3.2 for the SR inputs)
   5. cascade sampling                     (CDM §3.1, Fig. 1)
@@ -84,6 +88,13 @@ def cosine_schedule(T, offset=0.008, max_beta=0.999):
 
 SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
 PREDICTIONS = ("eps", "x0", "velocity")  # what the network outputs: GaussianDiffusion.target
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "heun")  # GaussianDiffusion.sample
+SPACINGS = ("uniform", "karras")                      # GaussianDiffusion.respace
+# Each sampler's steps: iDDPM's even spacing in t for the stochastic samplers, EDM's noise levels
+# for the ODE solvers (measured on a Gaussian with its exact eps: Heun with steps even in t
+# fails on a cosine schedule, whose sigma~_T is ~2e4; test_ode_samplers_converge_at_their_order).
+SPACING_OF = {"ancestral": "uniform", "ddim": "uniform", "dpm++2m": "karras", "dpm++2m-sde": "karras",
+              "heun": "karras"}
 
 
 def make_betas(schedule, T):
@@ -144,6 +155,39 @@ def spaced_timesteps(T, K, include=()):
     return sorted(kept)
 
 
+def karras_timesteps(alphas_cumprod, K, include=(), sigma_max=80.0, rho=7.0):
+    """K steps of {1..T} at the noise levels of EDM Eq. (5), for the ODE samplers, plus `include`:
+
+        sigma_i = ( sigma_max^(1/rho) + i/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)) )^rho,  rho = 7
+
+    in the noise level sigma~_t = sqrt((1 - abar_t) / abar_t) of our discrete steps (see
+    GaussianDiffusion.sample), with sigma_max = min(80, sigma~_T) as in EDM and sigma_min = sigma~_1.
+    Each sigma_i is mapped to the step t whose sigma~_t is nearest in log (sigma~_t grows with t);
+    steps that round to the same t are moved apart, so the chain has K distinct steps. The chain
+    then starts at the t of sigma_max with x ~ N(0, I), not at T: for a cosine schedule
+    sigma~_T ~ 2e4, where one step down to sigma~ ~ 1 is more than Heun's trapezoid can take.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    T, K = len(abar) - 1, int(K)
+    if not 1 <= K <= T:
+        raise ValueError(f"cannot take {K} sampling steps from a model with T = {T}; use 1..{T}")
+    log_sig = 0.5 * np.log((1 - abar[1:]) / abar[1:])                # log sigma~_t, t = 1..T
+    lo, hi = log_sig[0], min(math.log(sigma_max), log_sig[-1])
+    ramp = np.linspace(0, 1, K) if K > 1 else np.zeros(1)
+    sig = (math.exp(hi) ** (1 / rho) + ramp * (math.exp(lo) ** (1 / rho) - math.exp(hi) ** (1 / rho))) ** rho
+    t = np.clip(np.round(np.interp(np.log(sig), log_sig, np.arange(1, T + 1))).astype(int), 1, T)
+    t = np.sort(t)                                                   # ascending, may repeat
+    for k in range(1, K):                                            # distinct, from the bottom
+        t[k] = max(t[k], t[k - 1] + 1)
+    t[-1] = min(t[-1], T)                                            # pushed past T: from the top
+    for k in range(K - 2, -1, -1):
+        t[k] = min(t[k], t[k + 1] - 1)
+    kept = set(t.tolist()) | {int(i) for i in include}
+    if min(kept) < 1 or max(kept) > T:
+        raise ValueError(f"steps to include must lie in 1..{T}, got {sorted(include)}")
+    return sorted(kept)
+
+
 class GaussianDiffusion:
     """The forward process q, the reverse process p_theta, their losses and samplers.
 
@@ -195,14 +239,18 @@ class GaussianDiffusion:
                                                device=x.device)
         return self._cache[key][t].view(-1, *([1] * (x.ndim - 1)))
 
-    def respace(self, K, include=()):
+    def respace(self, K, include=(), spacing="uniform"):
         """Respaced schedule, iDDPM §4: keep K of the T steps, recompute beta from abar.
+        spacing: "uniform" in t (iDDPM; spaced_timesteps) or "karras" (EDM; karras_timesteps).
 
         For kept steps t_1 < ... < t_K:  beta_i = 1 - abar_{t_i} / abar_{t_{i-1}},  abar_{t_0} = 1,
         so the new chain's abar at index i equals the old abar at t_i exactly. The network is still
         called with the original t_i (self.timesteps). K = T reproduces the schedule.
         """
-        kept = spaced_timesteps(self.T, K, include)
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        kept = (spaced_timesteps(self.T, K, include) if spacing == "uniform"
+                else karras_timesteps(self.alphas_cumprod, K, include))
         abar = self.alphas_cumprod[kept]
         betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
         return GaussianDiffusion(np.concatenate([[0.0], betas]), self.variance, self.lambda_vlb,
@@ -338,34 +386,109 @@ class GaussianDiffusion:
             raise ValueError(f"step {s} is not on this sampling chain; respace with include=[{s}]")
         return int(where[0])
 
-    @torch.no_grad()
-    def sample(self, model, shape, model_kwargs, *, eta=None, stop_at=0, noise=None,
-               generator=None, progress=False, desc="sampling"):
-        """Ancestral sampling (DDPM Alg. 2) or, if eta is given, DDIM (DDIM Eq. (12)).
+    def nfe(self, sampler, stop_at=0):
+        """Network evaluations of one run of `sampler` down this chain to step stop_at: one per
+        step, except Heun's, which evaluates twice per step but once on a last step to x_0."""
+        steps = self.T - (self._index_of(stop_at) if stop_at else 0)
+        return 2 * steps - (0 if stop_at else 1) if sampler == "heun" else steps
 
-        Runs from x_T ~ N(0, I) down to x_{stop_at}; stop_at is a step of the *training* schedule
-        (0: to the clean image). Stopping early is truncated conditioning augmentation (CDM §3.3).
-        DDPM step: x_{t-1} = mu_theta + Sigma_theta^{1/2} n, n ~ N(0, I), no noise on the last step.
-        DDIM step from t to t' (the previous kept step):
-            x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
-            sigma  = eta * sqrt((1 - abar_{t'}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t'})
-        eta = 0 is deterministic; eta = 1 matches DDPM's variance beta~.
+    def denoise(self, model, x_t, i, model_kwargs):
+        """(x0_hat, eps_hat) at index i of this chain, for the ODE samplers: x0_hat clipped to
+        [-1, 1] as in p_mean_variance, eps_hat the noise consistent with it,
+        eps_hat = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar). The learned variance is unused."""
+        t = torch.full((x_t.shape[0],), i, dtype=torch.long, device=x_t.device)
+        out = model(x_t, torch.as_tensor(self.timesteps, device=x_t.device)[t], **model_kwargs)
+        x0_hat = self.x0_and_eps(x_t, t, self.split_output(out.float())[0])[0].clamp(-1, 1)
+        abar = float(self.alphas_cumprod[i])
+        return x0_hat, (x_t - math.sqrt(abar) * x0_hat) / math.sqrt(1 - abar)
+
+    @torch.no_grad()
+    def sample(self, model, shape, model_kwargs, *, sampler="ancestral", eta=0.0, stop_at=0,
+               noise=None, generator=None, progress=False, desc="sampling"):
+        """Draw x_{stop_at} from x_T ~ N(0, I) down this (respaced) chain, with `sampler`:
+
+          ancestral  DDPM Alg. 2 with the model's variance (learned or fixed)      1 NFE / step
+          ddim       DDIM Eq. (12); eta = 0 deterministic, eta = 1 DDPM-like noise  1 NFE / step
+          dpm++2m    DPM-Solver++(2M), DPM++ Alg. 2: probability-flow ODE           1 NFE / step
+          dpm++2m-sde  SDE-DPM-Solver++(2M), DPM++ §5: the same, with fresh noise     1 NFE / step
+          heun       EDM Alg. 1 (deterministic): probability-flow ODE   2 NFE / step (1 on the last)
+
+        stop_at is a step of the *training* schedule (0: to the clean image); stopping early is
+        truncated conditioning augmentation (CDM §3.3): the chain contains s (respace(include=[s]))
+        and every sampler lands exactly on it, handing over z_s. The ODE samplers use only the
+        network's x0_hat (clipped) and the eps consistent with it (denoise), never its variance.
+
+        Noise level and time (the ODE samplers): our networks know the *discrete* steps t of their
+        training schedule. The ODE's noise level at step t is sigma~_t = sqrt((1 - abar_t) / abar_t)
+        (EDM's sigma for x~ = x / sqrt(abar)), equivalently log-SNR lambda_t = -log sigma~_t (DPM++).
+        Both solvers evaluate the network only at points of the chain (Heun's corrector at the next
+        step's t), so no fractional t is ever needed; the steps are the chain's, evenly spaced in t.
         """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         device = next(model.parameters()).device
         x = gaussian(shape, generator, device) if noise is None else noise.to(device)
         end = self._index_of(stop_at) if stop_at else 0
+        abar = self.alphas_cumprod                             # float64, abar[0] = 1
+        alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)        # x_t = alpha_t x0 + sigma_t eps
+        x0_prev = h_prev = None                                # DPM-Solver++(2M)'s memory
         for i in tqdm(range(self.T, end, -1), desc=desc, disable=not progress, leave=False):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            mean, logvar, x0_hat, eps = self.p_mean_variance(model, x, t, model_kwargs)
-            n = gaussian(shape, generator, device) if i > 1 else torch.zeros_like(x)
-            if eta is None:
-                x = mean + torch.exp(0.5 * logvar) * n
+            j = i - 1                                          # the step this one lands on
+            if sampler in ("ancestral", "ddim"):
+                t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+                mean, logvar, x0_hat, _ = self.p_mean_variance(model, x, t, model_kwargs)
+                n = gaussian(shape, generator, device) if i > 1 else torch.zeros_like(x)
+                if sampler == "ancestral":                     # x_{t-1} = mu + Sigma^1/2 n
+                    x = mean + torch.exp(0.5 * logvar) * n
+                    continue
+                # DDIM step from t to t' = j:
+                #   x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
+                #   sigma  = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})
+                eps = (x - alpha[i] * x0_hat) / sigma[i]       # consistent with the clipping
+                sig = eta * math.sqrt((1 - abar[j]) / (1 - abar[i]) * (1 - abar[i] / abar[j]))
+                x = alpha[j] * x0_hat + math.sqrt(max(1 - abar[j] - sig ** 2, 0.0)) * eps + sig * n
+            elif sampler.startswith("dpm++2m"):
+                # DPM-Solver++(2M) in the data prediction x0_hat, with h = lambda_{t'} - lambda_t:
+                #   ODE: x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D
+                #   SDE: x_{t'} = (sigma_{t'} / sigma_t) e^{-h} x_t + alpha_{t'} (1 - e^{-2h}) D
+                #                 + sigma_{t'} sqrt(1 - e^{-2h}) n,   n ~ N(0, I)
+                #   D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_{previous step},  r = h_prev / h
+                # D = x0_hat on the first step, where the ODE step is DDIM (eta = 0) and the SDE
+                # step is DDPM's posterior with variance beta~ (DDIM, eta = 1). On a last step to
+                # t' = 0 (sigma = 0, h = inf) both return x0_hat: first order there.
+                x0_hat, _ = self.denoise(model, x, i, model_kwargs)
+                if j == 0:
+                    x = x0_hat
+                    continue
+                h = math.log(alpha[j] / sigma[j]) - math.log(alpha[i] / sigma[i])
+                D = x0_hat
+                if x0_prev is not None:
+                    r = h_prev / h
+                    D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * x0_prev
+                if sampler == "dpm++2m":
+                    x = (sigma[j] / sigma[i]) * x - alpha[j] * math.expm1(-h) * D
+                else:
+                    x = (sigma[j] / sigma[i] * math.exp(-h)) * x - alpha[j] * math.expm1(-2 * h) * D \
+                        + sigma[j] * math.sqrt(-math.expm1(-2 * h)) * gaussian(shape, generator, device)
+                x0_prev, h_prev = x0_hat, h
             else:
-                abar, abar_prev = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
-                eps = (x - math.sqrt(abar) * x0_hat) / math.sqrt(1 - abar)  # consistent with clipping
-                sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-                x = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps \
-                    + sigma * n
+                # Heun (EDM Alg. 1, deterministic), in x~ = x / alpha and sigma~ = sigma / alpha,
+                # where the ODE is dx~/dsigma~ = eps_hat:
+                #   Euler:  x~' = x~ + (sigma~_{t'} - sigma~_t) eps_hat(x_t, t)           (= DDIM)
+                #   Heun:   x~' = x~ + (sigma~_{t'} - sigma~_t) (eps_hat_t + eps_hat_{t'}') / 2,
+                # the second slope taken at the Euler point; skipped when sigma~_{t'} = 0.
+                # Written back in x (x = alpha x~ = alpha x0_hat + sigma eps_hat) so that nothing
+                # is divided by alpha_T ~ 0:  x' = alpha_{t'} x0_hat_t + sigma_{t'} eps_hat_t
+                # for Euler, and for Heun, with k = alpha_{t'} sigma_t / alpha_t,
+                #   x' = alpha_{t'} x0_hat_t + (sigma_{t'} + k)/2 eps_hat_t + (sigma_{t'} - k)/2 eps_hat'.
+                x0_hat, eps = self.denoise(model, x, i, model_kwargs)
+                x_euler = alpha[j] * x0_hat + sigma[j] * eps
+                if j == 0:
+                    x = x_euler
+                    continue
+                _, eps2 = self.denoise(model, x_euler, j, model_kwargs)
+                k = alpha[j] * sigma[i] / alpha[i]
+                x = alpha[j] * x0_hat + (sigma[j] + k) / 2 * eps + (sigma[j] - k) / 2 * eps2
         return x
 
 
@@ -739,13 +862,15 @@ def check_cascade(stages):
 
 
 @torch.no_grad()
-def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, generator=None,
-                   progress=True):
+def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=False, eta=0.0,
+                   generator=None, progress=True):
     """Sample p(x0 | c) = int p(x0 | z0, c) p(z0 | c) dz0 through the whole cascade (CDM §3.1).
 
     stages   list of Stage, base first
     c        int64 (B,) class labels, shared by every stage
     steps    sampling steps per stage (respaced, iDDPM §4)
+    sampler  one of SAMPLERS for every stage, or one per stage (GaussianDiffusion.sample); eta is
+             DDIM's
     s        augmentation time per stage (None for stages without noise augmentation)
     truncated  for noise-augmented stages: stop the previous stage's reverse chain at step s and
              hand over its z_s (CDM §3.3, truncated); otherwise run it to z0 and re-noise it with
@@ -756,6 +881,11 @@ def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, gener
     check_cascade(stages)
     B = c.shape[0]
     s = list(s) if s is not None else [None] * len(stages)
+    samplers = [sampler] * len(stages) if isinstance(sampler, str) else list(sampler)
+    if len(samplers) != len(stages):
+        raise ValueError(f"give one sampler, or one per stage ({len(stages)}); got {samplers}")
+    if any(a not in SAMPLERS for a in samplers):
+        raise ValueError(f"samplers must be from {SAMPLERS}, got {samplers}")
     outputs, z = [], None
     for k, st in enumerate(stages):
         aug = st.config["augment"]
@@ -781,10 +911,12 @@ def sample_cascade(stages, c, *, steps, s=None, truncated=False, eta=None, gener
                 raise ValueError(f"truncated sampling needs stage {k + 2}'s augmentation schedule "
                                  f"({nxt['schedule']}, T={nxt['T']}) to be stage {k + 1}'s own "
                                  f"({st.config['diffusion']['schedule']}, T={st.config['diffusion']['T']})")
-        diffusion = st.diffusion.respace(steps[k], include=[stop_at] if stop_at else [])
+        diffusion = st.diffusion.respace(steps[k], include=[stop_at] if stop_at else [],
+                                         spacing=SPACING_OF[samplers[k]])
         shape = (B, st.channels, st.resolution, st.resolution)
-        z = diffusion.sample(st.model, shape, kwargs, eta=eta, stop_at=stop_at, generator=generator,
-                             progress=progress, desc=f"stage {k + 1} ({st.resolution}px)")
+        z = diffusion.sample(st.model, shape, kwargs, sampler=samplers[k], eta=eta, stop_at=stop_at,
+                             generator=generator, progress=progress,
+                             desc=f"stage {k + 1} ({st.resolution}px, {samplers[k]})")
         outputs.append(z)
     return outputs
 

@@ -6,6 +6,7 @@ rebuilt from the files alone; stages that do not fit together are refused with a
   python sample.py                                           # the demo cascade in runs/
   python sample.py runs/base/ckpt.pt runs/sr16/ckpt.pt --classes 0,3 --n 16 --steps 100,50
   python sample.py ... --s 150 --truncated                   # truncated conditioning augmentation
+  python sample.py ... --sampler ancestral --steps 250,250,250   # the paper's kind of sampler
   torchrun --nproc_per_node 8 sample.py ... --num_samples 50000 --batch_size 500  # 8 GPUs
 
 Writes to --out: grid.png (final images, one row per class), stages.png (each sample at every stage
@@ -28,6 +29,7 @@ import data
 from trainer import distributed, int_list, save_grid
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
+DEFAULT_SAMPLER = "ancestral"
 
 
 def parse_args(argv=None):
@@ -39,8 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--n", "--num_samples", dest="n", type=int, default=64, help="number of samples")
     p.add_argument("--classes", type=int_list, default=None,
                    help="class labels to cycle through, e.g. 0,3 (default: all classes)")
+    p.add_argument("--sampler", type=name_list, default=None,
+                   help=f"sampler per stage, one or one per stage, from {', '.join(cdm.SAMPLERS)} "
+                        "(default: ancestral; with --eta: ddim). dpm++2m and heun are ODE solvers")
     p.add_argument("--steps", type=int_list, default=None,
-                   help="respaced sampling steps per stage, e.g. 50,25,25 (default: each checkpoint's)")
+                   help="sampling steps per stage, e.g. 50,25,25 (default: each checkpoint's); heun "
+                        "evaluates the network twice per step")
     p.add_argument("--s", "--aug_s", dest="s", type=int_list, default=None,
                    help="augmentation time s for each noise-augmented stage (default: the stage's "
                         "own, chosen in training, --sample_s); one value, or one per stage")
@@ -49,7 +55,8 @@ def parse_args(argv=None):
                         "stage; writes samples_s<value>.npz each (same seed, so only s differs)")
     p.add_argument("--truncated", action="store_true",
                    help="stop the previous stage's chain at s instead of re-noising its z0 (CDM §3.3)")
-    p.add_argument("--eta", type=float, default=None, help="use DDIM with this eta (0: deterministic)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta (0: deterministic; 1: DDPM-like noise); implies --sampler ddim")
     p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampling noise")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -59,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def name_list(text):
+    """'dpm++2m,heun' -> ('dpm++2m', 'heun'); checked in check_args."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def per_stage(values, stages, default, what):
@@ -81,6 +93,12 @@ def check_args(args):
         raise SystemExit(f"error: --batch_size {args.batch_size}: must be at least 1")
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise SystemExit(f"error: --eta {args.eta}: DDIM's eta lies in [0, 1] (0: deterministic)")
+    if args.sampler is not None and (not args.sampler or set(args.sampler) - set(cdm.SAMPLERS)):
+        bad = ", ".join(sorted(set(args.sampler) - set(cdm.SAMPLERS))) or "(none given)"
+        raise SystemExit(f"error: unknown sampler {bad}: choose from {', '.join(cdm.SAMPLERS)}")
+    if args.eta is not None and args.sampler is not None and "ddim" not in args.sampler:
+        raise SystemExit(f"error: --eta is DDIM's, but --sampler {','.join(args.sampler)} has no "
+                         "ddim stage: drop --eta, or use --sampler ddim")
     for flag in ("steps", "s", "s_sweep", "classes"):
         values = getattr(args, flag)
         if values is not None and (not values or min(values) < (1 if flag == "steps" else 0)):
@@ -114,6 +132,8 @@ def run(args, rank, world, device):
         raise SystemExit(f"error: classes {bad} out of range: this cascade knows classes "
                          f"0..{num_classes - 1} ({', '.join(stages[0].config['class_names'])})")
     steps = per_stage(args.steps, stages, lambda st: st.config["sample_steps"], "steps")
+    sampler = per_stage(args.sampler or (("ddim" if args.eta is not None else DEFAULT_SAMPLER),),
+                        stages, lambda st: "", "sampler")
     for st, k in zip(stages, steps):
         if not 1 <= k <= st.config["diffusion"]["T"]:
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")
@@ -140,8 +160,9 @@ def run(args, rank, world, device):
             c = c_all[starts[j]:starts[j] + args.batch_size].to(device)
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                    xs = cdm.sample_cascade(stages, c, steps=steps, s=s, truncated=args.truncated,
-                                            eta=args.eta, generator=chunk_generator(args.seed, j, device),
+                    xs = cdm.sample_cascade(stages, c, steps=steps, sampler=sampler, s=s,
+                                            truncated=args.truncated, eta=args.eta or 0.0,
+                                            generator=chunk_generator(args.seed, j, device),
                                             progress=not args.no_progress and rank == 0)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
@@ -190,7 +211,8 @@ def run(args, rank, world, device):
              data=np.array(str(stages[0].config.get("data", "shapes"))),  # for evaluate.py
              **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})
     res = " -> ".join(str(st.resolution) for st in stages)
-    print(f"sampled {args.n} images ({res}) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
+    how = ", ".join(f"{a} {k}" for a, k in zip(sampler, steps))
+    print(f"sampled {args.n} images ({res}; {how} steps) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
           f"stages.png, samples.npz "
           f"and stages.npz to {args.out}/")
 

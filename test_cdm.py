@@ -182,12 +182,91 @@ def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
     d = cdm.GaussianDiffusion(cdm.cosine_schedule(100)).respace(10)
     xT = torch.randn(2, 3, 8, 8)
     kw = {"c": torch.tensor([0, 2])}
-    a = d.sample(model, xT.shape, kw, eta=0.0, noise=xT, generator=torch.Generator().manual_seed(1))
-    b = d.sample(model, xT.shape, kw, eta=0.0, noise=xT, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, b)
-    c = d.sample(model, xT.shape, kw, eta=1.0, noise=xT, generator=torch.Generator().manual_seed(1))
-    e = d.sample(model, xT.shape, kw, noise=xT, generator=torch.Generator().manual_seed(2))
-    assert not torch.allclose(a, c) and not torch.allclose(a, e)
+    run = lambda sampler, seed, eta=0.0: d.sample(model, xT.shape, kw, sampler=sampler, eta=eta, noise=xT,
+                                                  generator=torch.Generator().manual_seed(seed))
+    a = run("ddim", 1)
+    assert torch.equal(a, run("ddim", 2))
+    assert not torch.allclose(a, run("ddim", 1, eta=1.0)) and not torch.allclose(a, run("ancestral", 2))
+    for ode in ("dpm++2m", "heun"):                      # the ODE solvers draw only x_T
+        assert torch.equal(run(ode, 1), run(ode, 2))
+    assert not torch.allclose(run("dpm++2m-sde", 1), run("dpm++2m-sde", 2))
+
+
+# ---- samplers with the exact prediction of Gaussian data: right distribution, right order ----
+
+class GaussianOracle(torch.nn.Module):
+    """The exact prediction for data x0 ~ N(mu, std^2 I) (std = 0: a point mass at mu). With
+    x_t = a x0 + b eps and v = a^2 std^2 + b^2, the posterior means are closed-form:
+        E[x0 | x_t] = mu + a std^2 (x_t - a mu) / v,   E[eps | x_t] = b (x_t - a mu) / v
+    and the probability-flow ODE maps x_T to x_t' = a' mu + sqrt(v') (x_T - a_T mu) / sqrt(v_T)."""
+
+    def __init__(self, train, mu=0.1, std=0.15):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+        self.train_diffusion, self.mu, self.std = train, mu, std
+        self.calls = []
+
+    def ab(self, t):
+        abar = torch.as_tensor(self.train_diffusion.alphas_cumprod)[t]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def forward(self, x_t, t, **kw):
+        self.calls.append(int(t[0]))
+        a, b = (v.view(-1, 1, 1, 1) for v in self.ab(t))
+        x, v = x_t.double(), a ** 2 * self.std ** 2 + b ** 2
+        x0, eps = self.mu + a * self.std ** 2 * (x - a * self.mu) / v, b * (x - a * self.mu) / v
+        return self.train_diffusion.target(x0, eps, t).float()
+
+    def flow(self, x_top, t_top, t):
+        """Where the exact probability-flow ODE takes x_top (at step t_top) by step t."""
+        (a1, b1), (a, b) = self.ab(torch.tensor(t_top)), self.ab(torch.tensor(t))
+        v1, v = a1 ** 2 * self.std ** 2 + b1 ** 2, a ** 2 * self.std ** 2 + b ** 2
+        return a * self.mu + v.sqrt() * (x_top.double() - a1 * self.mu) / v1.sqrt()
+
+
+@pytest.mark.parametrize("sampler,order", [("ddim", 1), ("dpm++2m", 2), ("heun", 2)])
+def test_ode_samplers_converge_at_their_order(sampler, order):
+    # Each solver with the exact eps, from the same x_T, down to s = 100 of a cosine T = 1000 chain
+    # with its own step spacing (cdm.SPACING_OF), against the exact ODE solution there: doubling
+    # the steps divides the error by about 2^order (4 for the second-order solvers).
+    train = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), variance="fixed")
+    oracle = GaussianOracle(train)
+    x_top = torch.randn(512, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for K in (20, 40, 80):
+        d = train.respace(K, include=[100], spacing=cdm.SPACING_OF[sampler])
+        x = d.sample(oracle, x_top.shape, {}, sampler=sampler, stop_at=100, noise=x_top)
+        exact = oracle.flow(x_top, int(d.timesteps[-1]), 100)
+        errors.append((x.double() - exact).pow(2).mean().sqrt().item())
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert errors[2] < 2e-3 * 2 ** (2 - order) * 4, errors
+    assert all(0.75 * 2 ** order < r < 1.5 * 2 ** order for r in ratios), (errors, ratios)
+
+
+@pytest.mark.parametrize("sampler", cdm.SAMPLERS)
+@pytest.mark.parametrize("stop_at", [0, 100])
+def test_every_sampler_lands_on_the_right_distribution_and_on_s(sampler, stop_at):
+    # With the exact prediction of N(mu, std^2) data, every sampler's output has the marginal
+    # q(x_t) = N(a mu, a^2 std^2 + b^2) of the step it stops at: the data at t = 0, or z_s at the
+    # handover step s of truncated sampling, where the network is never asked below s. 100 steps
+    # for the second-order solvers; the first-order ones need all 1000 for 2% (at 100 steps their
+    # std is 9% (ancestral, which ignores Var[x0 | x_t]) and 4% (DDIM) too small).
+    train = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), variance="fixed")
+    oracle = GaussianOracle(train)
+    K = 1000 if sampler in ("ancestral", "ddim") else 100
+    d = train.respace(K, include=[stop_at] if stop_at else [], spacing=cdm.SPACING_OF[sampler])
+    x = d.sample(oracle, (1024, 3, 2, 2), {}, sampler=sampler, stop_at=stop_at,
+                 generator=torch.Generator().manual_seed(1)).double()
+    a, b = oracle.ab(torch.tensor(stop_at))
+    mean, std = (a * oracle.mu).item(), (a ** 2 * oracle.std ** 2 + b ** 2).sqrt().item()
+    assert x.mean().item() == pytest.approx(mean, abs=4 * std / math.sqrt(x.numel()) + 2e-3)
+    # ancestral with Sigma = beta~ (the lower bound of the true reverse variance, DDPM §3.2) stays
+    # 2% under even with all 1000 steps: 3% for it
+    assert x.std().item() == pytest.approx(std, rel=0.03 if sampler == "ancestral" else 0.02)
+    # the network's last step: s itself for Heun's corrector, else the step above the end
+    below = d._index_of(stop_at) if stop_at else 0
+    assert min(oracle.calls) == (stop_at if sampler == "heun" and stop_at else int(d.timesteps[below + 1]))
+    assert len(oracle.calls) == d.nfe(sampler, stop_at)
 
 
 def test_sample_stops_at_the_requested_step():
@@ -377,6 +456,23 @@ def test_truncated_sampling_hands_over_z_s_from_the_right_step():
     outs2 = cdm.sample_cascade([base2, sr2], c, steps=[5, 3], s=[None, 40], progress=False)
     assert min(call["t"][0].item() for call in base2.model.calls) == 1
     assert not torch.equal(sr2.model.calls[0]["z"], outs2[0])
+
+
+@pytest.mark.parametrize("sampler", cdm.SAMPLERS)
+def test_truncated_handover_at_s_with_every_sampler(sampler):
+    # The base chain of each sampler (with its own spacing) contains s and stops there; only
+    # Heun's corrector asks the network at s itself; the SR stage gets that z_s untouched.
+    noise = {"type": "noise", "schedule": "cosine", "T": 100, "s_max": 50}
+    base, sr = fake_stage(4), fake_stage(8, 4, noise)
+    outs = cdm.sample_cascade([base, sr], torch.tensor([0, 1]), steps=[6, 3], sampler=[sampler, "ancestral"],
+                              s=[None, 40], truncated=True, progress=False)
+    base_ts = [call["t"][0].item() for call in base.model.calls]
+    assert min(base_ts) == 40 if sampler == "heun" else min(base_ts) > 40
+    chain = base.diffusion.respace(6, include=[40], spacing=cdm.SPACING_OF[sampler])
+    assert len(base_ts) == chain.nfe(sampler, 40)
+    assert torch.equal(sr.model.calls[0]["z"], outs[0])
+    with pytest.raises(ValueError, match="samplers must be from"):
+        cdm.sample_cascade([base, sr], torch.tensor([0]), steps=[2, 2], sampler=[sampler, "euler"], progress=False)
 
 
 def test_blur_stage_gets_clean_z_at_sampling():
@@ -1218,6 +1314,8 @@ BAD_FLAGS = [  # (script, flags, what the error line must say)
     ("sample.py", ["--batch_size", "0"], "--batch_size 0"),
     ("sample.py", ["--steps", "0"], "--steps"),
     ("sample.py", ["--eta", "-1"], "--eta"),
+    ("sample.py", ["--sampler", "euler"], "unknown sampler euler"),
+    ("sample.py", ["--eta", "0.5", "--sampler", "heun"], "--eta is DDIM's"),
     ("sample.py", ["--device", "tpu"], "--device 'tpu'"),
 ]
 
