@@ -2,6 +2,7 @@
 
   python experiment.py                  # ~40 min on 2 CPU cores; writes results/
   python experiment.py --quick          # a 2-minute smoke run of the same pipeline (tiny, noisy)
+  python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
 
 On the embedded `shapes` data it trains, with the repository's own scripts:
   base      8x8 class-conditional base model (train_base.py, the demo preset)
@@ -76,6 +77,11 @@ class Scorer:
     def __call__(self, x_float):
         return evaluate.fid(evaluate.embed_and_probs(self.clf, data.to_uint8(x_float))[0], self.real_feats)
 
+    def fid_and_accuracy(self, x_float, labels):
+        u8 = data.to_uint8(x_float)
+        feats = evaluate.embed_and_probs(self.clf, u8)[0]
+        return evaluate.fid(feats, self.real_feats), (evaluate.predict(self.clf, u8) == labels).float().mean().item()
+
 
 def aggregate(runs):
     """Per-seed results (same nested keys, float leaves) -> {"fid": mean, "std": sample std
@@ -96,7 +102,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=2,
                    help="independent sampling runs (noise and real images); the spread is over these")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (minutes; numbers are noise)")
+    p.add_argument("--solvers", action="store_true",
+                   help="instead: FID and accuracy against network evaluations for each sampler, per "
+                        "stage of the demo cascade in runs/ (writes OUT/solvers.json, fid_vs_nfe.png)")
     args = p.parse_args(argv)
+    if args.solvers:
+        return solvers(args)
     if args.quick:
         args.n, args.s = 32, "0,100"
     s_values = [int(v) for v in args.s.split(",")]
@@ -209,6 +220,127 @@ def main(argv=None):
     write_table(results, args.out)
     log(f"done in {results['minutes']:.1f} min; wrote {args.out}/experiment.json, fid_vs_s.png, "
         f"fid_vs_s_lowres.png, table.md")
+
+
+# Time-to-quality (the samplers issue): each stage on inputs that do not depend on the sampler.
+# The base alone, scored at 8x8; each SR stage on real low-res images of held-out data (for the
+# 8->16 stage re-noised to its own s, with fixed noise), scored at its resolution. NFE: network
+# evaluations per sample; Heun's steps are (NFE + 1) // 2. Stage -> sampler -> (NFEs, seeds). On
+# 2 cores a 512-sample NFE costs ~0.6 s (base), ~1.4 s (8->16) and ~5 s (16->32), so the SR
+# stages get fewer settings and seeds, and the 16->32 stage's reference is 100 ancestral steps.
+SOLVER_GRID = {
+    "base": {"ancestral": ([5, 10, 20, 50, 100, 250], 2), "dpm++2m": ([5, 10, 20, 50], 2),
+             "dpm++2m-sde": ([5, 10, 20, 50], 2), "heun": ([5, 10, 20, 50], 2)},
+    "sr16": {"ancestral": ([5, 10, 20, 50, 250], 2), "dpm++2m": ([5, 10, 20, 50], 1),
+             "dpm++2m-sde": ([5, 10, 20, 50], 2), "heun": ([5, 10, 20, 50], 1)},
+    "sr32": {"ancestral": ([5, 10, 20, 100], 1), "dpm++2m": ([10], 1), "dpm++2m-sde": ([10, 20], 1),
+             "heun": ([10], 1)},
+}
+
+
+def solvers(args):
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "solvers.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}   # resumable: done rows kept
+
+    def log(msg):
+        print(f"[{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
+
+    stages = dict(zip(["base", "sr16", "sr32"], [cdm.load_stage(f"runs/{k}/ckpt.pt") for k in ("base", "sr16", "sr32")]))
+    N = args.n
+    c = torch.arange(N) % 8
+    score = {res: Scorer(res, args.out, args.seed, 2048) for res in (8, 16, 32)}
+    pool = data.load_dataset("shapes", 32, "test", n=4 * N, seed=args.seed + 1)
+    by_class = [torch.nonzero(pool.y == k)[:, 0].tolist() for k in range(8)]
+    log("classifiers ready")
+    for name, grid in SOLVER_GRID.items():
+        st = stages[name]
+        for k in range(max(seeds for _, seeds in grid.values())):
+            seed_k = args.seed + 1000 * k
+            real32 = data.to_float(pool.x[[by_class[j][k * N // 8 + i // 8] for i, j in enumerate(c.tolist())]])
+            kwargs = {"c": c}
+            if name != "base":
+                z = cdm.downsample(real32, st.config["low_res"])
+                aug = st.config["augment"]
+                if aug["type"] == "noise":
+                    s = aug.get("sample_s", aug["T"] // 10)
+                    z = noise_augment_fixed(z, s, aug, seed_k)
+                    kwargs["s"] = torch.full((N,), s, dtype=torch.long)
+                kwargs["z"] = z
+            for sampler, (nfes, seeds) in grid.items():
+                for nfe in nfes if k < seeds else []:
+                    key = f"{name}/{sampler}/{nfe}/{k}"
+                    if key in results:
+                        continue
+                    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+                    d = st.diffusion.respace(steps, spacing=cdm.SPACING_OF[sampler])
+                    t0 = time.time()
+                    with torch.no_grad():
+                        x = d.sample(st.model, (N, st.channels, st.resolution, st.resolution), kwargs,
+                                     sampler=sampler, generator=torch.Generator().manual_seed(seed_k))
+                    secs = time.time() - t0
+                    fid, acc = score[st.resolution].fid_and_accuracy(x, c)
+                    results[key] = {"fid": fid, "accuracy": acc, "nfe": d.nfe(sampler), "seconds": secs}
+                    json.dump(results, open(path + ".tmp", "w"), indent=1)
+                    os.replace(path + ".tmp", path)
+                    log(f"{key}: NFE {d.nfe(sampler)}, FID {fid:.2f}, accuracy {acc:.3f}, {secs:.0f} s")
+            if f"{name}/real/{k}" not in results:
+                results[f"{name}/real/{k}"] = dict(zip(("fid", "accuracy"), score[st.resolution].fid_and_accuracy(
+                    cdm.downsample(real32, st.resolution), c)))
+    json.dump(results, open(path + ".tmp", "w"), indent=1)
+    os.replace(path + ".tmp", path)
+    plot_solvers(results, args.out, N)
+    log(f"done; wrote {path}, {args.out}/fid_vs_nfe.png, {args.out}/solvers.md")
+
+
+def noise_augment_fixed(z0, s, aug, seed):
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 7))
+    return cdm.noise_augment(z0, torch.full((z0.shape[0],), s, dtype=torch.long), cdm.aug_diffusion(aug), eps)
+
+
+def solver_rows(results):
+    """{stage: {sampler: [(nfe, fid mean, fid std, accuracy mean, seeds)]}} from solvers.json."""
+    table = {}
+    for key, r in results.items():
+        if "/real/" in key:
+            continue
+        stage, sampler, nfe, _ = key.split("/")
+        table.setdefault(stage, {}).setdefault(sampler, {}).setdefault(int(nfe), []).append(r)
+    return {stage: {sampler: [(runs[0]["nfe"], float(np.mean([r["fid"] for r in runs])),
+                               float(np.std([r["fid"] for r in runs], ddof=1)) if len(runs) > 1 else float("nan"),
+                               float(np.mean([r["accuracy"] for r in runs])), len(runs))
+                              for nfe, runs in sorted(by_nfe.items())]
+                    for sampler, by_nfe in samplers.items()} for stage, samplers in table.items()}
+
+
+def plot_solvers(results, out, n):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = solver_rows(results)
+    titles = {"base": "base 8x8 (alone)", "sr16": "8->16 (real low-res input)", "sr32": "16->32 (real low-res input)"}
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4.2))
+    lines = ["FID on classifier features at the stage's resolution, mean ± std over sampling seeds "
+             f"({n} samples each); class accuracy of the samples.", ""]
+    for ax, (stage, samplers) in zip(np.atleast_1d(axes), rows.items()):
+        lines += [f"**{titles[stage]}**", "", "| sampler | NFE | FID | accuracy | seeds |", "|---|---|---|---|---|"]
+        for sampler, pts in samplers.items():
+            x, y, e = [p[0] for p in pts], [p[1] for p in pts], [0 if np.isnan(p[2]) else p[2] for p in pts]
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=sampler)
+            lines += [f"| {sampler} | {p[0]} | {p[1]:.2f}" + (f" ± {p[2]:.2f}" if not np.isnan(p[2]) else "")
+                      + f" | {p[3]:.3f} | {p[4]} |" for p in pts]
+        real = [r["fid"] for key, r in results.items() if key.startswith(f"{stage}/real/")]
+        ax.axhline(np.mean(real), color="gray", ls="--", label="real held-out images")
+        lines += [f"| real held-out images | — | {np.mean(real):.2f} | — | {len(real)} |", ""]
+        ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample (NFE)",
+               ylabel="FID (classifier features)", title=titles[stage])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "fid_vs_nfe.png"), dpi=120)
+    plt.close(fig)
+    with open(os.path.join(out, "solvers.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def plot(results, out):

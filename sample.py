@@ -29,7 +29,6 @@ import data
 from trainer import distributed, int_list, save_grid
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
-DEFAULT_SAMPLER = "ancestral"
 
 
 def parse_args(argv=None):
@@ -43,7 +42,8 @@ def parse_args(argv=None):
                    help="class labels to cycle through, e.g. 0,3 (default: all classes)")
     p.add_argument("--sampler", type=name_list, default=None,
                    help=f"sampler per stage, one or one per stage, from {', '.join(cdm.SAMPLERS)} "
-                        "(default: ancestral; with --eta: ddim). dpm++2m and heun are ODE solvers")
+                        "(default: each checkpoint's, chosen in training; with --eta: ddim). "
+                        "dpm++2m and heun are ODE solvers (docs/samplers.md)")
     p.add_argument("--steps", type=int_list, default=None,
                    help="sampling steps per stage, e.g. 50,25,25 (default: each checkpoint's); heun "
                         "evaluates the network twice per step")
@@ -132,8 +132,9 @@ def run(args, rank, world, device):
         raise SystemExit(f"error: classes {bad} out of range: this cascade knows classes "
                          f"0..{num_classes - 1} ({', '.join(stages[0].config['class_names'])})")
     steps = per_stage(args.steps, stages, lambda st: st.config["sample_steps"], "steps")
-    sampler = per_stage(args.sampler or (("ddim" if args.eta is not None else DEFAULT_SAMPLER),),
-                        stages, lambda st: "", "sampler")
+    # each checkpoint's own sampler (older checkpoints: ancestral); --eta alone means DDIM
+    sampler = per_stage(args.sampler or (("ddim",) if args.eta is not None else None), stages,
+                        lambda st: st.config.get("sampler", "ancestral"), "sampler")
     for st, k in zip(stages, steps):
         if not 1 <= k <= st.config["diffusion"]["T"]:
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")

@@ -1201,7 +1201,7 @@ def tiny_cascade(tmp_path_factory):
     d = tmp_path_factory.mktemp("cascade")
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--out", str(d / "base"))
     run("train_sr.py", *TINY, "--res", "16", "--low_res", "8", "--attn", "", "--aug_T", "20",
-        "--out", str(d / "sr16"))
+        "--sampler", "heun", "--out", str(d / "sr16"))
     run("train_sr.py", *TINY, "--preset", "demo32", "--res", "32", "--low_res", "16", "--attn", "",
         "--out", str(d / "sr32"))
     return d
@@ -1215,7 +1215,8 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     ck = [str(d / n / "ckpt.pt") for n in ("base", "sr16", "sr32")]
     p = run("sample.py", "--device", "cpu", *ck, "--n", "6", "--classes", "1,3", "--steps", "2", "--s", "5",
             "--out", str(d / "samples"), "--no_progress")
-    assert "sampled 6 images (8 -> 16 -> 32)" in p.stdout
+    # each stage's own sampler, from its checkpoint (sr16 was trained with --sampler heun)
+    assert "sampled 6 images (8 -> 16 -> 32; ancestral 2, heun 2, " in p.stdout
     f = np.load(d / "samples" / "samples.npz")
     assert sorted(f.files) == ["arr_0", "arr_1"]                     # the ADM layout
     assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_0"].dtype == np.uint8
@@ -1225,8 +1226,9 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     for name in ("grid.png", "stages.png"):
         assert (d / "samples" / name).stat().st_size > 0
     # Truncated sampling through the same files.
-    run("sample.py", "--device", "cpu", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated", "--precision", "bf16",
-        "--out", str(d / "trunc"), "--no_progress")
+    p = run("sample.py", "--device", "cpu", *ck[:2], "--n", "2", "--steps", "3", "--s", "7", "--truncated",
+            "--precision", "bf16", "--sampler", "dpm++2m,dpm++2m-sde", "--out", str(d / "trunc"), "--no_progress")
+    assert "dpm++2m 3, dpm++2m-sde 3 steps" in p.stdout
     # An s sweep: one .npz per value, same seed, so only s differs.
     p = run("sample.py", "--device", "cpu", *ck[:2], "--n", "3", "--steps", "2", "--s_sweep", "0,15", "--out", str(d / "sweep"),
             "--no_progress")

@@ -65,8 +65,10 @@ def add_common_args(p, d):
     g.add_argument("--prediction", choices=cdm.PREDICTIONS, default=d.get("prediction", "eps"),
                    help="what the network predicts: eps (DDPM, the paper), x0, or the velocity "
                         "v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)")
+    g.add_argument("--sampler", choices=cdm.SAMPLERS, default=d.get("sampler", "ancestral"),
+                   help="how this stage is sampled: the preview grids, and sample.py's default")
     g.add_argument("--sample_steps", type=int, default=d["sample_steps"],
-                   help="respaced steps for the preview grids")
+                   help="sampling steps: the preview grids, and sample.py's default")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"], help="training steps")
     g.add_argument("--batch_size", type=int, default=d["batch_size"],
@@ -166,6 +168,7 @@ def make_config(args, dataset, *, low_res=None, augment=None):
         "augment": augment,
         "flip": bool(args.flip),
         "sample_steps": args.sample_steps,
+        "sampler": args.sampler,
     }
 
 
@@ -434,8 +437,8 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         x0 = data.to_float(dataset.x[preview_idx]).to(device)
         c = dataset.y[preview_idx].to(device)
         kwargs = make_kwargs(x0, c, train=False, rng=None)
-        sampler = diffusion.respace(args.sample_steps)
-        x = sampler.sample(ema, x0.shape, kwargs, generator=torch.Generator().manual_seed(0))
+        chain = diffusion.respace(args.sample_steps, spacing=cdm.SPACING_OF[args.sampler])
+        x = chain.sample(ema, x0.shape, kwargs, sampler=args.sampler, generator=torch.Generator().manual_seed(0))
         rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
         path = os.path.join(args.out, f"samples_{step:06d}.png")
         save_grid(path, rows)
