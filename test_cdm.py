@@ -1215,8 +1215,9 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     ck = [str(d / n / "ckpt.pt") for n in ("base", "sr16", "sr32")]
     p = run("sample.py", "--device", "cpu", *ck, "--n", "6", "--classes", "1,3", "--steps", "2", "--s", "5",
             "--out", str(d / "samples"), "--no_progress")
-    # each stage's own sampler, from its checkpoint (sr16 was trained with --sampler heun)
-    assert "sampled 6 images (8 -> 16 -> 32; ancestral 2, heun 2, " in p.stdout
+    # each stage's own sampler, from its checkpoint: the demo presets' SDE-DPM-Solver++(2M), and
+    # heun for sr16, trained with --sampler heun
+    assert "sampled 6 images (8 -> 16 -> 32; dpm++2m-sde 2, heun 2, dpm++2m-sde 2 steps)" in p.stdout
     f = np.load(d / "samples" / "samples.npz")
     assert sorted(f.files) == ["arr_0", "arr_1"]                     # the ADM layout
     assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_0"].dtype == np.uint8
