@@ -410,7 +410,7 @@ class GaussianDiffusion:
           ancestral  DDPM Alg. 2 with the model's variance (learned or fixed)      1 NFE / step
           ddim       DDIM Eq. (12); eta = 0 deterministic, eta = 1 DDPM-like noise  1 NFE / step
           dpm++2m    DPM-Solver++(2M), DPM++ Alg. 2: probability-flow ODE           1 NFE / step
-          dpm++2m-sde  SDE-DPM-Solver++(2M), DPM++ §5: the same, with fresh noise     1 NFE / step
+          dpm++2m-sde  SDE-DPM-Solver++(2M), from DPM++: the same, with fresh noise   1 NFE / step
           heun       EDM Alg. 1 (deterministic): probability-flow ODE   2 NFE / step (1 on the last)
 
         stop_at is a step of the *training* schedule (0: to the clean image); stopping early is
