@@ -257,6 +257,14 @@ class GaussianDiffusion:
                                  timesteps=np.concatenate([[0], self.timesteps[kept]]),
                                  prediction=self.prediction)
 
+    def sampling_chain(self, sampler, K, stop_at=0):
+        """The respaced chain `sampler` steps down: K steps spaced as that sampler wants them
+        (SPACING_OF), containing step stop_at of the training schedule when sampling stops there
+        (truncated conditioning augmentation)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        return self.respace(K, include=[stop_at] if stop_at else [], spacing=SPACING_OF[sampler])
+
     # --- the forward process ------------------------------------------------------------------
     def q_sample(self, x0, t, eps):
         """Sample q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), DDPM Eq. (4). t = 0 -> x0."""
@@ -911,8 +919,7 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
                 raise ValueError(f"truncated sampling needs stage {k + 2}'s augmentation schedule "
                                  f"({nxt['schedule']}, T={nxt['T']}) to be stage {k + 1}'s own "
                                  f"({st.config['diffusion']['schedule']}, T={st.config['diffusion']['T']})")
-        diffusion = st.diffusion.respace(steps[k], include=[stop_at] if stop_at else [],
-                                         spacing=SPACING_OF[samplers[k]])
+        diffusion = st.diffusion.sampling_chain(samplers[k], steps[k], stop_at)
         shape = (B, st.channels, st.resolution, st.resolution)
         z = diffusion.sample(st.model, shape, kwargs, sampler=samplers[k], eta=eta, stop_at=stop_at,
                              generator=generator, progress=progress,

@@ -36,16 +36,14 @@ import evaluate
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# The settings results/ was measured with (2026-11-25): the paper's eps-prediction and the demo
-# presets of that day. The demo presets have changed since (velocity prediction, shorter runs,
-# s_max = T/10; docs/choices.md); pinning the old ones keeps this experiment in the paper's
-# setting, with s_max = 250 covering the s sweep, and its committed numbers reproducible.
-PAPER = ["--prediction", "eps", "--n_train", "16384", "--sampler", "ancestral"]
-BASE = [*PAPER, "--steps", "1000", "--sample_steps", "50"]
-SR16 = [*PAPER, "--steps", "800", "--s_max", "250", "--sample_s", "100", "--mult", "1,2,2", "--lr", "1e-3",
-        "--sample_steps", "25"]
-SR32 = [*PAPER, "--preset", "demo32", "--steps", "550", "--mult", "1,2,2", "--lr", "1e-3", "--sample_steps", "50"]
-
+# The demo presets (velocity prediction, SDE-DPM-Solver++(2M) at 20 steps per stage; docs/choices.md,
+# docs/samplers.md), trained longer than the demo (about twice: its training lengths of 2026-11-25),
+# on the first 16384 training images. The 8->16 stage is trained on s ~ U{0..250}, not the demo's
+# T/10, so that the s sweep stays inside the augmentation it was trained on.
+DEMO = ["--n_train", "16384"]
+BASE = [*DEMO, "--steps", "1000"]
+SR16 = [*DEMO, "--steps", "800", "--s_max", "250", "--sample_s", "100"]
+SR32 = [*DEMO, "--preset", "demo32", "--steps", "550"]
 
 def train(script, args, out, quick, log):
     """Run one of the training scripts (skipped if its checkpoint exists); returns its wall time."""
@@ -133,8 +131,8 @@ def main(argv=None):
         "sr_none": train("train_sr.py", [*seed, *SR16, "--aug", "none"], r("sr_none"), args.quick, log),
         # one 16x16 model: the SR stage's network without z, trained for as many steps as make
         # its wall time about that of base + sr_aug together (both are reported)
-        "single": train("train_base.py", [*seed, *PAPER, "--res", "16", "--ch", "32", "--mult", "1,2,2",
-                                          "--attn", "4", "--steps", "1600", "--sample_steps", "25"],
+        "single": train("train_base.py", [*seed, *DEMO, "--res", "16", "--ch", "32", "--mult", "1,1,2",
+                                          "--attn", "4", "--lr", "2e-3", "--steps", "1600"],
                         r("single"), args.quick, log),
         "sr32_blur": train("train_sr.py", [*seed, *SR32], r("sr32_blur"), args.quick, log),
         "sr32_none": train("train_sr.py", [*seed, *SR32, "--aug", "none"],
@@ -156,15 +154,22 @@ def main(argv=None):
         """Unused real images of `pool`, the i-th of class c[i]; consumed from by_class."""
         return data.to_float(pool.x[[by_class[k].pop() for k in c.tolist()]])
     low_res_diffusion = cdm.aug_diffusion(st["sr_aug"].config["augment"])
-    base_steps = st["base"].config["sample_steps"]
 
-    def sr(stage, z, s, seed, steps=None):
-        kwargs = {"c": c, "z": z}
+    def draw(stage, seed, z=None, s=None, stop_at=0):
+        """N samples of one stage with the sampler and steps it was trained to preview with (its
+        checkpoint's), stopped at step stop_at (truncated) or run to x0."""
+        kwargs = {"c": c}
+        if z is not None:
+            kwargs["z"] = z
         if s is not None:
             kwargs["s"] = torch.full((N,), s, dtype=torch.long)
-        diffusion = stage.diffusion.respace(steps or stage.config["sample_steps"])
-        return diffusion.sample(stage.model, (N, 3, stage.resolution, stage.resolution), kwargs,
-                                generator=torch.Generator().manual_seed(seed))
+        sampler = stage.config.get("sampler", "ancestral")
+        chain = stage.diffusion.sampling_chain(sampler, stage.config["sample_steps"], stop_at)
+        return chain.sample(stage.model, (N, 3, stage.resolution, stage.resolution), kwargs, sampler=sampler,
+                            stop_at=stop_at, generator=torch.Generator().manual_seed(seed))
+
+    def sr(stage, z, s, seed):
+        return draw(stage, seed, z=z, s=s)
 
     def renoise(z0, s, seed):
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 7))
@@ -177,16 +182,13 @@ def main(argv=None):
             seed_k = args.seed + 1000 * k
             real16 = class_matched(pool, by_class)
             real_z0 = cdm.downsample(real16, 8)  # ground-truth low-res images with matching classes
-            base_z0[k] = st["base"].diffusion.respace(base_steps).sample(
-                st["base"].model, (N, 3, 8, 8), {"c": c}, generator=torch.Generator().manual_seed(seed_k))
+            base_z0[k] = draw(st["base"], seed_k)
             run = {"sweep": {}}
             for s in s_values:
                 row = {"non_truncated": fid16(sr(st["sr_aug"], renoise(base_z0[k], s, seed_k), s, seed_k)),
                        "ground_truth": fid16(sr(st["sr_aug"], renoise(real_z0, s, seed_k), s, seed_k))}
                 if s:
-                    chain = st["base"].diffusion.respace(base_steps, include=[s])
-                    z_s = chain.sample(st["base"].model, (N, 3, 8, 8), {"c": c}, stop_at=s,
-                                       generator=torch.Generator().manual_seed(seed_k))
+                    z_s = draw(st["base"], seed_k, stop_at=s)
                     row["truncated"] = fid16(sr(st["sr_aug"], z_s, s, seed_k))
                 else:
                     row["truncated"] = row["non_truncated"]     # s = 0: the same computation
@@ -195,8 +197,7 @@ def main(argv=None):
                     f"{row['truncated']:.2f}, ground-truth z {row['ground_truth']:.2f}")
             run["no_aug"] = {"generated": fid16(sr(st["sr_none"], base_z0[k], None, seed_k)),
                              "ground_truth": fid16(sr(st["sr_none"], real_z0, None, seed_k))}
-            run["single"] = fid16(st["single"].diffusion.respace(st["single"].config["sample_steps"]).sample(
-                st["single"].model, (N, 3, 16, 16), {"c": c}, generator=torch.Generator().manual_seed(seed_k)))
+            run["single"] = fid16(draw(st["single"], seed_k))
             run["real_16"] = fid16(real16)     # the floor: real images that are not the reference
             log(f"seed {k}: no augmentation {run['no_aug']['generated']:.2f} (generated z), "
                 f"{run['no_aug']['ground_truth']:.2f} (ground-truth z); single 16x16 model "
@@ -209,13 +210,15 @@ def main(argv=None):
         for k, run in enumerate(runs):
             seed_k = args.seed + 1000 * k
             z16 = sr(st["sr_aug"], renoise(base_z0[k], best, seed_k), best, seed_k)
-            run["blur"] = {"on": fid32(sr(st["sr32_blur"], z16, None, seed_k, steps=25)),
-                           "off": fid32(sr(st["sr32_none"], z16, None, seed_k, steps=25))}
+            run["blur"] = {"on": fid32(sr(st["sr32_blur"], z16, None, seed_k)),
+                           "off": fid32(sr(st["sr32_none"], z16, None, seed_k))}
             run["real_32"] = fid32(class_matched(pool32, by_class32))
             log(f"seed {k}, 16->32 on generated 16x16 (s = {best}): FID blur {run['blur']['on']:.2f}, "
                 f"no blur {run['blur']['off']:.2f}")
     results = aggregate(runs)
-    results.update(wall_seconds=wall, n=N, s=s_values, seed=args.seed, seeds=args.seeds, best_s=best)
+    results.update(wall_seconds=wall, n=N, s=s_values, seed=args.seed, seeds=args.seeds, best_s=best,
+                   sampling={k: f"{v.config.get('sampler', 'ancestral')}, {v.config['sample_steps']} steps"
+                             for k, v in st.items()})
     results["minutes"] = (time.time() - t_start) / 60
     results["log"] = lines
     with open(os.path.join(args.out, "experiment.json"), "w") as f:
@@ -278,7 +281,7 @@ def solvers(args):
                     if key in results:
                         continue
                     steps = (nfe + 1) // 2 if sampler == "heun" else nfe
-                    d = st.diffusion.respace(steps, spacing=cdm.SPACING_OF[sampler])
+                    d = st.diffusion.sampling_chain(sampler, steps)
                     t0 = time.time()
                     with torch.no_grad():
                         x = d.sample(st.model, (N, st.channels, st.resolution, st.resolution), kwargs,
@@ -380,8 +383,9 @@ def plot(results, out):
 
 def write_table(results, out):
     f = lambda d: f"{d['fid']:.2f} ± {d['std']:.2f}"
+    sampling = "; ".join(f"{k}: {v}" for k, v in results.get("sampling", {}).items())
     rows = [f"FID on classifier features, mean ± standard deviation over {results['seeds']} sampling seeds, "
-            f"{results['n']} samples each.", "",
+            f"{results['n']} samples each. Sampling: {sampling}.", "",
             "| s | non-truncated (generated z) | truncated (generated z) | ground-truth z |",
             "|---|---|---|---|"]
     for s in results["s"]:

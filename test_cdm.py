@@ -227,14 +227,14 @@ class GaussianOracle(torch.nn.Module):
 @pytest.mark.parametrize("sampler,order", [("ddim", 1), ("dpm++2m", 2), ("heun", 2)])
 def test_ode_samplers_converge_at_their_order(sampler, order):
     # Each solver with the exact eps, from the same x_T, down to s = 100 of a cosine T = 1000 chain
-    # with its own step spacing (cdm.SPACING_OF), against the exact ODE solution there: doubling
+    # with its own step spacing (sampling_chain, cdm.SPACING_OF), against the exact ODE solution there: doubling
     # the steps divides the error by about 2^order (4 for the second-order solvers).
     train = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), variance="fixed")
     oracle = GaussianOracle(train)
     x_top = torch.randn(512, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     errors = []
     for K in (20, 40, 80):
-        d = train.respace(K, include=[100], spacing=cdm.SPACING_OF[sampler])
+        d = train.sampling_chain(sampler, K, stop_at=100)
         x = d.sample(oracle, x_top.shape, {}, sampler=sampler, stop_at=100, noise=x_top)
         exact = oracle.flow(x_top, int(d.timesteps[-1]), 100)
         errors.append((x.double() - exact).pow(2).mean().sqrt().item())
@@ -254,7 +254,7 @@ def test_every_sampler_lands_on_the_right_distribution_and_on_s(sampler, stop_at
     train = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), variance="fixed")
     oracle = GaussianOracle(train)
     K = 1000 if sampler in ("ancestral", "ddim") else 100
-    d = train.respace(K, include=[stop_at] if stop_at else [], spacing=cdm.SPACING_OF[sampler])
+    d = train.sampling_chain(sampler, K, stop_at)
     x = d.sample(oracle, (1024, 3, 2, 2), {}, sampler=sampler, stop_at=stop_at,
                  generator=torch.Generator().manual_seed(1)).double()
     a, b = oracle.ab(torch.tensor(stop_at))
@@ -468,7 +468,7 @@ def test_truncated_handover_at_s_with_every_sampler(sampler):
                               s=[None, 40], truncated=True, progress=False)
     base_ts = [call["t"][0].item() for call in base.model.calls]
     assert min(base_ts) == 40 if sampler == "heun" else min(base_ts) > 40
-    chain = base.diffusion.respace(6, include=[40], spacing=cdm.SPACING_OF[sampler])
+    chain = base.diffusion.sampling_chain(sampler, 6, stop_at=40)
     assert len(base_ts) == chain.nfe(sampler, 40)
     assert torch.equal(sr.model.calls[0]["z"], outs[0])
     with pytest.raises(ValueError, match="samplers must be from"):

@@ -437,7 +437,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         x0 = data.to_float(dataset.x[preview_idx]).to(device)
         c = dataset.y[preview_idx].to(device)
         kwargs = make_kwargs(x0, c, train=False, rng=None)
-        chain = diffusion.respace(args.sample_steps, spacing=cdm.SPACING_OF[args.sampler])
+        chain = diffusion.sampling_chain(args.sampler, args.sample_steps)
         x = chain.sample(ema, x0.shape, kwargs, sampler=args.sampler, generator=torch.Generator().manual_seed(0))
         rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
         path = os.path.join(args.out, f"samples_{step:06d}.png")
