@@ -238,7 +238,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     gray = test.channels == 1
-    test = data.ImageData(test.rgb(), test.y, test.num_classes, test.class_names)  # what samples are
+    # In memory and as 3 channels, like the samples (a prepared folder's images are read from disk)
+    test = data.ImageData(test.rgb()[:], test.y, test.num_classes, test.class_names)
     if y.min() < 0 or y.max() >= test.num_classes:
         raise SystemExit(f"error: {path} has labels {y.min().item()}..{y.max().item()}, but {args.data} "
                          f"has {test.num_classes} classes: were the samples made from another dataset?")

@@ -1560,6 +1560,33 @@ def test_psnr_closed_form_and_lowres_consistency(tmp_path):
     assert evaluate.lowres_consistency(str(tmp_path / "stages.npz"))[0][2] < 40
 
 
+def test_evaluate_scores_samples_against_a_folder_and_its_prepared_copy(tmp_path):
+    # evaluate.py end to end on a user's folder of two mirror-image classes ('L', 'J'), as images
+    # and prepared (read from disk by index): real images given as samples are labelled right,
+    # none mirrored; the same images mirrored are all mirrored, and labelled wrong.
+    import evaluate
+    rng = np.random.default_rng(0)
+    L = np.zeros((8, 8), np.uint8)
+    L[1:7, 1:3] = L[5:7, 1:6] = 1
+    for name, shape in (("L", L), ("J", L[:, ::-1])):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(60):
+            _save(tmp_path / "src" / name / f"{i:02d}.png",
+                  np.clip(shape[..., None] * rng.integers(150, 256) + rng.normal(0, 8, (8, 8, 3)), 0, 255))
+    data.prepare_folder(str(tmp_path / "src"), [8], str(tmp_path / "prep"), progress=False, workers=1)
+    real = data.load_dataset(str(tmp_path / "src"), 8)
+    x = real.x.permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "as_is.npz", arr_0=x, arr_1=real.y.numpy())
+    np.savez(tmp_path / "mirrored.npz", arr_0=x[:, :, ::-1], arr_1=real.y.numpy())
+    for folder in ("src", "prep"):
+        run = lambda npz: evaluate.main(["--samples", str(tmp_path / npz), "--data", str(tmp_path / folder),
+                                         "--classifier", str(tmp_path / f"clf_{folder}.pt")])
+        good, bad = run("as_is.npz"), run("mirrored.npz")
+        assert good["accuracy"] > 0.95 and good["mirrored"] < 0.05, good
+        assert bad["accuracy"] < 0.05 and bad["mirrored"] > 0.95, bad
+        assert good["border"] == pytest.approx(good["border_real"], abs=3)
+
+
 def test_classifier_learns_a_separable_case():
     import evaluate
     g = torch.Generator().manual_seed(0)
