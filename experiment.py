@@ -45,6 +45,7 @@ BASE = [*DEMO, "--steps", "1000"]
 SR16 = [*DEMO, "--steps", "800", "--s_max", "250", "--sample_s", "100"]
 SR32 = [*DEMO, "--preset", "demo32", "--steps", "550"]
 
+
 def train(script, args, out, quick, log):
     """Run one of the training scripts (skipped if its checkpoint exists); returns its wall time."""
     ckpt = os.path.join(out, "ckpt.pt")
@@ -165,8 +166,9 @@ def main(argv=None):
             kwargs["s"] = torch.full((N,), s, dtype=torch.long)
         sampler = stage.config.get("sampler", "ancestral")
         chain = stage.diffusion.sampling_chain(sampler, stage.config["sample_steps"], stop_at)
-        return chain.sample(stage.model, (N, 3, stage.resolution, stage.resolution), kwargs, sampler=sampler,
-                            stop_at=stop_at, generator=torch.Generator().manual_seed(seed))
+        shape = (N, stage.channels, stage.resolution, stage.resolution)
+        return chain.sample(stage.model, shape, kwargs, sampler=sampler, stop_at=stop_at,
+                            generator=torch.Generator().manual_seed(seed))
 
     def sr(stage, z, s, seed):
         return draw(stage, seed, z=z, s=s)

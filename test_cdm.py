@@ -227,8 +227,8 @@ class GaussianOracle(torch.nn.Module):
 @pytest.mark.parametrize("sampler,order", [("ddim", 1), ("dpm++2m", 2), ("heun", 2)])
 def test_ode_samplers_converge_at_their_order(sampler, order):
     # Each solver with the exact eps, from the same x_T, down to s = 100 of a cosine T = 1000 chain
-    # with its own step spacing (sampling_chain, cdm.SPACING_OF), against the exact ODE solution there: doubling
-    # the steps divides the error by about 2^order (4 for the second-order solvers).
+    # with its own step spacing (sampling_chain, cdm.SPACING_OF), against the exact ODE solution
+    # there: doubling the steps divides the error by about 2^order (4 for the second-order solvers).
     train = cdm.GaussianDiffusion(cdm.cosine_schedule(1000), variance="fixed")
     oracle = GaussianOracle(train)
     x_top = torch.randn(512, 3, 2, 2, generator=torch.Generator().manual_seed(0))
