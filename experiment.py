@@ -1,6 +1,6 @@
 """experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3-4.4), in miniature.
 
-  python experiment.py                  # ~40 min on 2 CPU cores; writes results/
+  python experiment.py                  # ~50 min on 2 CPU cores; writes results/
   python experiment.py --quick          # a 2-minute smoke run of the same pipeline (tiny, noisy)
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
 

@@ -15,8 +15,9 @@ import trainer
 PRESETS = {
     # The CPU demo (our choice): 8x8 shapes, learned variances, cosine schedule, short run. It
     # predicts the velocity, not eps (deviation): its samples' backgrounds kept the data's
-    # brightness (docs/choices.md). Sampled with SDE-DPM-Solver++(2M), 20 steps: the FID of 250
-    # ancestral steps at 12x fewer network evaluations, on every demo stage (docs/samplers.md).
+    # brightness (docs/choices.md). Sampled with SDE-DPM-Solver++(2M), 20 steps: within the spread
+    # of 250 ancestral steps' FID at 12x fewer network evaluations; the deterministic DPM-Solver++
+    # was better here but lost 2-4 points of accuracy on the glyph folder (docs/samplers.md).
     "demo": dict(res=8, ch=48, mult=(1, 2), res_blocks=1, attn=(4,), heads=2, dropout=0.0,
                  schedule="cosine", T=1000, variance="learned", prediction="velocity",
                  sampler="dpm++2m-sde", sample_steps=20, steps=500, batch_size=32, lr=1e-3, warmup=50, ema=0.999,
