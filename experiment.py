@@ -154,8 +154,6 @@ def main(argv=None):
     def class_matched(pool, by_class):
         """Unused real images of `pool`, the i-th of class c[i]; consumed from by_class."""
         return data.to_float(pool.x[[by_class[k].pop() for k in c.tolist()]])
-    low_res_diffusion = cdm.aug_diffusion(st["sr_aug"].config["augment"])
-
     def draw(stage, seed, z=None, s=None, stop_at=0):
         """N samples of one stage with the sampler and steps it was trained to preview with (its
         checkpoint's), stopped at step stop_at (truncated) or run to x0."""
@@ -173,9 +171,7 @@ def main(argv=None):
     def sr(stage, z, s, seed):
         return draw(stage, seed, z=z, s=s)
 
-    def renoise(z0, s, seed):
-        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 7))
-        return cdm.noise_augment(z0, torch.full((N,), s, dtype=torch.long), low_res_diffusion, eps)
+    aug16 = st["sr_aug"].config["augment"]
 
     # Every FID once per sampling seed: fresh noise everywhere and fresh real images.
     runs, base_z0 = [], {}
@@ -187,8 +183,8 @@ def main(argv=None):
             base_z0[k] = draw(st["base"], seed_k)
             run = {"sweep": {}}
             for s in s_values:
-                row = {"non_truncated": fid16(sr(st["sr_aug"], renoise(base_z0[k], s, seed_k), s, seed_k)),
-                       "ground_truth": fid16(sr(st["sr_aug"], renoise(real_z0, s, seed_k), s, seed_k))}
+                row = {"non_truncated": fid16(sr(st["sr_aug"], renoise(base_z0[k], s, aug16, seed_k), s, seed_k)),
+                       "ground_truth": fid16(sr(st["sr_aug"], renoise(real_z0, s, aug16, seed_k), s, seed_k))}
                 if s:
                     z_s = draw(st["base"], seed_k, stop_at=s)
                     row["truncated"] = fid16(sr(st["sr_aug"], z_s, s, seed_k))
@@ -211,7 +207,7 @@ def main(argv=None):
         by_class32 = [torch.nonzero(pool32.y == j)[:, 0].tolist() for j in range(8)]
         for k, run in enumerate(runs):
             seed_k = args.seed + 1000 * k
-            z16 = sr(st["sr_aug"], renoise(base_z0[k], best, seed_k), best, seed_k)
+            z16 = sr(st["sr_aug"], renoise(base_z0[k], best, aug16, seed_k), best, seed_k)
             run["blur"] = {"on": fid32(sr(st["sr32_blur"], z16, None, seed_k)),
                            "off": fid32(sr(st["sr32_none"], z16, None, seed_k))}
             run["real_32"] = fid32(class_matched(pool32, by_class32))
@@ -275,7 +271,7 @@ def solvers(args):
                 aug = st.config["augment"]
                 if aug["type"] == "noise":
                     s = aug.get("sample_s", aug["T"] // 10)
-                    z = noise_augment_fixed(z, s, aug, seed_k)
+                    z = renoise(z, s, aug, seed_k)
                     kwargs["s"] = torch.full((N,), s, dtype=torch.long)
                 kwargs["z"] = z
             for sampler, (nfes, seeds) in grid.items():
@@ -305,7 +301,9 @@ def solvers(args):
     log(f"done; wrote {path}")
 
 
-def noise_augment_fixed(z0, s, aug, seed):
+def renoise(z0, s, aug, seed):
+    """z0 noised to z_s ~ q(z_s | z0) of the noise augmentation `aug`, with noise fixed by `seed`:
+    every setting sampled with one seed gets the same z_s."""
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 7))
     return cdm.noise_augment(z0, torch.full((z0.shape[0],), s, dtype=torch.long), cdm.aug_diffusion(aug), eps)
 

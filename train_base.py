@@ -20,8 +20,8 @@ PRESETS = {
     # was better here but lost 2-4 points of accuracy on the glyph folder (docs/samplers.md).
     "demo": dict(res=8, ch=48, mult=(1, 2), res_blocks=1, attn=(4,), heads=2, dropout=0.0,
                  schedule="cosine", T=1000, variance="learned", prediction="velocity",
-                 sampler="dpm++2m-sde", sample_steps=20, steps=500, batch_size=32, lr=1e-3, warmup=50, ema=0.999,
-                 lr_decay="cosine", out="runs/base"),
+                 sampler="dpm++2m-sde", sample_steps=20, steps=500, batch_size=32, lr=1e-3, warmup=50,
+                 ema=0.999, lr_decay="cosine", out="runs/base"),
     # CIFAR-10 32x32, the iDDPM setup (Nichol & Dhariwal 2021, their CIFAR-10 L_hybrid runs):
     # 128 channels, 3 blocks, attention at 16 and 8, dropout 0.3, T = 4000, batch 128, 500k steps.
     "cifar10": dict(data="cifar10", res=32, ch=128, mult=(1, 2, 2, 2), res_blocks=3, attn=(16, 8),

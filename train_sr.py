@@ -27,8 +27,7 @@ PRESETS = {
                    ch=32, mult=(1, 1, 2),
                    res_blocks=1, attn=(4,), heads=2, dropout=0.0, schedule="cosine", T=1000,
                    variance="learned", prediction="velocity", sampler="dpm++2m-sde", sample_steps=20,
-                   steps=450,
-                   batch_size=32, lr=2e-3, warmup=50, ema=0.999, lr_decay="cosine", out="runs/sr16"),
+                   steps=450, batch_size=32, lr=2e-3, warmup=50, ema=0.999, lr_decay="cosine", out="runs/sr16"),
     # 16->32 like the paper's 64->256 stage: blur augmentation. The paper's high-res stages follow
     # SR3 (fixed variance, linear schedule: --variance fixed --schedule linear); in our short CPU
     # runs that left residual noise (18 dB low-res consistency vs 24 dB), so the demo keeps the
@@ -37,8 +36,7 @@ PRESETS = {
     "demo32": dict(res=32, low_res=16, aug="blur", ch=32, mult=(1, 1, 2), res_blocks=1, attn=(8,),
                    heads=2, dropout=0.0, schedule="cosine", T=1000, variance="learned",
                    prediction="velocity", sampler="dpm++2m-sde", sample_steps=20, steps=220,
-                   batch_size=32, lr=2e-3,
-                   warmup=50, ema=0.999, lr_decay="cosine", out="runs/sr32"),
+                   batch_size=32, lr=2e-3, warmup=50, ema=0.999, lr_decay="cosine", out="runs/sr32"),
     # The paper's ImageNet SR stages (CDM appendix table; paper-notes §6), Adam 1e-4, EMA 0.9999.
     # 32->64: ch 256, mult 1,2,3,4, 5 blocks, attention 16 and 8, 4 heads, dropout 0.1, batch 2048,
     # 400k steps, T = 4000, cosine, learned variances, Gaussian noise augmentation.
