@@ -41,12 +41,18 @@ and is indexed by the paper's t, with entry 0 describing the clean data (abar_0 
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import fcntl                   # advisory file locks (POSIX); absent on Windows
+except ImportError:
+    fcntl = None
 
 try:
     from tqdm.auto import tqdm
@@ -867,6 +873,12 @@ def check_cascade(stages):
         if cur.config["num_classes"] != prev.config["num_classes"]:
             raise ValueError(f"stage {k + 1} knows {cur.config['num_classes']} classes, stage {k} "
                              f"knows {prev.config['num_classes']}: they were trained on different data")
+        names = [st.config.get("class_names") for st in (prev, cur)]    # absent in old checkpoints
+        if None not in names and names[0] != names[1]:
+            diff = next(i for i, (a, b) in enumerate(zip(*names)) if a != b)
+            raise ValueError(f"stage {k + 1}'s class {diff} is {names[1][diff]!r}, stage {k}'s is "
+                             f"{names[0][diff]!r}: they were trained on different data (stage {k}: "
+                             f"{prev.config.get('data')}, stage {k + 1}: {cur.config.get('data')})")
 
 
 @torch.no_grad()
@@ -932,22 +944,98 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
 # 6. Checkpoints: tensors and plain values only, written atomically, rebuilding themselves
 # =============================================================================================
 
+# Files are written so that nothing is ever half-written (our choice, for every script): each
+# output goes to a temporary file beside its target, is flushed to disk, and is renamed onto the
+# target only when complete -- a rename within a folder is atomic, so a reader sees the old file or
+# the new one, never a mixture, and a full disk or a crash leaves the old file intact. The writer
+# holds an advisory lock (flock) on its temporary file for as long as it exists, so that a later
+# run can tell the leftovers of a killed writer (SIGKILL skips every clean-up) from files being
+# written right now, and removes only the former (remove_stale_temporaries).
+TMP_PREFIX = ".tmp-cdm-"
+
+
+def _try_lock(fd):
+    """Take an exclusive advisory lock on an open file, without waiting: True if taken, False if
+    another process holds it, None where this platform or file system has no such locks."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _default_mode(directory=False):
+    """The mode a new file (0o666) or folder (0o777) gets from the user's umask: what open() and
+    mkdir() would give, where mkstemp and mkdtemp give 0o600 and 0o700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def atomic_write_many(writes):
+    """writes: {path: write}. Call each write(tmp) on a locked temporary file beside its path, flush
+    them all to disk, and only then rename each onto its path: if any write fails (a full disk, an
+    error, Ctrl-C), no target is touched and every temporary file is removed."""
+    done = []                                              # (fd, tmp, path), in order
+    try:
+        for path, write in writes.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
+            done.append((fd, tmp, path))
+            _try_lock(fd)
+            os.chmod(tmp, _default_mode())
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for _, tmp, path in done:
+            os.replace(tmp, path)
+    finally:
+        for fd, tmp, _ in done:
+            os.close(fd)
+            if os.path.exists(tmp):                        # not renamed: an error on the way
+                os.remove(tmp)
+
+
 def atomic_write(path, write):
     """Call write(tmp) on a temporary file in path's folder, flush it to disk, then rename it onto
     path: a crash mid-write leaves the previous file intact, never a half-written one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    os.close(fd)
+    atomic_write_many({path: write})
+
+
+def remove_stale_temporaries(folder, min_age=10.0):
+    """Remove the temporary files (and folders) that killed writers left in `folder`: those whose
+    lock nobody holds. One younger than min_age seconds is kept, since its writer may have made it
+    an instant ago and not locked it yet. Returns how many were removed."""
+    import shutil
+    removed = 0
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        is_dir = os.path.isdir(path)
+        try:                      # a temporary folder is locked through its .lock file
+            fd = os.open(os.path.join(path, ".lock") if is_dir else path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None             # a folder whose writer died before it made its .lock
+        except OSError:
+            continue
+        try:
+            if (fd is None or _try_lock(fd) is True) and time.time() - os.stat(path).st_mtime >= min_age:
+                shutil.rmtree(path) if is_dir else os.remove(path)
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
 
 
 def save_checkpoint(obj, path):
