@@ -16,6 +16,7 @@ exactly how a cascade's SR training pairs (x0, z0) are made, so `load_dataset("s
 conditioning a 16->32 stage sees for `load_dataset("shapes", 32)` [choice: anti-aliased area
 downsampling, see paper-notes §3].
 """
+import errno
 import hashlib
 import json
 import os
@@ -25,10 +26,12 @@ import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.random  # noqa: F401 -- now, not lazily mid-run: a Ctrl-C inside numpy's lazy import of it was seen lost
 import torch
 import torch.nn.functional as F
 
 import cdm
+import safety
 
 SHAPE_NAMES = ["circle", "square", "triangle", "plus", "ring", "diamond", "h-bar", "v-bar"]
 SHAPES_RES = 64  # native resolution of the embedded dataset
@@ -37,7 +40,11 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # tests monkeypatch this for a
 CIFAR10_FILE = "cifar-10-python.tar.gz"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# Never images, whatever their extension: hidden files (macOS's ._* AppleDouble twins and
+# .DS_Store, editors' .swp) and the folder macOS's zip tool adds (__MACOSX, full of ._* files).
+SKIPPED_FOLDERS = {"__MACOSX"}
+MAX_IMAGE_PIXELS = 2 * 89_478_485  # Pillow's own limit for a decompression bomb: ~179 megapixels
 ACCEPTED = ("'shapes', 'cifar10', a directory with one sub-folder per class, a folder written by "
             "'python data.py prepare', or an .npz file")
 
@@ -236,30 +243,36 @@ def make_glyphs(n_per_class, res=32, seed=0):
 def write_glyphs(folder, n_per_class=700, res=32, seed=0):
     """Write make_glyphs as an image folder, one sub-folder per class (folder/<class>/NNNN.png,
     grayscale PNG): exactly what a user's own data looks like to --data. Built in a temporary
-    folder beside `folder` and renamed into place, so an interrupted run leaves nothing half
-    written; an existing non-empty folder is never touched."""
+    folder beside `folder` (locked while it is written, like cdm.atomic_write's files) and renamed
+    into place, so an interrupted run leaves nothing half written, and the next run removes what a
+    killed one left; an existing non-empty folder is never touched."""
     from PIL import Image
     import shutil
     import tempfile
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise ValueError(f"{folder} already exists and is not empty; delete it or choose another folder")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
+    parent = safety.writable_folder(os.path.dirname(os.path.abspath(folder)), "the glyphs folder")
+    cdm.remove_stale_temporaries(parent)
+    safety.check_disk(parent, 4096 * n_per_class * len(GLYPH_CLASSES), "the glyphs folder")  # a block per PNG
     x, y = make_glyphs(n_per_class, res, seed)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-glyphs-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=cdm.TMP_PREFIX + "glyphs-")
+    lock = os.open(os.path.join(tmp, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        cdm._try_lock(lock)
+        os.chmod(tmp, cdm._default_mode(directory=True))   # mkdtemp's 0o700 -> what mkdir gives
         counts = [0] * len(GLYPH_CLASSES)
         for im, k in zip(x, y):
             d = os.path.join(tmp, GLYPH_CLASSES[k])
             os.makedirs(d, exist_ok=True)
             Image.fromarray(im, mode="L").save(os.path.join(d, f"{counts[k]:04d}.png"))
             counts[k] += 1
+        os.remove(os.path.join(tmp, ".lock"))
         if os.path.isdir(folder):
-            os.rmdir(folder)  # empty, checked above
+            os.rmdir(folder)  # empty, checked above (another run filling it since: an OSError)
         os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        os.close(lock)
+        shutil.rmtree(tmp, ignore_errors=True)       # gone already once renamed
     return len(y)
 
 
@@ -300,6 +313,31 @@ def _area_resize(x, res, chunk=1024):
                       for i in range(0, len(x), chunk)])
 
 
+def as_seen(img):
+    """A PIL image as RGB, the way a person sees it in an image viewer [choice, each a common
+    surprise]:
+      * turned upright by its EXIF orientation tag: phone cameras store the pixels as the sensor
+        read them and only tag how to turn them;
+      * 16-bit images (scans, microscopy, some PNGs) scaled to 8 bits, not clipped at 255, which
+        would turn almost every pixel white;
+      * transparent pixels over white, as a browser shows them (dropping the alpha channel would
+        show whatever colour the transparent pixels happen to hold).
+    """
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":   # 16-bit gray; "I" read as 16-bit too
+        a = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        img = Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")
+    elif img.mode == "F":                                # float gray: [0, 1], or else [0, 255]
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255 if np.nanmax(a) <= 1 else a
+        img = Image.fromarray(np.rint(np.clip(np.nan_to_num(a), 0, 255)).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
 def _center_crop_resize(img, res):
     """PIL image -> RGB uint8 (3, res, res): crop the central square (short side), then BOX
     (area) resize; BICUBIC when the crop is smaller than res (upsampling, rare)."""
@@ -323,6 +361,11 @@ def _check_native(res, native, name):
 def save_npz(path, images_uint8_nhwc, labels=None):
     """Write images (and labels) in the ADM convention: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,).
     Atomic (temporary file + os.replace). labels=None writes arr_0 only (unconditional samples)."""
+    cdm.atomic_write(path, lambda tmp: write_npz(tmp, images_uint8_nhwc, labels))
+
+
+def write_npz(path, images_uint8_nhwc, labels=None):
+    """save_npz's file, written in place (for cdm.atomic_write and atomic_write_many)."""
     images = np.asarray(images_uint8_nhwc)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"save_npz expects uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
@@ -332,10 +375,8 @@ def save_npz(path, images_uint8_nhwc, labels=None):
         if labels.shape != (len(images),):
             raise ValueError(f"save_npz: {len(images)} images but labels of shape {labels.shape}")
         arrays.append(labels)
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, *arrays)    # positional arrays are stored as arr_0, arr_1
-    cdm.atomic_write(path, write)
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, *arrays)     # positional arrays are stored as arr_0, arr_1
 
 
 # --- the four sources ------------------------------------------------------------------------
@@ -347,6 +388,7 @@ def _load_cifar10(root, split, download, md5):
         if not download:
             raise FileNotFoundError(f"CIFAR-10 archive not found at {path}: put {CIFAR10_FILE} "
                                     f"there (from {CIFAR10_URL}) or pass --download")
+        cdm.remove_stale_temporaries(safety.writable_folder(root, "--data_root"))   # a killed download's
         print(f"downloading {CIFAR10_URL} -> {path}")
         try:
             cdm.atomic_write(path, lambda tmp: urllib.request.urlretrieve(CIFAR10_URL, tmp))
@@ -372,7 +414,8 @@ def _load_cifar10(root, split, download, md5):
 
 
 def _class_folders(root):
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                  and not d.startswith(".") and d not in SKIPPED_FOLDERS)
 
 
 HOLDOUT = 10  # image folders: every 10th image of each class is held out as the "test" split
@@ -391,10 +434,13 @@ def _folder_items(root, n, split=None):
     per_class = []
     for c in classes:
         d = os.path.join(root, c)
-        files = sorted(f for f in os.listdir(d) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        names = [f for f in os.listdir(d) if not f.startswith(".")]
+        files = sorted(f for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise ValueError(f"class folder {d} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                             f"add images or remove the folder")
+            other = sorted({os.path.splitext(f)[1].lower() or f for f in names})
+            raise ValueError(f"class folder {d} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                             + (f", only {', '.join(other[:5])} files: convert them to PNG or JPEG"
+                                if other else "; add images or remove the folder"))
         paths = [os.path.join(d, f) for f in files]
         if split is not None:
             paths = [p for i, p in enumerate(paths) if (i % HOLDOUT == HOLDOUT - 1) == (split == "test")]
@@ -408,14 +454,28 @@ def _folder_items(root, n, split=None):
 
 
 def _read_image(path, resolutions):
-    """One image file -> {res: uint8 (3, res, res)}, centre-cropped and area-resized per res."""
+    """One image file -> {res: uint8 (3, res, res)}, as a person sees it (as_seen), centre-cropped
+    and area-resized per res. Images of more than MAX_IMAGE_PIXELS are refused before decoding:
+    a small file can unpack to gigabytes (a "decompression bomb")."""
+    import warnings
     from PIL import Image
     try:
-        with Image.open(path) as img:
-            img.load()
-            return {r: _center_crop_resize(img, r) for r in resolutions}
-    except OSError as e:  # includes PIL.UnidentifiedImageError
-        raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS // 2
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    img = as_seen(img)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+        return {r: _center_crop_resize(img, r) for r in resolutions}
+    except Image.DecompressionBombError:
+        raise ValueError(f"refusing image {path}: it has more than {MAX_IMAGE_PIXELS // 10**6} "
+                         f"megapixels (a decompression bomb, or a scan too large); shrink it or "
+                         f"remove it") from None
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError; bad PNG chunks: SyntaxError
+        raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from None
 
 
 def _load_folder(root, res, n, split):
@@ -425,6 +485,7 @@ def _load_folder(root, res, n, split):
 
 
 PREPARED_FILES = ("labels.npy", "classes.json")  # with images_<res>.npy: a prepared folder
+MANIFEST = "prepare.json"   # what a prepared folder was made from: root, n, resolutions, classes
 
 
 def _decode_chunk(task):
@@ -437,67 +498,153 @@ def _decode_chunk(task):
     return out
 
 
+def _ignore_interrupts():
+    """Pool workers leave Ctrl-C to the parent, which stops them (SIGTERM): one message, not one
+    traceback per worker."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+
+
+
 def _is_prepared(folder):
     return all(os.path.isfile(os.path.join(folder, f)) for f in PREPARED_FILES)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_manifest(m):
+    return f"{m['n']} images of {m['root']} at {','.join(map(str, m['resolutions']))}"
+
+
+def _prepared_arrays(folder):
+    """The resolutions of the images_<res>.npy arrays in a folder."""
+    return sorted(int(f[7:-4]) for f in os.listdir(folder)
+                  if f.startswith("images_") and f.endswith(".npy") and f[7:-4].isdigit())
 
 
 def prepare_folder(root, resolutions, out, n=None, progress=True, workers=None, chunk=256):
     """One-off preparation of a large image folder such as ImageNet's train set: decode every image
     once, in parallel on all cores, and stream it into memory-mapped uint8 arrays, one per
-    resolution: OUT/images_<res>.npy (N, res, res, 3), OUT/labels.npy, OUT/classes.json. Each
-    image is the centre square (as BigGAN/ADM take), area-resized; ADM resizes before cropping,
-    which differs only in rounding. Training reads batches from the arrays by index, so its memory
-    does not grow with the dataset (ImageNet: 3.9 GB at 32, 15.7 GB at 64, 63 GB at 128 on disk).
+    resolution: OUT/images_<res>.npy (N, res, res, 3), OUT/labels.npy, OUT/classes.json, and
+    OUT/prepare.json saying what they were made from. Each image is the centre square (as
+    BigGAN/ADM take), area-resized; ADM resizes before cropping, which differs only in rounding.
+    Training reads batches from the arrays by index, so its memory does not grow with the dataset
+    (ImageNet: 3.9 GB at 32, 15.7 GB at 64, 63 GB at 128 on disk).
 
-    Memory here: one chunk per worker. Interrupted, it resumes: the arrays fill OUT.partial/, whose
-    progress.json says how many images are done (written after they are flushed to disk); a
-    finished folder is renamed into place at once, so OUT exists only when complete."""
-    import multiprocessing
-    if _is_prepared(out):
-        return out
-    if os.path.exists(out):
-        raise ValueError(f"{out} exists but is not a prepared folder; delete it or choose another --out")
+    Memory here: one chunk per worker. The arrays fill OUT.partial/ (locked while one process
+    works there), whose progress.json says how many images are done, written after they are
+    flushed to disk; a finished folder is renamed into place, so OUT exists only when complete.
+    Re-running the same command resumes an interrupted one, or finds it done. Asked for anything
+    else -- other resolutions, another root or n -- where a preparation is done or under way, it
+    refuses (ValueError) rather than mix the arrays of two commands. The disk space is checked
+    and reserved (posix_fallocate) before the first image is decoded: a memory map of a sparse
+    file on a full disk would end in SIGBUS instead of an error."""
+    resolutions = sorted({int(r) for r in resolutions})
     items, classes = _folder_items(root, n)
     N = len(items)
+    manifest = {"root": os.path.abspath(root), "n": N, "resolutions": resolutions, "classes": classes}
+    if _is_prepared(out):
+        have = _read_json(os.path.join(out, MANIFEST))
+        same = (have == manifest if have is not None     # folders of older versions: no manifest
+                else _prepared_arrays(out) == resolutions and _prepared_classes(out) == classes)
+        if same:
+            return out
+        what = _describe_manifest(have) if have else "at " + ",".join(map(str, _prepared_arrays(out)))
+        raise ValueError(f"{out} is already prepared ({what}), not as asked ({_describe_manifest(manifest)}): "
+                         f"choose another --out, or delete {out} to prepare it again")
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists but is not a prepared folder; delete it or choose another --out")
     partial = out.rstrip("/") + ".partial"
-    manifest = {"root": os.path.abspath(root), "n": N, "resolutions": list(resolutions)}
+    def check_room(folder):                           # before a fresh start
+        safety.check_disk(folder, sum(N * 3 * r * r for r in resolutions) + 8 * N,
+                          f"preparing {N} images at {','.join(map(str, resolutions))}")
+    if not os.path.isdir(partial):
+        check_room(safety.writable_folder(os.path.dirname(os.path.abspath(partial)), "--out"))
+    safety.prepare_output_folder(partial, "--out")    # writable, locked by this process
+    try:
+        return _prepare_locked(items, classes, manifest, partial, out, check_room, progress, workers, chunk)
+    finally:
+        safety.unlock_folder(partial)                   # (its lock file moves with the folder)
+
+
+def _prepare_locked(items, classes, manifest, partial, out, check_room, progress, workers, chunk):
+    """prepare_folder's work, in the locked folder `partial`: resume or start, decode, rename."""
+    import multiprocessing
+    N, resolutions = len(items), manifest["resolutions"]
     progress_path = os.path.join(partial, "progress.json")
-    done = 0
-    if os.path.isfile(progress_path):
-        saved = json.load(open(progress_path))
-        if {k: saved.get(k) for k in manifest} == manifest:
-            done = saved["done"]
-    if done == 0:
-        os.makedirs(partial, exist_ok=True)
+    saved = _read_json(progress_path) or _read_json(os.path.join(partial, MANIFEST))
+    compared = [k for k in manifest if saved is not None and (k in saved or k != "classes")]  # older: no classes
+    if saved is not None and any(saved.get(k) != manifest[k] for k in compared):
+        raise ValueError(f"{partial} holds an unfinished preparation of {_describe_manifest(saved)}, "
+                         f"not of {_describe_manifest(manifest)}: finish it by running that command "
+                         f"again, or delete {partial} to start this one")
+    mine = {*PREPARED_FILES, MANIFEST, "progress.json", *(f"images_{r}.npy" for r in _prepared_arrays(partial))}
+    foreign = [f for f in safety.visible_entries(partial) if f not in mine]
+    if foreign:
+        raise ValueError(f"{partial} holds files that prepare did not write ({', '.join(foreign[:3])}); "
+                         "delete it or choose another --out")
+    done = saved.get("done", N) if saved is not None else 0
+    if saved is None:                                  # a fresh start: nothing of ours to keep
+        for f in safety.visible_entries(partial):
+            os.remove(os.path.join(partial, f))
+        check_room(partial)
         np.save(os.path.join(partial, "labels.npy"), np.array([k for _, k in items], dtype=np.int64))
         for r in resolutions:
-            np.lib.format.open_memmap(os.path.join(partial, f"images_{r}.npy"), mode="w+",
-                                      dtype=np.uint8, shape=(N, r, r, 3)).flush()
+            path = os.path.join(partial, f"images_{r}.npy")
+            a = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(N, r, r, 3))
+            end = a.offset + a.nbytes
+            del a
+            with open(path, "rb+") as f:                 # reserve the blocks now: ENOSPC here,
+                os.posix_fallocate(f.fileno(), 0, end)   # never SIGBUS in the middle
     arrays = {r: np.load(os.path.join(partial, f"images_{r}.npy"), mmap_mode="r+") for r in resolutions}
+    if any(a.shape != (N, r, r, 3) for r, a in arrays.items()):
+        raise ValueError(f"{partial} is damaged (arrays of the wrong shape); delete it and run again")
     try:
         from tqdm.auto import tqdm
     except ImportError:
         tqdm = None
-    bar = tqdm(total=N, initial=done, desc="preparing", disable=not progress) if tqdm else None
-    tasks = [([p for p, _ in items[i:i + chunk]], list(resolutions)) for i in range(done, N, chunk)]
-    with multiprocessing.get_context("fork").Pool(workers or os.cpu_count()) as pool:
-        for decoded in pool.imap(_decode_chunk, tasks):    # in order, decoded in parallel
-            k = len(next(iter(decoded.values())))
-            for r, a in decoded.items():
-                arrays[r][done:done + k] = a
-            for a in arrays.values():
-                a.flush()
-            done += k
-            state = {**manifest, "done": done}
-            cdm.atomic_write(progress_path, lambda tmp: json.dump(state, open(tmp, "w")))
-            if bar:
-                bar.update(k)
-    if bar:
-        bar.close()
+    per_image = sum(3 * r * r for r in resolutions)
+    chunk = max(1, min(chunk, (64 << 20) // per_image))    # at most ~64 MB of images per task
+    workers = workers or os.cpu_count()
+    safety.check_memory(2 * workers * chunk * per_image, f"decoding at {','.join(map(str, resolutions))}")
+    tasks = [([p for p, _ in items[i:i + chunk]], resolutions) for i in range(done, N, chunk)]
+    # A Ctrl-C while the workers are forked would be raised inside the fork's own handlers, which
+    # swallow it (and the work would go on), or inside tqdm's constructor, which it breaks.
+    bar = pool = None
+    try:
+        with safety.deferred_interrupts():
+            bar = tqdm(total=N, initial=done, desc="preparing", disable=not progress) if tqdm else None
+            pool = multiprocessing.get_context("fork").Pool(workers, _ignore_interrupts)
+        with pool:
+            for decoded in pool.imap(_decode_chunk, tasks):    # in order, decoded in parallel
+                k = len(next(iter(decoded.values())))
+                for r, a in decoded.items():
+                    arrays[r][done:done + k] = a
+                for a in arrays.values():
+                    a.flush()
+                done += k
+                safety.write_json(progress_path, {**manifest, "done": done})
+                if bar:
+                    bar.update(k)
+    finally:
+        if pool:
+            pool.terminate()
+        if bar:
+            bar.close()
     del arrays
-    with open(os.path.join(partial, "classes.json"), "w") as f:
-        json.dump(classes, f)
-    os.remove(progress_path)
+    safety.write_json(os.path.join(partial, "classes.json"), classes)
+    safety.write_json(os.path.join(partial, MANIFEST), manifest)
+    if os.path.exists(progress_path):                   # from here on prepare.json says "done"
+        os.remove(progress_path)
     os.replace(partial, out)
     return out
 
@@ -509,13 +656,18 @@ class DiskImages:
     tensor, list or slice returns a uint8 tensor, like the in-memory sources' x."""
 
     def __init__(self, path, n=None):
-        header = np.load(path, mmap_mode="r")      # reads the header only
-        N, H, W, C = header.shape
-        if header.dtype != np.uint8 or C != 3 or H != W:
-            raise ValueError(f"{path}: expected uint8 (N, res, res, 3), got {header.dtype} {header.shape}")
-        self.path, self.offset, self.image_bytes = path, header.offset, H * W * C
+        with open(path, "rb") as f:                # the header only
+            shape, _, dtype = _read_npy_header(f)
+            offset = f.tell()
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
+            raise ValueError(f"{path}: expected uint8 (N, res, res, 3), got {dtype} {shape}")
+        N, H, W, C = shape
+        self.path, self.offset, self.image_bytes = path, offset, H * W * C
         self.shape = (N if n is None else min(n, N), C, H, W)
         self.fd = None
+        have = (os.path.getsize(path) - self.offset) // self.image_bytes
+        if have < N:
+            raise ValueError(f"{path} is truncated: it holds {have} of its {N} images")
 
     def __len__(self):
         return self.shape[0]
@@ -533,7 +685,11 @@ class DiskImages:
         b = self.image_bytes
         buf = bytearray(len(idx) * b)
         for j, i in enumerate(idx.tolist()):
-            buf[j * b:(j + 1) * b] = os.pread(self.fd, b, self.offset + i * b)
+            image = os.pread(self.fd, b, self.offset + i * b)
+            if len(image) != b:        # the file shrank since it was opened
+                raise OSError(errno.EIO, f"image {i} cannot be read: the file was truncated; "
+                                         "prepare the folder again", self.path)
+            buf[j * b:(j + 1) * b] = image
         _, C, H, W = self.shape
         x = torch.frombuffer(buf, dtype=torch.uint8).reshape(len(idx), H, W, C).permute(0, 3, 1, 2)
         return x[0] if one else x
@@ -565,6 +721,52 @@ def _load_prepared(folder, res, n):
     return x, torch.from_numpy(y[:len(x)].astype(np.int64)), classes
 
 
+MAX_SPARSE_CLASSES = 1000  # more classes than images is refused above this many (_load_npz)
+
+
+def _npy_header(path, key):
+    """(shape, dtype) of array `key` in an .npz, read from its header without loading it."""
+    import zipfile
+    with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
+        shape, _, dtype = _read_npy_header(f)
+    return shape, dtype
+
+
+def _read_npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy file open at `f`, which is left at its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def load_size(source, res, split="train", n=None):
+    """(images, bytes of memory) that load_dataset(source, res, split, n=n) will take, from the
+    file listing or the array headers alone, decoding nothing: so that a source too large for this
+    machine is refused before it is read. A prepared folder stays on disk (DiskImages): 0 bytes.
+    A lower estimate: each image's final copy and the copy it is made from."""
+    per = 3 * res * res
+    if source == "shapes":
+        k = n or (8192 if split == "train" else 2048)
+        return k, k * (2 * 3 * SHAPES_RES ** 2 + per)      # rendered NHWC and its NCHW copy
+    if source == "cifar10":
+        k = min(n or 50_000, 50_000 if split == "train" else 10_000)
+        return k, (50_000 if split == "train" else 10_000) * 3072 * 2 + k * per
+    if os.path.isdir(source) and _is_prepared(source):
+        return len(np.load(os.path.join(source, "labels.npy"), mmap_mode="r")), 0
+    if os.path.isdir(source):
+        k = len(_folder_items(source, n, split)[0])
+        return k, 2 * k * per                                # the decoded images and their stack
+    if os.path.isfile(source) and source.lower().endswith(".npz"):
+        try:
+            shape, dtype = _npy_header(source, "arr_0")
+        except (KeyError, ValueError, OSError):
+            return 0, 0                                      # load_dataset says what is wrong
+        N = shape[0] if shape else 0
+        k = min(n or N, N)
+        return k, int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize + 2 * k * per
+    return 0, 0
+
+
 def _load_npz(path, res, n):
     """ADM-convention .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels (optional: absent = one class)."""
     with np.load(path) as f:
@@ -580,6 +782,9 @@ def _load_npz(path, res, n):
         raise ValueError(f"{path}: arr_1 must hold {len(x)} non-negative integer labels, got "
                          f"{y.dtype} {y.shape}")
     num_classes = int(y.max()) + 1 if len(y) else 1  # from all labels: n must not change it
+    if num_classes > max(len(y), MAX_SPARSE_CLASSES):   # a class embedding row per label value
+        raise ValueError(f"{path}: arr_1's labels go up to {num_classes - 1} for {len(y)} images; "
+                         f"labels are class indices 0, 1, 2, ...: renumber them")
     if n is not None:
         x, y = x[:n], y[:n]
     x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # (N, 3, H, W)
@@ -652,7 +857,7 @@ def class_names_for(source):
                      f"use load_dataset(...).class_names")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
     import time
     p = argparse.ArgumentParser(description="Data preparation, once: 'prepare' an image folder (one "
@@ -669,7 +874,7 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=None, help="prepare: only the first N images "
                    "(class-balanced); glyphs: images per class (default 700)")
     p.add_argument("--seed", type=int, default=0, help="glyphs: the seed of the renderer")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     try:
         res = [int(r) for r in (a.res or ("32" if a.command == "glyphs" else "32,64")).split(",")]
     except ValueError:
@@ -680,15 +885,23 @@ if __name__ == "__main__":
         if a.command == "glyphs":
             if len(res) != 1:
                 raise ValueError("glyphs: give one --res")
+            safety.check_memory(2 * (a.n or 700) * len(GLYPH_CLASSES) * res[0] ** 2,
+                                f"glyphs at --res {res[0]}", "use a smaller --res or --n")
             count = write_glyphs(a.folder, a.n or 700, res[0], a.seed)
             print(f"wrote {count} images of {len(GLYPH_CLASSES)} classes to {a.folder}/")
         else:
             if not os.path.isdir(a.folder):
                 raise ValueError(f"{a.folder} is not a folder; expected one sub-folder per class")
-            t0 = time.time()
+            t0, was_done = time.time(), _is_prepared(a.out)
             done = prepare_folder(a.folder, res, a.out, a.n)
-            count = len(np.load(os.path.join(done, "labels.npy")))
-            print(f"prepared {count} images at {', '.join(map(str, res))} in {done}/ "
+            count = len(np.load(os.path.join(done, "labels.npy"), mmap_mode="r"))
+            print(f"{done}/ was already prepared ({count} images at {', '.join(map(str, res))}); nothing to do"
+                  if was_done else
+                  f"prepared {count} images at {', '.join(map(str, res))} in {done}/ "
                   f"({count / (time.time() - t0):.0f} images/s); train with --data {done}")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    safety.run_script(main)

@@ -1,0 +1,253 @@
+"""safety.py -- nothing lost, one clear line: what every script checks before it starts working.
+
+The rules every script here follows (our choice; the paper has nothing to say about files):
+  * a mistake gets one line, "error: ...", that says what is wrong and what to do, before any
+    work starts wherever it can be known then -- never a traceback minutes into a run;
+  * every file is written atomically (cdm.atomic_write: the old file or the new one, never half of
+    one), with the mode the user's umask gives;
+  * nothing a user made is replaced without being asked (--resume, --overwrite);
+  * an output folder is proven writable by writing in it, and locked while a process writes there;
+  * the disk and the memory the work needs are estimated and checked first, with the numbers.
+
+Layers: this file imports only cdm (for its atomic writes); data.py and everything above use it.
+"""
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+
+import cdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no refusal of concurrent runs
+    fcntl = None
+
+
+def fail(msg):
+    """Stop with one line on stderr and exit status 1."""
+    raise SystemExit(f"error: {msg}")
+
+
+def size(nbytes):
+    """12345678 -> '12.3 MB' (decimal units, as disks are sold)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+
+
+def describe(e):
+    """An OSError as a person reads it: 'No space left on device: runs/base/ckpt.pt'."""
+    what = e.strerror or str(e)
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+# --- paths -------------------------------------------------------------------------------------
+def writable_folder(folder, flag="--out"):
+    """Make `folder` and its parents if needed, and prove that files can be written in it by
+    writing one: permission bits cannot tell (root, read-only mounts, /proc, quotas). Returns it."""
+    if not folder or not folder.strip():
+        fail(f"{flag} is empty: name a folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        fail(f"{flag} {folder} is a file, not a folder: choose a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=cdm.TMP_PREFIX)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {folder}: cannot write there ({e.strerror or e}); choose another folder")
+    return folder
+
+
+def writable_file(path, flag, overwrite=False):
+    """Check, before any work, that a file can be written at `path`: not a folder, its folder
+    writable, and not an existing file unless `overwrite` (the user asked)."""
+    if not path or not path.strip():
+        fail(f"{flag} is empty: name a file")
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder: name a file")
+    writable_folder(os.path.dirname(path) or ".", flag)
+    cdm.remove_stale_temporaries(os.path.dirname(path) or ".")
+    if os.path.exists(path) and not overwrite:
+        fail(f"{flag} {path} exists: add --overwrite to replace it, or choose another name")
+    return path
+
+
+def write_text(path, text):
+    """text at path, atomically (cdm.atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    cdm.atomic_write(path, write)
+
+
+def write_json(path, obj, allow_nan=False):
+    """obj as JSON at path, atomically. NaN and infinities are refused unless allowed: they are
+    not JSON, and strict readers reject the file."""
+    write_text(path, json.dumps(obj, indent=1, allow_nan=allow_nan) + "\n")
+
+
+def save_figure(fig, path, **kwargs):
+    """A matplotlib figure as a PNG at path, atomically."""
+    cdm.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+
+
+_held_locks = {}  # lock file -> its descriptor, for the locks this process holds
+
+
+def lock_folder(folder, flag="--out"):
+    """Refuse a second process writing into `folder` at the same time: an exclusive advisory lock on
+    FOLDER/.lock, held until this process exits or unlock_folder. The kernel drops it when the
+    process dies, even by SIGKILL, so a crashed run never leaves a stale lock behind; the small
+    file itself stays. Locking a folder this process holds already is a no-op."""
+    if fcntl is None:
+        return
+    path = os.path.realpath(os.path.join(folder, ".lock"))
+    if path in _held_locks:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        fail(f"{flag} {folder}: cannot create its lock file ({describe(e)})")
+    taken = cdm._try_lock(fd)
+    if taken is False:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        fail(f"another process{f' (pid {pid})' if pid else ''} is writing to {folder} right now: "
+             f"wait for it to finish, or choose another {flag}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[path] = fd
+
+
+def unlock_folder(folder):
+    """Release lock_folder's lock (a process that ends releases it anyway)."""
+    fd = _held_locks.pop(os.path.realpath(os.path.join(folder, ".lock")), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def prepare_output_folder(folder, flag="--out"):
+    """Writable, locked for this process, and cleared of the temporary files killed runs left."""
+    writable_folder(folder, flag)
+    lock_folder(folder, flag)
+    cdm.remove_stale_temporaries(folder)
+    return folder
+
+
+def visible_entries(folder):
+    """What a person sees in a folder: everything but hidden names (.lock, .DS_Store, temporaries)."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+
+
+def refuse_to_replace(paths, what, flag="--out"):
+    """Exit with one line if any of `paths` exists: what a user made is replaced only when asked."""
+    there = [os.path.basename(p) for p in paths if os.path.exists(p)]
+    if there:
+        folder = os.path.dirname(paths[0]) or "."
+        fail(f"{flag} {folder} already holds {what} ({', '.join(there[:4])}{', ...' if len(there) > 4 else ''}): "
+             f"add --overwrite to replace them, or choose another {flag}")
+
+
+# --- resources ---------------------------------------------------------------------------------
+def free_disk(folder):
+    """Bytes free for an unprivileged user on the file system holding `folder`."""
+    return shutil.disk_usage(folder).free
+
+
+def check_disk(folder, need, what):
+    """Refuse work that will write more than the disk holds, before it starts."""
+    free = free_disk(folder)
+    if need > free:
+        fail(f"{what} will write about {size(need)}, but {folder} has {size(free)} free: free some "
+             f"space or choose a folder on another disk")
+
+
+def available_memory():
+    """Bytes of memory this process can still use: MemAvailable (Linux), lowered to what a
+    container's memory limit (cgroup v2) leaves; physical memory elsewhere; None if unknown."""
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            have = min(have or float("inf"), int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    if have is None:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return have
+
+
+def check_memory(need, what, hint=""):
+    """Refuse work whose memory need (an estimate, from below) is more than the machine has: a
+    MemoryError, or the kernel's OOM killer, would otherwise end it with no useful message."""
+    have = available_memory()
+    if have is not None and need > have:
+        fail(f"{what} needs about {size(need)} of memory, but this machine has {size(have)} "
+             f"available{': ' + hint if hint else ''}")
+
+
+# --- the entry point of every script -----------------------------------------------------------
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Inside the block, Ctrl-C and SIGTERM are only noted; on leaving it they are raised as one
+    KeyboardInterrupt. For code that an interrupt in its middle would leave broken, or that would
+    swallow it (forking, for one). Outside the main thread (no signals there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted = []
+    before = {s: signal.signal(s, lambda signum, frame: noted.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if noted and before[noted[0]] not in (signal.SIG_IGN, None):
+        raise KeyboardInterrupt
+
+
+def run_script(main):
+    """Run a script's main() as a shell user expects: Ctrl-C or SIGTERM stops it with one line
+    (its `finally:` blocks have removed the temporary files it was writing), and a failure of the
+    environment -- a full disk, a file it may not read, no memory -- is one error: line."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)   # the default would skip every clean-up
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped before finishing; no file was left half-written", file=sys.stderr)
+        sys.exit(130)
+    except MemoryError:
+        fail("out of memory: use a smaller --batch_size, --micro_batch, --n or --res")
+    except OSError as e:
+        hint = "; free some space and run it again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        fail(describe(e) + hint)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
