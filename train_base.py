@@ -10,6 +10,7 @@ learned variances with the hybrid loss and the cosine schedule, as for the paper
 """
 import argparse
 
+import safety
 import trainer
 
 PRESETS = {
@@ -52,6 +53,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    trainer.claim_out(args)    # before any work: --out writable, locked, no run replaced unasked
     dataset = trainer.load_training_data(args, args.res)
     config = trainer.make_config(args, dataset)
 
@@ -62,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    safety.run_script(main)

@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import cdm
+import safety
 import trainer
 
 PRESETS = {
@@ -93,6 +94,8 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --low_res {args.low_res} must divide --res {args.res} and be smaller")
     if args.aug_T < 1:
         raise SystemExit(f"error: --aug_T {args.aug_T}: must be positive")
+    safety.check_memory(trainer.SCHEDULE_BYTES * (args.aug_T + 1), f"--aug_T {args.aug_T}",
+                        "the paper's base models use T = 4000")
     args.sample_s = round(args.aug_T * sample_s_frac) if args.sample_s is None else args.sample_s
     if not 0 <= args.sample_s <= args.aug_T:
         raise SystemExit(f"error: --sample_s must lie in 0..{args.aug_T}, got {args.sample_s}")
@@ -119,6 +122,7 @@ def main(argv=None):
     args = parse_args(argv)
     augment = args.augment
     low_res_diffusion = cdm.aug_diffusion(augment)
+    trainer.claim_out(args)    # before any work: --out writable, locked, no run replaced unasked
     dataset = trainer.load_training_data(args, args.res)
     config = trainer.make_config(args, dataset, low_res=args.low_res, augment=augment)
 
@@ -137,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    safety.run_script(main)

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ import torch
 
 import cdm
 import data
+import safety
 
 try:
     from tqdm.auto import tqdm
@@ -98,12 +100,16 @@ def add_common_args(p, d):
                    help="also keep OUT/ckpt_STEP.pt every this many steps (0: only the last)")
     g.add_argument("--sample_every", type=int, default=0, help="steps between preview grids (0: end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one, deleting its checkpoints, log and "
+                        "preview grids (without it, such an --out is refused)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
 # Every flag is checked before any work starts (our choice): a wrong value gets one "error:" line
 # that names the flag and what it must be, never a traceback minutes into a run.
+SCHEDULE_BYTES = 120   # the float64 arrays of one GaussianDiffusion and their temporaries, per step t
 POSITIVE = ["res", "ch", "res_blocks", "heads", "T", "sample_steps", "steps", "batch_size",
             "log_every", "save_every", "n_train"]
 NON_NEGATIVE = ["micro_batch", "warmup", "grad_clip", "keep_every", "sample_every"]
@@ -117,19 +123,25 @@ def check_args(args):
         v = getattr(args, name, None)
         if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and name in POSITIVE)):
             fail(f"--{name} {v}: must be {'positive' if name in POSITIVE else '0 or more'}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        fail(f"--lr {args.lr}: the learning rate must be a positive number (the paper: 1e-4)")
+    if not (math.isfinite(args.lr) and 0 < args.lr <= 1):
+        fail(f"--lr {args.lr}: the learning rate must be a number in (0, 1] (the paper: 1e-4)")
+    if not 0 <= args.seed < 2 ** 63:
+        fail(f"--seed {args.seed}: must lie in 0..2^63-1")
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out and --overwrite replaces it: choose one")
     if not 0 <= args.ema < 1:
         fail(f"--ema {args.ema}: the EMA decay must lie in [0, 1) (the paper: 0.9999)")
     if not 0 <= args.dropout < 1:
         fail(f"--dropout {args.dropout}: must lie in [0, 1)")
     if not args.mult or min(args.mult) < 1:
         fail(f"--mult {','.join(map(str, args.mult))}: give one positive multiplier per level, e.g. 1,2,2")
-    if any(r < 1 for r in args.attn):
-        fail(f"--attn {','.join(map(str, args.attn))}: resolutions must be positive")
     if args.res % 2 ** (len(args.mult) - 1):
         fail(f"--res {args.res} cannot be halved {len(args.mult) - 1} times (one per --mult level "
              f"after the first): use a multiple of {2 ** (len(args.mult) - 1)} or fewer levels")
+    levels = [args.res >> level for level in range(len(args.mult))]
+    if set(args.attn) - set(levels):
+        fail(f"--attn {','.join(map(str, args.attn))}: this model's levels are at "
+             f"{', '.join(map(str, levels))} pixels; attention can go only at those ('' for none)")
     widths = {args.ch * m for level, m in enumerate(args.mult)
               if args.res >> level in args.attn or level == len(args.mult) - 1}  # + the middle block
     if any(w % args.heads for w in widths):
@@ -138,6 +150,7 @@ def check_args(args):
              f"{','.join(map(str, args.mult))})")
     if args.sample_steps > args.T:
         fail(f"--sample_steps {args.sample_steps}: at most --T ({args.T})")
+    safety.check_memory(SCHEDULE_BYTES * (args.T + 1), f"--T {args.T}", "the paper's models use T = 4000 or 2000")
     pick_device(args.device)
     if args.flip is None:
         args.flip = data.default_flip(args.data)
@@ -195,13 +208,95 @@ def pick_device(name):
     return device
 
 
+# What a training run writes into --out: with --overwrite these are deleted before it starts.
+RUN_FILES = re.compile(r"(ckpt(_\d+)?\.pt|log\.jsonl|samples_\d+\.png)")
+
+
+def claim_out(args):
+    """Before any work: make --out and prove it writable, lock it against a second run, remove what
+    killed runs left there, and refuse to replace a run that is there unless asked (--overwrite),
+    or to --resume one that is not. Under torchrun only rank 0 writes, so only rank 0 claims."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if os.path.isdir(args.data) and os.path.commonpath(
+            [os.path.realpath(args.out), os.path.realpath(args.data)]) == os.path.realpath(args.data):
+        raise SystemExit(f"error: --out {args.out} is inside --data {args.data}: it would become one "
+                         "of the data's class folders; choose an --out outside it")
+    if args.resume and not os.path.isfile(ckpt):
+        raise SystemExit(f"error: --resume: {ckpt} does not exist, so there is nothing to resume; "
+                         "drop --resume to start a new run")
+    out = safety.prepare_output_folder(args.out)
+    if args.resume:
+        return
+    there = safety.visible_entries(out)
+    if there and not args.overwrite:
+        what = "a training run" if any(RUN_FILES.fullmatch(n) for n in there) else "other files"
+        raise SystemExit(f"error: --out {out} already holds {what} ({', '.join(there[:4])}"
+                         f"{', ...' if len(there) > 4 else ''}): continue it with --resume, replace it "
+                         "with --overwrite, or choose a new --out")
+
+
 def load_training_data(args, res):
-    """The training images at the stage's (highest) resolution, or exit with the loader's message."""
+    """The training images at the stage's (highest) resolution, or exit with the loader's message;
+    refused before loading if they cannot fit in memory."""
     try:
+        count, need = data.load_size(args.data, res, "train", args.n_train)
+        safety.check_memory(need, f"--data {args.data} at --res {res} ({count} images)",
+                            "use a smaller --res or --n_train, or `python data.py prepare` the folder "
+                            "(training then reads it from disk)")
         return data.load_dataset(args.data, res, "train", n=args.n_train, seed=args.seed,
                                  download=args.download, root=args.data_root)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def out_of_memory(e):
+    """Is this exception an allocation that failed? (CUDA: torch.OutOfMemoryError; the CPU
+    allocator raises a plain RuntimeError.)"""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def check_resources(args, config, model, device, micro, main, start):
+    """Refuse, before the first step, a run whose memory or disk cannot hold it, with the numbers:
+    the weights, their gradients, Adam's two moments and the EMA (20 bytes a parameter) and a lower
+    bound of the activations on the device; on rank 0, the checkpoints on the disk of --out."""
+    n_params = sum(p.numel() for p in model.parameters())
+    need = 20 * n_params + activation_bytes(config["model"], micro)
+    what = f"training {n_params / 1e6:.1f}M parameters in micro-batches of {micro}"
+    hint = "use a smaller --micro_batch (gradients are accumulated), --batch_size or model"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise SystemExit(f"error: {what} needs about {safety.size(need)} of GPU memory, but "
+                             f"{device} has {safety.size(free)} free: {hint}")
+    else:
+        safety.check_memory(need, what, hint)
+    if not main:
+        return
+    ckpt_bytes = 16 * n_params + (1 << 20)      # weights, EMA, Adam's moments (fp32), and the rest
+    kept = len(range((start // args.keep_every + 1) * args.keep_every, args.steps + 1,
+                     args.keep_every)) if args.keep_every else 0
+    # A save writes the new file before the old one goes: 2 rolling copies at once, 1 if resuming
+    # (the old one is on the disk already); then every kept copy; previews and the log are small.
+    need = ckpt_bytes * ((1 if args.resume else 2) + kept) + (8 << 20)
+    if args.overwrite and not args.resume:        # the previous run's files are deleted first
+        need -= sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)
+                    if RUN_FILES.fullmatch(n))
+    safety.check_disk(args.out, need, f"this run ({safety.size(ckpt_bytes)} per checkpoint"
+                                      + (f", {kept} of them kept by --keep_every" if kept else "") + ")")
+
+
+def activation_bytes(model_cfg, batch, training=True):
+    """A lower bound on the memory a micro-batch of `batch` images takes in the U-Net: in training
+    each residual block keeps at least four float32 tensors of its width and resolution for the
+    backward pass (its norm, activation, convolution and scale-shift outputs); without gradients
+    (sampling), a level holds about four at a time. The real figures are larger."""
+    res, ch, blocks = model_cfg["resolution"], model_cfg["model_channels"], model_cfg["num_res_blocks"]
+    per_level = (2 * blocks + 1) if training else 1
+    per_image = sum(per_level * 4 * mult * ch * (res >> level) ** 2
+                    for level, mult in enumerate(model_cfg["channel_mult"]))
+    return 4 * batch * per_image
 
 
 _M32 = 0xFFFFFFFF
@@ -270,17 +365,23 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def save_grid(path, rows, min_tile=64):
-    """rows: list of (B, C, H, W) float tensors in [-1, 1] (C = 1 or 3), one grid row each. Every image is
-    enlarged with nearest-neighbour (so low-res pixels stay visible) to the largest H, and to at
-    least min_tile pixels, so low-res inputs and high-res outputs line up."""
+def grid_image(rows, min_tile=64):
+    """rows: list of (B, C, H, W) float tensors in [-1, 1] (C = 1 or 3), one grid row each -> a PIL
+    image. Every image is enlarged with nearest-neighbour (so low-res pixels stay visible) to the
+    largest H, and to at least min_tile pixels, so low-res inputs and high-res outputs line up."""
     from PIL import Image
     H = max(r.shape[-1] for r in rows)
     H = H * math.ceil(min_tile / H)
     rows = [torch.nn.functional.interpolate(data.to_rgb(r.float().cpu()), size=(H, H), mode="nearest")
             for r in rows]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, B*H)
-    Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy()).save(path)
+    return Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy())
+
+
+def save_grid(path, rows, min_tile=64):
+    """grid_image(rows) written to path as a PNG, atomically."""
+    image = grid_image(rows, min_tile)
+    cdm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def setup_distributed(device_name):
@@ -383,9 +484,12 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one kernel per op, all tensors
     # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    step = 0
+    step = saved_step = 0                          # saved_step: that of the last good checkpoint
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = cdm.load_checkpoint(ckpt_path)
+        try:
+            ckpt = cdm.load_checkpoint(ckpt_path)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
         changed = [k for k in ("model", "diffusion", "augment", "flip") if ckpt["config"].get(k) != config[k]]
         if changed:
             raise SystemExit(f"error: {ckpt_path} was trained with a different {' and '.join(changed)} "
@@ -400,9 +504,17 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             scaler.load_state_dict(ckpt["scaler"])
         if world == 1:                             # dropout's generator; per-rank ones restart
             torch.set_rng_state(ckpt["rng"]["torch"])
-        step = ckpt["step"]
+        step = saved_step = ckpt["step"]
         if main:
-            print(f"resumed from {ckpt_path} at step {step}")
+            done = f"; it has --steps {args.steps} already: nothing to train" if step >= args.steps else ""
+            print(f"resumed from {ckpt_path} at step {step}{done}")
+    check_resources(args, config, model, device, micro, main, start=step)
+    if args.overwrite and main and not args.resume:  # asked for: the previous run's files go now
+        old = [n for n in os.listdir(args.out) if RUN_FILES.fullmatch(n)]
+        for n in old:
+            os.remove(os.path.join(args.out, n))
+        if old:
+            print(f"--overwrite: deleted the previous run in {args.out} ({len(old)} files)")
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -417,16 +529,34 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
               f"{args.steps} steps of {B} on {world} x {device}"
               + (f" ({accum} micro-batches of {micro} per process)" if accum > 1 else ""))
 
+    def last_good(then="continue it with --resume", otherwise="run it again"):
+        """What a run that has to stop leaves, and what to do next."""
+        if saved_step:
+            return f"the last good checkpoint, {ckpt_path} at step {saved_step}, is intact: {then}"
+        return f"no checkpoint was saved yet: {otherwise}"
+
+    def disk_error(e, what):
+        """A write that failed (a full disk, a quota, a vanished folder) ends the run in one line."""
+        return SystemExit(f"error: could not write {what}: {e.strerror or e}; "
+                          f"{last_good('free some space, then continue it with --resume')}")
+
     def checkpoint():
+        nonlocal saved_step
         if not main:
             return
         state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
                  "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "args": vars_plain(args),
                  "rng": {"torch": torch.get_rng_state()}}
-        cdm.save_checkpoint(state, ckpt_path)
-        if args.keep_every and step % args.keep_every == 0:
-            cdm.save_checkpoint(state, os.path.join(args.out, f"ckpt_{step:07d}.pt"))
+        try:
+            cdm.save_checkpoint(state, ckpt_path)
+            saved_step = step
+            if args.keep_every and step % args.keep_every == 0:
+                kept = os.path.join(args.out, f"ckpt_{step:07d}.pt")
+                cdm.save_checkpoint(state, kept)
+        except OSError as e:
+            raise disk_error(e, f"the checkpoint of step {step}") from None
+        cdm.remove_stale_temporaries(args.out)    # what a run killed shortly before left
 
     # A fixed batch of training images (one per class, cycling) whose classes and low-res copies
     # condition the preview grids.
@@ -441,7 +571,10 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         x = chain.sample(ema, x0.shape, kwargs, sampler=args.sampler, generator=torch.Generator().manual_seed(0))
         rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
         path = os.path.join(args.out, f"samples_{step:06d}.png")
-        save_grid(path, rows)
+        try:
+            save_grid(path, rows)
+        except OSError as e:
+            raise disk_error(e, path) from None
         return path
 
     log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
@@ -515,20 +648,24 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         checkpoint could save the damage. Returns the step's loss averaged over the ranks."""
         loss_value, bad = all_sum([loss.item(), stats.bad.item()], world, device)
         if bad or not math.isfinite(loss_value):
-            raise SystemExit(f"error: the loss became {loss_value / world} by step {step}; stopped. The "
-                             f"last good checkpoint is {ckpt_path}. Lower --lr, or use "
-                             "--precision fp32 or bf16.")
+            how = "with a lower --lr, or with --precision fp32 or bf16"
+            raise SystemExit(f"error: the loss became {loss_value / world} by step {step}; stopped: "
+                             + last_good(f"--resume it {how}", f"start again {how}"))
         return loss_value / world
 
     def write_log(loss_value):
         rate = stats.seen / (time.time() - stats.t0)
-        qm = (stats.sums / stats.counts).tolist()  # nan for a quarter with no example
+        qm = [v if math.isfinite(v) else None       # None (JSON null): a quarter with no example
+              for v in (stats.sums / stats.counts).tolist()]
         line = {"step": step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
                 "minutes": (time.time() - stats.t0) / 60}
-        log.write(json.dumps(line) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(line, allow_nan=False) + "\n")
+            log.flush()
+        except OSError as e:
+            raise disk_error(e, log.name) from None
         msg = (f"step {step:6d} | loss {loss_value:.4f} | mse by t quarter "
-               + " ".join(f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
+               + " ".join("  -  " if v is None else f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
         if bar and not bar.disable:
             bar.set_postfix(loss=f"{loss_value:.4f}")
             bar.write(msg)
@@ -557,14 +694,25 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     stats = Stats()
     try:
         while step < args.steps:
-            x0, t, eps, kwargs = batch()
-            loss, mse = gradient_step(x0, t, eps, kwargs)
+            try:
+                x0, t, eps, kwargs = batch()
+            except OSError as e:                    # e.g. a prepared file truncated since the start
+                raise SystemExit(f"error: reading the training data: {safety.describe(e)}; {last_good()}") from None
+            try:
+                loss, mse = gradient_step(x0, t, eps, kwargs)
+            except (RuntimeError, MemoryError) as e:
+                if not out_of_memory(e):
+                    raise
+                raise SystemExit(f"error: out of memory in a micro-batch of {micro} images on {device} "
+                                 f"({str(e).splitlines()[0][:80]}): use --micro_batch {max(1, micro // 2)}; "
+                                 f"{last_good()}") from None
             stats.add(loss, mse, t)
             step += 1
             if bar:
                 bar.update(1)
             logging = step % args.log_every == 0 or step == args.steps
-            saving = step % args.save_every == 0 or step == args.steps
+            saving = (step % args.save_every == 0 or step == args.steps
+                      or (args.keep_every and step % args.keep_every == 0))   # kept even between saves
             stop_now = stopping() and step < args.steps
             if logging or saving or stop_now:       # the host reads the device here, and only here
                 loss_value = check_finite(loss)
