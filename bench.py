@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import torch
 
 import cdm
+import safety
 import train_base
 import train_sr
 import trainer
@@ -391,9 +392,8 @@ def main(argv=None):
                                       f"the fastest peer ({best['impl']})")
                 print(f"{config} {precision}: cdm " + ", ".join(ratios))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(device), "torch": torch.__version__, "ceiling_gflop_s": ceiling,
-                       "rows": rows}, f, indent=1)
+        safety.write_json(args.json, {"device": str(device), "torch": torch.__version__,
+                                      "ceiling_gflop_s": ceiling, "rows": rows}, allow_nan=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@
   python evaluate.py --samples other/ --data shapes
 """
 import argparse
-import contextlib
-import json
 import os
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 
 import cdm
 import data
+import safety
 
 
 class Classifier(nn.Module):
@@ -186,22 +185,76 @@ def lowres_consistency(stages_npz):
             for k in range(1, len(imgs))]
 
 
+def read_classifier_cache(path):
+    """The contents of a classifier cache file ({"state", "meta"}), or None if there is no file.
+    Anything else at that path -- a model checkpoint, a truncated or foreign file -- is refused
+    with one line: a cache is replaced when it is stale, but nothing else is ever written over."""
+    if not os.path.exists(path):
+        return None
+    why = "it is a folder" if os.path.isdir(path) else None
+    if why is None:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if not (isinstance(saved, dict) and set(saved) == {"state", "meta"}
+                    and isinstance(saved["meta"], dict) and {"source", "res"} <= set(saved["meta"])):
+                why = "it is not a classifier cache written by evaluate.py" + (
+                    " (it looks like a model checkpoint)" if isinstance(saved, dict) and "config" in saved else "")
+        except Exception as e:   # truncated zip, random bytes, pickled objects ...
+            why = f"it cannot be read as a classifier cache ({type(e).__name__})"
+    if why:
+        raise SystemExit(f"error: --classifier {path}: {why}, so it is never overwritten; choose "
+                         "another path for the cache (or delete the file)")
+    return saved
+
+
 def get_classifier(source, res, cache, num_classes, seed=0):
     """Train the real-data classifier once and keep it in `cache` (a plain state dict, and what it
-    was trained on: a cache made for other data or settings is retrained, never reused)."""
+    was trained on: a cache made for other data or settings is retrained and replaced, never
+    reused; a file that is no cache is never replaced, see read_classifier_cache)."""
     meta = {"source": os.path.abspath(source) if os.path.exists(source) else source, "res": res,
             "num_classes": num_classes, "seed": seed, "flip": data.default_flip(source)}
-    if os.path.exists(cache):
-        saved = torch.load(cache, weights_only=True)
-        if isinstance(saved, dict) and saved.get("meta") == meta:
-            clf = Classifier(num_classes)
-            clf.load_state_dict(saved["state"])
-            return clf.eval()
+    saved = read_classifier_cache(cache)
+    if saved is not None and saved["meta"] == meta:
+        clf = Classifier(num_classes)
+        clf.load_state_dict(saved["state"])
+        return clf.eval()
+    if saved is not None:
+        print(f"the classifier cache {cache} was made for other data or settings: retraining it")
     train = data.load_dataset(source, res, "train", seed=seed)
     clf = train_classifier(train, seed=seed, progress=True, flip=meta["flip"])
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
     cdm.save_checkpoint({"state": clf.state_dict(), "meta": meta}, cache)
     return clf
+
+
+def read_samples(path):
+    """The samples of an ADM-convention .npz, checked: arr_0 uint8 (N, H, H, C) with C = 3 or 1
+    (or (N, H, H): gray), arr_1 N non-negative integer labels, N >= 2 (FID needs a covariance).
+    Returns x uint8 (N, C, H, H) and y int64 (N,); anything else is one error line."""
+    def bad(why):
+        raise SystemExit(f"error: {path}: {why}; expected the samples sample.py writes (arr_0 uint8 "
+                         "images N x H x H x 3, arr_1 N integer labels)")
+    try:
+        with np.load(path) as f:
+            if "arr_0" not in f.files or "arr_1" not in f.files:
+                bad(f"it holds {', '.join(f.files) or 'no arrays'}, not arr_0 and arr_1")
+            x, y = f["arr_0"], f["arr_1"]
+    except SystemExit:
+        raise
+    except Exception as e:   # not a zip, truncated, pickled objects ...
+        bad(f"cannot be read ({type(e).__name__}: {str(e)[:100]})")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.dtype != np.uint8:
+        bad(f"arr_0 is {x.dtype}, not uint8 (convert float images with data.to_uint8)")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        bad(f"arr_0 has shape {x.shape}, not N x H x W x 3 (or x 1)")
+    if x.shape[1] != x.shape[2]:
+        bad(f"arr_0's images are {x.shape[1]}x{x.shape[2]}, not square")
+    if len(x) < 2:
+        bad(f"it holds {len(x)} sample{'s' if len(x) != 1 else ''}; scoring needs at least 2")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        bad(f"arr_1 is {y.dtype} {y.shape}, not {len(x)} non-negative integer labels")
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64))
 
 
 def main(argv=None):
@@ -215,32 +268,48 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's training")
     p.add_argument("--cas", action="store_true", help="also train a classifier on the samples (CAS)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
+    if not 0 <= args.seed < 2 ** 63:
+        raise SystemExit(f"error: --seed {args.seed}: must lie in 0..2^63-1")
+    if args.json is not None:
+        safety.writable_file(args.json, "--json", overwrite=args.overwrite)
     path = args.samples if args.samples.endswith(".npz") else os.path.join(args.samples, "samples.npz")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist; run sample.py first")
-    try:
-        with np.load(path) as f:
-            x = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous()
-            y = torch.from_numpy(f["arr_1"]).long()
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} as samples (arr_0 uint8 NHWC images, arr_1 "
-                         f"labels): {type(e).__name__}: {e}") from None
+    x, y = read_samples(path)
     stages = os.path.join(os.path.dirname(path), "stages.npz")
     stages = stages if os.path.exists(stages) and not args.samples.endswith(".npz") else None
+    recorded = {}                            # what sample.py recorded of the cascade's data
+    if stages:
+        with np.load(stages) as f:
+            recorded = {k: f[k].tolist() for k in ("data", "class_names") if k in f.files}
     if args.data is None:
-        with np.load(stages) if stages else contextlib.nullcontext({}) as f:
-            args.data = str(f["data"]) if "data" in f else "shapes"
+        args.data = recorded.get("data", "shapes")
     res = x.shape[-1]
     cache = args.classifier or os.path.join("runs", f"classifier_{os.path.basename(os.path.normpath(args.data))}_{res}px.pt")
+    read_classifier_cache(cache)             # refused now, not after the work, if it is no cache
+    safety.writable_file(cache, "--classifier", overwrite=True)
     try:
+        count, need = data.load_size(args.data, res, "test")
+        safety.check_memory(need + 4 * x.numel(), f"scoring {len(x)} samples against {count} images "
+                            f"of {args.data} at {res}px")
         test = data.load_dataset(args.data, res, "test", seed=args.seed)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     gray = test.channels == 1
+    if x.shape[1] == 1 and not gray:
+        raise SystemExit(f"error: {path} holds 1-channel (gray) samples, but {args.data} is in colour: "
+                         "were the samples made from another dataset? (--data)")
+    x = data.to_rgb(x).contiguous()
+    names = recorded.get("class_names")
+    if names and names != list(test.class_names):
+        raise SystemExit(f"error: the samples were made by a cascade trained on {recorded.get('data')} "
+                         f"(classes {', '.join(map(str, names[:4]))}, ...), but --data {args.data} has classes "
+                         f"{', '.join(test.class_names[:4])}, ...: score them against their own data")
     # In memory and as 3 channels, like the samples (a prepared folder's images are read from disk)
     test = data.ImageData(test.rgb()[:], test.y, test.num_classes, test.class_names)
-    if y.min() < 0 or y.max() >= test.num_classes:
+    if y.max() >= test.num_classes:
         raise SystemExit(f"error: {path} has labels {y.min().item()}..{y.max().item()}, but {args.data} "
                          f"has {test.num_classes} classes: were the samples made from another dataset?")
     clf = get_classifier(args.data, res, cache, test.num_classes, args.seed)
@@ -279,9 +348,13 @@ def main(argv=None):
             out["lowres_psnr"].append(db)
             print(f"SR stage {lo}->{hi}: downsampled output vs its clean input: PSNR {db:.1f} dB")
     if args.json:
-        cdm.atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(out, indent=1)))
+        try:
+            safety.write_json(args.json, {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                                          for k, v in out.items()})
+        except OSError as e:
+            raise SystemExit(f"error: could not write {args.json}: {e.strerror or e}") from None
     return out
 
 
 if __name__ == "__main__":
-    main()
+    safety.run_script(main)

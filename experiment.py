@@ -32,6 +32,7 @@ import torch
 import cdm
 import data
 import evaluate
+import safety
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,13 +54,15 @@ def train(script, args, out, quick, log):
         return json.load(open(os.path.join(out, "wall.json")))["seconds"]
     extra = ["--steps", "10", "--n_train", "256", "--sample_steps", "4"] if quick else []
     t0 = time.time()
+    # --overwrite: a run killed before its checkpoint (none is there, or it would be reused above)
+    # left only its log and previews in `out`, this experiment's own folder
     cmd = [sys.executable, os.path.join(HERE, script), *args, *extra, "--out", out, "--no_progress",
-           "--log_every", "100"]
+           "--log_every", "100", "--overwrite"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if p.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
     seconds = time.time() - t0
-    json.dump({"seconds": seconds}, open(os.path.join(out, "wall.json"), "w"))
+    safety.write_json(os.path.join(out, "wall.json"), {"seconds": seconds})
     log(f"trained {os.path.basename(out)} in {seconds / 60:.1f} min")
     return seconds
 
@@ -219,8 +222,7 @@ def main(argv=None):
                              for k, v in st.items()})
     results["minutes"] = (time.time() - t_start) / 60
     results["log"] = lines
-    with open(os.path.join(args.out, "experiment.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    safety.write_json(os.path.join(args.out, "experiment.json"), results, allow_nan=True)
     plot(results, args.out)
     write_table(results, args.out)
     log(f"done in {results['minutes']:.1f} min; wrote {args.out}/experiment.json, fid_vs_s.png, "
@@ -288,14 +290,12 @@ def solvers(args):
                     secs = time.time() - t0
                     fid, acc = score[st.resolution].fid_and_accuracy(x, c)
                     results[key] = {"fid": fid, "accuracy": acc, "nfe": d.nfe(sampler), "seconds": secs}
-                    json.dump(results, open(path + ".tmp", "w"), indent=1)
-                    os.replace(path + ".tmp", path)
+                    safety.write_json(path, results, allow_nan=True)
                     log(f"{key}: NFE {d.nfe(sampler)}, FID {fid:.2f}, accuracy {acc:.3f}, {secs:.0f} s")
             if f"{name}/real/{k}" not in results:
                 results[f"{name}/real/{k}"] = dict(zip(("fid", "accuracy"), score[st.resolution].fid_and_accuracy(
                     cdm.downsample(real32, st.resolution), c)))
-    json.dump(results, open(path + ".tmp", "w"), indent=1)
-    os.replace(path + ".tmp", path)
+    safety.write_json(path, results, allow_nan=True)
     if not args.grid:
         plot_solvers(results, args.out, N)
     log(f"done; wrote {path}")
@@ -346,10 +346,9 @@ def plot_solvers(results, out, n):
                ylabel="FID (classifier features)", title=titles[stage])
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "fid_vs_nfe.png"), dpi=120)
+    safety.save_figure(fig, os.path.join(out, "fid_vs_nfe.png"), dpi=120)
     plt.close(fig)
-    with open(os.path.join(out, "solvers.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    safety.write_text(os.path.join(out, "solvers.md"), "\n".join(lines) + "\n")
 
 
 def plot(results, out):
@@ -378,7 +377,7 @@ def plot(results, out):
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=120)
+        safety.save_figure(fig, os.path.join(out, name), dpi=120)
         plt.close(fig)
 
 
@@ -400,9 +399,8 @@ def write_table(results, out):
              f"| 16→32 with blur augmentation (z from the cascade, s = {results['best_s']}) | {f(results['blur']['on'])} |",
              f"| 16→32 without blur augmentation | {f(results['blur']['off'])} |",
              f"| real held-out 32×32 images (floor) | {f(results['real_32'])} |"]
-    with open(os.path.join(out, "table.md"), "w") as fh:
-        fh.write("\n".join(rows) + "\n")
+    safety.write_text(os.path.join(out, "table.md"), "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    safety.run_script(main)

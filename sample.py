@@ -26,7 +26,8 @@ import torch
 
 import cdm
 import data
-from trainer import distributed, int_list, save_grid
+import safety
+from trainer import activation_bytes, distributed, grid_image, int_list
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 autocast for the networks (~1.7x faster on GPUs and AVX-512 BF16 CPUs)")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the samples an earlier run wrote to --out (without it they are kept and "
+                        "the run is refused)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -99,6 +103,8 @@ def check_args(args):
     if args.eta is not None and args.sampler is not None and "ddim" not in args.sampler:
         raise SystemExit(f"error: --eta is DDIM's, but --sampler {','.join(args.sampler)} has no "
                          "ddim stage: drop --eta, or use --sampler ddim")
+    if not 0 <= args.seed < 2 ** 63:
+        raise SystemExit(f"error: --seed {args.seed}: must lie in 0..2^63-1")
     for flag in ("steps", "s", "s_sweep", "classes"):
         values = getattr(args, flag)
         if values is not None and (not values or min(values) < (1 if flag == "steps" else 0)):
@@ -107,10 +113,65 @@ def check_args(args):
     return args
 
 
+OUTPUTS = ("grid.png", "stages.png", "samples.npz", "stages.npz")
+
+
+def output_paths(args):
+    """The files this run will write: the four of a cascade's samples, or one per value of s."""
+    names = [f"samples_s{v}.npz" for v in args.s_sweep] if args.s_sweep is not None else OUTPUTS
+    return [os.path.join(args.out, n) for n in names]
+
+
+def claim_out(args):
+    """Before any work: --out writable and locked, and no earlier samples replaced unless asked."""
+    if int(os.environ.get("RANK", 0)) != 0:      # under torchrun rank 0 writes
+        return
+    safety.prepare_output_folder(args.out)
+    if not args.overwrite:
+        safety.refuse_to_replace(output_paths(args), "samples of an earlier run")
+
+
+def check_resources(args, stages, device):
+    """Refuse, before sampling, what this machine cannot hold: every stage's images stay in memory
+    until they are written (uint8, and their 3-channel copies), a batch's activations on the
+    device, and the files on the disk of --out."""
+    pixels = [st.resolution ** 2 for st in stages]
+    per_sample = sum(p * (st.channels + 3) for p, st in zip(pixels, stages)) + 8
+    runs = len(args.s_sweep) if args.s_sweep is not None else 1
+    batch = max(activation_bytes(st.config["model"], min(args.batch_size, args.n), training=False)
+                for st in stages)
+    what = f"sampling {args.n} images of {' -> '.join(str(st.resolution) for st in stages)} pixels"
+    hint = "use a smaller --n (or several runs with other --seed values) or --batch_size"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if batch > free:
+            raise SystemExit(f"error: {what} in batches of {args.batch_size} needs about "
+                             f"{safety.size(batch)} of GPU memory, but {device} has {safety.size(free)} free: {hint}")
+        batch = 0
+    safety.check_memory(args.n * per_sample + batch, what, hint)
+    if int(os.environ.get("RANK", 0)) == 0:
+        written = args.n * 3 * (pixels[-1] * runs + (sum(pixels) if args.s_sweep is None else 0))
+        safety.check_disk(args.out, written + (4 << 20), what)
+
+
 def main(argv=None):
     args = check_args(parse_args(argv))
+    claim_out(args)
     with distributed(args.device) as (rank, world, device):
         run(args, rank, world, device)
+
+
+def grid_rows(images, labels, classes, per_row_max=32, rows_max=100):
+    """The rows of grid.png: the samples of each class in a row of their own (at most per_row_max
+    samples each, for the first rows_max classes asked for; all of them for n not a multiple of the
+    classes, 8 to a row), as float images."""
+    if len(images) % len(classes):
+        order = torch.argsort(labels, stable=True)[:8 * rows_max]
+        per_row = 8
+    else:
+        per_row = min(per_row_max, len(images) // len(classes))
+        order = torch.cat([torch.nonzero(labels == k)[:per_row, 0] for k in dict.fromkeys(classes)][:rows_max])
+    return list(data.to_float(images[order]).split(per_row))
 
 
 def chunk_generator(seed, chunk, device):
@@ -125,6 +186,7 @@ def run(args, rank, world, device):
         cdm.check_cascade(stages)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    check_resources(args, stages, device)
     num_classes = stages[0].config["num_classes"]
     classes = args.classes if args.classes is not None else tuple(range(num_classes))
     bad = [k for k in classes if not 0 <= k < num_classes]
@@ -184,14 +246,16 @@ def run(args, rank, world, device):
     if args.s_sweep is not None:
         if not any(st.config["augment"]["type"] == "noise" for st in stages):
             raise SystemExit("error: --s_sweep needs a noise-augmented stage in the cascade")
-        os.makedirs(args.out, exist_ok=True)
         for v in args.s_sweep:
             t0 = time.time()
             outs = generate(s_per_stage([v]))
             if outs is None:
                 continue
             path = os.path.join(args.out, f"samples_s{v}.npz")
-            data.save_npz(path, to_nhwc(outs[-1]), c_all.numpy())
+            try:
+                data.save_npz(path, to_nhwc(outs[-1]), c_all.numpy())
+            except OSError as e:
+                raise SystemExit(f"error: could not write {path}: {e.strerror or e}") from None
             print(f"s = {v}: sampled {args.n} images in {time.time() - t0:.1f} s; wrote {path}")
         return
     t0 = time.time()
@@ -200,17 +264,25 @@ def run(args, rank, world, device):
     if outs is None:                                      # not rank 0: rank 0 writes
         return
 
-    os.makedirs(args.out, exist_ok=True)
-    order = torch.argsort(c_all, stable=True)             # grid rows by class
-    per_row = max(1, args.n // len(classes)) if args.n % len(classes) == 0 else 8
-    final = data.to_float(outs[-1][order])
-    save_grid(os.path.join(args.out, "grid.png"), list(final.split(per_row)))
-    panel = min(args.n, 8)                                # each sample at each stage: one column per stage
-    save_grid(os.path.join(args.out, "stages.png"), [data.to_float(o[:panel]) for o in outs])
-    data.save_npz(os.path.join(args.out, "samples.npz"), to_nhwc(outs[-1]), c_all.numpy())
-    np.savez(os.path.join(args.out, "stages.npz"), labels=c_all.numpy(),
-             data=np.array(str(stages[0].config.get("data", "shapes"))),  # for evaluate.py
-             **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)})
+    # The four files are written together: all of them or, on a full disk or an error, none.
+    grid, panel = grid_image(grid_rows(outs[-1], c_all, classes)), min(args.n, 8)
+    stages_png = grid_image([data.to_float(o[:panel]) for o in outs])  # each sample at every stage
+    out = lambda name: os.path.join(args.out, name)
+    stages_arrays = {"labels": c_all.numpy(), "data": np.array(str(stages[0].config.get("data", "shapes"))),
+                     "class_names": np.array(stages[0].config.get("class_names", [])),  # for evaluate.py
+                     **{f"stage_{k + 1}": to_nhwc(o) for k, o in enumerate(outs)}}
+    def write_stages(tmp):
+        with open(tmp, "wb") as f:        # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **stages_arrays)
+    try:
+        cdm.atomic_write_many({
+            out("grid.png"): lambda tmp: grid.save(tmp, format="PNG"),
+            out("stages.png"): lambda tmp: stages_png.save(tmp, format="PNG"),
+            out("samples.npz"): lambda tmp: data.write_npz(tmp, to_nhwc(outs[-1]), c_all.numpy()),
+            out("stages.npz"): write_stages})
+    except OSError as e:
+        raise SystemExit(f"error: could not write the samples to {args.out}: {e.strerror or e}; "
+                         f"nothing there was replaced") from None
     res = " -> ".join(str(st.resolution) for st in stages)
     how = ", ".join(f"{a} {k}" for a, k in zip(sampler, steps))
     print(f"sampled {args.n} images ({res}; {how} steps) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
@@ -219,4 +291,4 @@ def run(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    safety.run_script(main)
