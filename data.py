@@ -603,8 +603,9 @@ def _prepare_locked(items, classes, manifest, partial, out, check_room, progress
             a = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(N, r, r, 3))
             end = a.offset + a.nbytes
             del a
-            with open(path, "rb+") as f:                 # reserve the blocks now: ENOSPC here,
-                os.posix_fallocate(f.fileno(), 0, end)   # never SIGBUS in the middle
+            if hasattr(os, "posix_fallocate"):           # (Linux; not on macOS)
+                with open(path, "rb+") as f:             # reserve the blocks now: ENOSPC here,
+                    os.posix_fallocate(f.fileno(), 0, end)   # never SIGBUS in the middle
     arrays = {r: np.load(os.path.join(partial, f"images_{r}.npy"), mmap_mode="r+") for r in resolutions}
     if any(a.shape != (N, r, r, 3) for r, a in arrays.items()):
         raise ValueError(f"{partial} is damaged (arrays of the wrong shape); delete it and run again")

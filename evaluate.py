@@ -199,8 +199,8 @@ def read_classifier_cache(path):
                     and isinstance(saved["meta"], dict) and {"source", "res"} <= set(saved["meta"])):
                 why = "it is not a classifier cache written by evaluate.py" + (
                     " (it looks like a model checkpoint)" if isinstance(saved, dict) and "config" in saved else "")
-        except Exception as e:   # truncated zip, random bytes, pickled objects ...
-            why = f"it cannot be read as a classifier cache ({type(e).__name__})"
+        except Exception:        # truncated zip, random bytes, pickled objects ...
+            why = "it cannot be read as a classifier cache"
     if why:
         raise SystemExit(f"error: --classifier {path}: {why}, so it is never overwritten; choose "
                          "another path for the cache (or delete the file)")
