@@ -27,7 +27,7 @@ import torch
 import cdm
 import data
 import safety
-from trainer import activation_bytes, distributed, grid_image, int_list
+from trainer import activation_bytes, distributed, grid_image, int_list, pick_device
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
@@ -105,6 +105,7 @@ def check_args(args):
                          "ddim stage: drop --eta, or use --sampler ddim")
     if not 0 <= args.seed < 2 ** 63:
         raise SystemExit(f"error: --seed {args.seed}: must lie in 0..2^63-1")
+    pick_device(args.device)                      # exits with one line if there is no such device
     for flag in ("steps", "s", "s_sweep", "classes"):
         values = getattr(args, flag)
         if values is not None and (not values or min(values) < (1 if flag == "steps" else 0)):
