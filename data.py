@@ -506,9 +506,6 @@ def _ignore_interrupts():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-
-
-
 def _is_prepared(folder):
     return all(os.path.isfile(os.path.join(folder, f)) for f in PREPARED_FILES)
 

@@ -349,8 +349,7 @@ def main(argv=None):
             print(f"SR stage {lo}->{hi}: downsampled output vs its clean input: PSNR {db:.1f} dB")
     if args.json:
         try:
-            safety.write_json(args.json, {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-                                          for k, v in out.items()})
+            safety.write_json(args.json, out)
         except OSError as e:
             raise SystemExit(f"error: could not write {args.json}: {e.strerror or e}") from None
     return out

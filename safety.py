@@ -14,6 +14,7 @@ Layers: this file imports only cdm (for its atomic writes); data.py and everythi
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -88,10 +89,21 @@ def write_text(path, text):
     cdm.atomic_write(path, write)
 
 
+def json_safe(obj):
+    """obj with every NaN or infinity (not JSON: strict readers reject them) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj, allow_nan=False):
-    """obj as JSON at path, atomically. NaN and infinities are refused unless allowed: they are
-    not JSON, and strict readers reject the file."""
-    write_text(path, json.dumps(obj, indent=1, allow_nan=allow_nan) + "\n")
+    """obj as JSON at path, atomically; NaN and infinities become null unless allowed (as in
+    Python's json module, whose files only Python reads back)."""
+    write_text(path, json.dumps(obj if allow_nan else json_safe(obj), indent=1, allow_nan=allow_nan) + "\n")
 
 
 def save_figure(fig, path, **kwargs):
@@ -207,6 +219,17 @@ def check_memory(need, what, hint=""):
              f"available{': ' + hint if hint else ''}")
 
 
+def check_memory_on(device, need, what, hint=""):
+    """check_memory for the memory of `device`: a GPU's free memory, or this machine's."""
+    if device.type != "cuda":
+        return check_memory(need, what, hint)
+    import torch
+    free = torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        fail(f"{what} needs about {size(need)} of GPU memory, but {device} has {size(free)} free"
+             f"{': ' + hint if hint else ''}")
+
+
 # --- the entry point of every script -----------------------------------------------------------
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
@@ -220,9 +243,15 @@ def deferred_interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    noted = []
-    before = {s: signal.signal(s, lambda signum, frame: noted.append(signum))
-              for s in (signal.SIGINT, signal.SIGTERM)}
+    noted, parent = [], os.getpid()
+
+    def note(signum, frame):
+        if os.getpid() != parent:    # a process forked inside the block, before it set its own
+            if signum == signal.SIGTERM:     # handlers: SIGTERM (its pool terminating it) ends it
+                os._exit(128 + signum)
+            return                           # and Ctrl-C is its parent's to handle
+        noted.append(signum)
+    before = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

@@ -143,11 +143,8 @@ def check_resources(args, stages, device):
                 for st in stages)
     what = f"sampling {args.n} images of {' -> '.join(str(st.resolution) for st in stages)} pixels"
     hint = "use a smaller --n (or several runs with other --seed values) or --batch_size"
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if batch > free:
-            raise SystemExit(f"error: {what} in batches of {args.batch_size} needs about "
-                             f"{safety.size(batch)} of GPU memory, but {device} has {safety.size(free)} free: {hint}")
+    if device.type == "cuda":                     # the batch on the GPU, the samples here
+        safety.check_memory_on(device, batch, f"{what} in batches of {args.batch_size}", hint)
         batch = 0
     safety.check_memory(args.n * per_sample + batch, what, hint)
     if int(os.environ.get("RANK", 0)) == 0:

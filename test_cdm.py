@@ -2039,6 +2039,14 @@ def test_log_is_strict_json_outputs_get_the_umask_mode_and_keep_every_keeps(tmp_
     assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_0000003.pt", "ckpt_0000006.pt"]
 
 
+def test_json_files_are_strict_json(tmp_path):
+    path = tmp_path / "r.json"
+    safety.write_json(str(path), {"psnr": [31.5, float("inf")], "fid": float("nan"), "n": 3})
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the file"))
+    assert strict == {"psnr": [31.5, None], "fid": None, "n": 3}
+    assert (path.stat().st_mode & 0o777) == cdm._default_mode()      # the umask's, not mkstemp's 0600
+
+
 def test_a_diverged_run_before_its_first_save_says_so(tmp_path):
     rc, _, err = shell("train_base.py", *LONG, "--steps", "50", "--save_every", "100", "--lr", "1",
                        "--warmup", "0", "--grad_clip", "0", "--lr_decay", "none", "--out", str(tmp_path / "nan"))

@@ -264,14 +264,8 @@ def check_resources(args, config, model, device, micro, main, start):
     n_params = sum(p.numel() for p in model.parameters())
     need = 20 * n_params + activation_bytes(config["model"], micro)
     what = f"training {n_params / 1e6:.1f}M parameters in micro-batches of {micro}"
-    hint = "use a smaller --micro_batch (gradients are accumulated), --batch_size or model"
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if need > free:
-            raise SystemExit(f"error: {what} needs about {safety.size(need)} of GPU memory, but "
-                             f"{device} has {safety.size(free)} free: {hint}")
-    else:
-        safety.check_memory(need, what, hint)
+    safety.check_memory_on(device, need, what, "use a smaller --micro_batch (gradients are accumulated), "
+                                               "--batch_size or model")
     if not main:
         return
     ckpt_bytes = 16 * n_params + (1 << 20)      # weights, EMA, Adam's moments (fp32), and the rest
@@ -655,8 +649,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
 
     def write_log(loss_value):
         rate = stats.seen / (time.time() - stats.t0)
-        qm = [v if math.isfinite(v) else None       # None (JSON null): a quarter with no example
-              for v in (stats.sums / stats.counts).tolist()]
+        qm = safety.json_safe((stats.sums / stats.counts).tolist())  # None: a quarter with no example
         line = {"step": step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
                 "minutes": (time.time() - stats.t0) / 60}
         try:
