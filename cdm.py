@@ -1,7 +1,10 @@
 """cdm.py -- Cascaded Diffusion Models, the paper in one file.
 
 Ho, Saharia, Chan, Fleet, Norouzi, Salimans. "Cascaded Diffusion Models for High Fidelity Image
-Generation". arXiv 2106.15282 (v3), JMLR 23(47), 2022.  Cited below as "CDM §n".
+Generation". arXiv 2106.15282 (v3), JMLR 23(47), 2022.  Cited below as "CDM §n": §3 (its opening
+text) defines the cascade, the SR model's inputs and Gaussian noise augmentation; §3.1 is blurring
+augmentation, §3.2 truncated and §3.3 non-truncated conditioning augmentation; §4 the experiments.
+docs/paper.md maps every section, figure and predecessor's equation we cite to the code.
 It builds on:
   DDPM  = Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models" (arXiv 2006.11239)
   iDDPM = Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models" (2102.09672)
@@ -11,16 +14,18 @@ It builds on:
   PD    = Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
           (2202.00512): the velocity parameterisation, which our demo stages use (a deviation)
   DPM++ = Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
-          Diffusion Probabilistic Models" (2211.01095): the multistep ODE solver DPM-Solver++(2M)
+          Diffusion Probabilistic Models" (2211.01095): the multistep ODE solver DPM-Solver++(2M);
+          its SDE variant is Lu's later one, added to the diffusers library in 2023 (pull request
+          #3344, "sde-dpmsolver++"), not in the paper
   EDM   = Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
           Generative Models" (2206.00364): Heun's second-order ODE sampler (Algorithm 1)
 
 Read top to bottom:
   1. noise schedules                      (DDPM §4, iDDPM §3.2)
   2. Gaussian diffusion: q, posterior, losses, samplers (DDPM, iDDPM, DDIM, DPM++, EDM)
-  3. conditioning augmentation           (CDM §3.3: Gaussian noise, Gaussian blur)
-  4. the U-Net                            (DDPM App. B, iDDPM, ADM §3; CDM §3.2 for the SR inputs)
-  5. cascade sampling                     (CDM §3.1, Fig. 1)
+  3. conditioning augmentation           (CDM §3: Gaussian noise; §3.1: Gaussian blur)
+  4. the U-Net                            (DDPM App. B, iDDPM, ADM §3; CDM §3 for the SR inputs)
+  5. cascade sampling                     (CDM §3, Fig. 1; §3.2, §3.3: the two handovers)
   6. checkpoints that rebuild themselves
 
 Vocabulary (the paper's symbols, used everywhere in this project):
@@ -32,7 +37,7 @@ Vocabulary (the paper's symbols, used everywhere in this project):
   abar      alphas_cumprod, abar_t = prod_{i<=t} (1 - beta_i), abar_0 = 1
   c         class label, int64 (B,)
   z, z0     the low-resolution conditioning image of a super-resolution (SR) stage; z0 is clean
-  s         augmentation time: z_s = sqrt(abar_s) z0 + sqrt(1 - abar_s) eps (CDM §3.3), s = 0: none
+  s         augmentation time: z_s = sqrt(abar_s) z0 + sqrt(1 - abar_s) eps (CDM §3), s = 0: none
   T         number of diffusion steps of a model
 
 Index convention (a common source of off-by-one bugs): every schedule array here has length T + 1
@@ -148,14 +153,15 @@ def mean_flat(x):
 
 
 def spaced_timesteps(T, K, include=()):
-    """K of the steps {1..T}, evenly spaced and always containing T (iDDPM §4), plus `include`.
+    """K of the steps {1..T}, evenly spaced and always containing T (iDDPM §4), plus `include`:
+    round(linspace(1, T, K)), and for K = 1 the single step T (one jump from x_T ~ N(0, I) to x_0).
 
-    `include` is how truncated sampling (CDM §3.3) makes the chain pass through step s exactly.
+    `include` is how truncated sampling (CDM §3.2) makes the chain pass through step s exactly.
     """
     K = int(K)
     if not 1 <= K <= T:
         raise ValueError(f"cannot take {K} sampling steps from a model with T = {T}; use 1..{T}")
-    kept = set(np.round(np.linspace(1, T, K)).astype(int).tolist()) | {int(i) for i in include}
+    kept = set(np.round(np.linspace(1, T, K) if K > 1 else [T]).astype(int).tolist()) | {int(i) for i in include}
     if min(kept) < 1 or max(kept) > T:
         raise ValueError(f"steps to include must lie in 1..{T}, got {sorted(include)}")
     return sorted(kept)
@@ -424,11 +430,11 @@ class GaussianDiffusion:
           ancestral  DDPM Alg. 2 with the model's variance (learned or fixed)      1 NFE / step
           ddim       DDIM Eq. (12); eta = 0 deterministic, eta = 1 DDPM-like noise  1 NFE / step
           dpm++2m    DPM-Solver++(2M), DPM++ Alg. 2: probability-flow ODE           1 NFE / step
-          dpm++2m-sde  SDE-DPM-Solver++(2M), from DPM++: the same, with fresh noise   1 NFE / step
+          dpm++2m-sde  its SDE variant (Lu 2023, diffusers; see the header), fresh noise  1 NFE / step
           heun       EDM Alg. 1 (deterministic): probability-flow ODE   2 NFE / step (1 on the last)
 
         stop_at is a step of the *training* schedule (0: to the clean image); stopping early is
-        truncated conditioning augmentation (CDM §3.3): the chain contains s (respace(include=[s]))
+        truncated conditioning augmentation (CDM §3.2): the chain contains s (respace(include=[s]))
         and every sampler lands exactly on it, handing over z_s. The ODE samplers use only the
         network's x0_hat (clipped) and the eps consistent with it (denoise), never its variance.
 
@@ -436,7 +442,9 @@ class GaussianDiffusion:
         training schedule. The ODE's noise level at step t is sigma~_t = sqrt((1 - abar_t) / abar_t)
         (EDM's sigma for x~ = x / sqrt(abar)), equivalently log-SNR lambda_t = -log sigma~_t (DPM++).
         Both solvers evaluate the network only at points of the chain (Heun's corrector at the next
-        step's t), so no fractional t is ever needed; the steps are the chain's, evenly spaced in t.
+        step's t), so no fractional t is ever needed. The chain's steps are whatever it was respaced
+        to: sampling_chain gives the ODE solvers EDM's noise levels (karras_timesteps, EDM Eq. (5))
+        and the others steps evenly spaced in t (spaced_timesteps, iDDPM §4).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -455,7 +463,7 @@ class GaussianDiffusion:
                 if sampler == "ancestral":                     # x_{t-1} = mu + Sigma^1/2 n
                     x = mean + torch.exp(0.5 * logvar) * n
                     continue
-                # DDIM step from t to t' = j:
+                # DDIM step from t to t' = j (DDIM Eq. (12), sigma from DDIM Eq. (16)):
                 #   x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
                 #   sigma  = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})
                 eps = (x - alpha[i] * x0_hat) / sigma[i]       # consistent with the clipping
@@ -521,7 +529,7 @@ def diffusion_from_config(cfg):
 
 
 # =============================================================================================
-# 3. Conditioning augmentation (CDM §3.3) and the low-res <-> high-res maps
+# 3. Conditioning augmentation (CDM §3, §3.1) and the low-res <-> high-res maps
 # =============================================================================================
 
 def downsample(x, res):
@@ -535,21 +543,22 @@ def downsample(x, res):
 
 
 def upsample(z, res):
-    """Resize z up to the SR model's resolution before it is concatenated with x_t (CDM §3.2).
+    """Resize z up to the SR model's resolution before it is concatenated with x_t (CDM §3).
     The paper allows bilinear or bicubic; bilinear is our choice (as in the iDDPM SR code)."""
     return F.interpolate(z, size=(res, res), mode="bilinear", align_corners=False)
 
 
 def sample_aug_time(u, s_max):
-    """Training draws s ~ U{0, ..., s_max} per example (CDM §3.3: one model amortised over all
-    strengths), here as floor(u (s_max + 1)) from uniforms u in [0, 1). The range is not in the
-    paper: s_max = T/4 of the low-res schedule is our default, which covers most of the best
-    sampling-time s the paper reports for 32->64 (s/T = 0.13-0.31)."""
+    """Training draws s ~ U{0, ..., s_max} per example (CDM §3: super-resolution models "amortized
+    over the strength of conditioning augmentation"), here as floor(u (s_max + 1)) from uniforms u
+    in [0, 1). The range is not in the paper: s_max = T/4 of the low-res schedule is our default,
+    which covers most of the best sampling-time s that secondary sources report for the paper's
+    32->64 stage (501-1251 of T = 4000, s/T = 0.13-0.31; the imagenet64 preset trains on T/2)."""
     return (u * (int(s_max) + 1)).long().clamp(max=int(s_max))
 
 
 def noise_augment(z0, s, low_res_diffusion, eps=None):
-    """Gaussian conditioning augmentation, CDM §3.3:
+    """Gaussian conditioning augmentation, CDM §3 ("adding Gaussian noise (forward process noise)"):
 
         z_s = sqrt(abar_s) z0 + sqrt(1 - abar_s) eps,   with abar from the *low-res model's* schedule.
 
@@ -569,11 +578,12 @@ def gaussian_kernel3(sigma):
 
 
 def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, u=None):
-    """Gaussian blur conditioning augmentation, CDM §3.3 (used for the 64->128 and 64->256 stages):
-    a 3x3 Gaussian kernel with sigma ~ U(sigma_range), applied to a random fraction p of the
-    training examples. The model is not told sigma; at sampling time z is not blurred at all.
-    Per-example sigma and coin flip are our choice; they come from u, (B, 2) uniforms in [0, 1)
-    (drawn here if None). Returns (z_aug, applied: bool (B,)).
+    """Gaussian blur conditioning augmentation, CDM §3.1 (the 64->128 and 64->256 stages): sigma
+    drawn from a fixed range, the blur applied to 50% of the training examples, "no augmentation"
+    at inference; the model is not told sigma. The 3x3 kernel and sigma ~ U(0.4, 0.6) are what
+    secondary sources report for the paper's 256x256 stage. Per-example sigma and coin flip are our
+    choice; they come from u, (B, 2) uniforms in [0, 1) (drawn here if None). Returns (z_aug,
+    applied: bool (B,)).
     """
     B, C, H, W = z.shape
     u = torch.rand(B, 2, device=z.device) if u is None else u
@@ -605,7 +615,7 @@ def aug_diffusion(aug):
 
 
 # =============================================================================================
-# 4. The U-Net (DDPM App. B, iDDPM, ADM §3), with the SR inputs of CDM §3.2
+# 4. The U-Net (DDPM App. B, iDDPM, ADM §3), with the SR inputs of CDM §3
 # =============================================================================================
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -647,12 +657,16 @@ def zero_init(module):
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> scale-shift by the embedding -> SiLU -> dropout -> conv3x3,
-    plus a skip connection (ADM §3: "adaptive group normalisation", h = GN(h) (1 + scale) + shift).
-    The embedding carries t, the class c and, for noise-augmented SR models, the augmentation
-    time s: this is how every conditioning signal except z enters the network (CDM §3.2)."""
+    plus a skip connection. ADM §3.1's adaptive group normalisation, AdaGN(h, y) = y_s GN(h) + y_b,
+    written as guided-diffusion's code writes it, GN(h) (1 + scale) + shift (the same with
+    y_s = 1 + scale: a zero embedding leaves GN(h) unchanged). The embedding carries t, the class c
+    and, for noise-augmented SR models, the augmentation time s ("an extra time embedding input",
+    CDM §3.2): this is how every conditioning signal except z enters the network. skip_rescale:
+    the residual sum times 1/sqrt(2), as SR3 does."""
 
-    def __init__(self, ch_in, ch_out, emb_dim, dropout):
+    def __init__(self, ch_in, ch_out, emb_dim, dropout, skip_rescale=False):
         super().__init__()
+        self.out_scale = 1 / math.sqrt(2) if skip_rescale else 1.0   # SR3's residual rescaling
         self.in_layers = nn.Sequential(group_norm(ch_in), nn.SiLU(), nn.Conv2d(ch_in, ch_out, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * ch_out))
         self.out_norm = group_norm(ch_out)
@@ -664,7 +678,7 @@ class ResBlock(nn.Module):
         h = self.in_layers(x)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, ch_out, 1, 1)
         h = self.out_norm(h) * (1 + scale) + shift
-        return self.skip(x) + self.out_layers(h)
+        return (self.skip(x) + self.out_layers(h)) * self.out_scale
 
 
 def attention(q, k, v, fused=True):
@@ -684,11 +698,12 @@ class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions (DDPM App. B; ADM uses several heads)."""
     fast = True
 
-    def __init__(self, ch, num_heads):
+    def __init__(self, ch, num_heads, skip_rescale=False):
         super().__init__()
         if ch % num_heads:
             raise ValueError(f"{ch} channels cannot be split into {num_heads} attention heads")
         self.num_heads = num_heads
+        self.out_scale = 1 / math.sqrt(2) if skip_rescale else 1.0
         self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
@@ -700,27 +715,28 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.reshape(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, HW, d) each
         h = attention(q, k, v, fused=self.fast)
         h = h.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)   # back to (B, C, H, W)
-        return x + self.proj(h)
+        return (x + self.proj(h)) * self.out_scale
 
 
 class UNet(nn.Module):
     """The improved-DDPM / ADM U-Net, one class for the base and the SR models.
 
     resolution       image size H = W of x_t
-    channel_mult     width multiplier per resolution level (the "mult" column of CDM's appendix)
+    channel_mult     width multiplier per resolution level (the "mult" of the presets)
     num_res_blocks   residual blocks per level; attention_resolutions: where self-attention goes
     in_channels      C: 3 for RGB images, 1 for grayscale data (data.keep_gray_as_one_channel)
     out_channels     C, or 2C when the variance is learned (the prediction and iDDPM's v)
     num_classes      class-conditional: a learned class embedding is added to the time embedding
     low_res          SR model: z is resized up to `resolution` and concatenated with x_t along
-                     channels, so the first conv sees 3 + 3 channels (CDM §3.2)
+                     channels, so the first conv sees 3 + 3 channels (CDM §3)
     aug_time         noise-augmented SR model: s gets its own sinusoidal embedding + MLP, added
-                     into the same conditioning vector ("an extra time embedding input", CDM §3.3)
+                     into the same conditioning vector ("an extra time embedding input", CDM §3.2)
+    skip_rescale     every residual sum times 1/sqrt(2) (SR3's networks; ResBlock)
     """
 
     def __init__(self, resolution, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                  attention_resolutions=(16,), num_heads=4, dropout=0.0, out_channels=3,
-                 num_classes=None, low_res=None, aug_time=False, in_channels=3):
+                 num_classes=None, low_res=None, aug_time=False, in_channels=3, skip_rescale=False):
         super().__init__()
         ch = model_channels
         emb_dim = 4 * ch
@@ -736,27 +752,28 @@ class UNet(nn.Module):
 
         self.input_conv = nn.Conv2d(in_channels * (2 if low_res else 1), ch, 3, padding=1)
         self.down, skip_chs, res, cur = nn.ModuleList(), [ch], resolution, ch
+        res_block = lambda c_in, c_out: ResBlock(c_in, c_out, emb_dim, dropout, skip_rescale)
+        attn_block = lambda c: AttentionBlock(c, num_heads, skip_rescale)
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers = [ResBlock(cur, mult * ch, emb_dim, dropout)]
+                layers = [res_block(cur, mult * ch)]
                 cur = mult * ch
                 if res in attention_resolutions:
-                    layers.append(AttentionBlock(cur, num_heads))
+                    layers.append(attn_block(cur))
                 self.down.append(nn.ModuleList(layers))
                 skip_chs.append(cur)
             if level != len(channel_mult) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
                 skip_chs.append(cur)
                 res //= 2
-        self.middle = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), AttentionBlock(cur, num_heads),
-                                     ResBlock(cur, cur, emb_dim, dropout)])
+        self.middle = nn.ModuleList([res_block(cur, cur), attn_block(cur), res_block(cur, cur)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(cur + skip_chs.pop(), mult * ch, emb_dim, dropout)]
+                layers = [res_block(cur + skip_chs.pop(), mult * ch)]
                 cur = mult * ch
                 if res in attention_resolutions:
-                    layers.append(AttentionBlock(cur, num_heads))
+                    layers.append(attn_block(cur))
                 if level and i == num_res_blocks:
                     layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     layers.append(nn.Conv2d(cur, cur, 3, padding=1))
@@ -834,7 +851,7 @@ def set_fast_path(model, enabled=True, channels_last=None):
 
 
 # =============================================================================================
-# 5. Cascade sampling (CDM §3.1, Fig. 1): base -> SR -> SR ...
+# 5. Cascade sampling (CDM §3, Fig. 1): base -> SR -> SR ...
 # =============================================================================================
 
 @dataclass
@@ -884,7 +901,7 @@ def check_cascade(stages):
 @torch.no_grad()
 def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=False, eta=0.0,
                    generator=None, progress=True):
-    """Sample p(x0 | c) = int p(x0 | z0, c) p(z0 | c) dz0 through the whole cascade (CDM §3.1).
+    """Sample p(x0 | c) = int p(x0 | z0, c) p(z0 | c) dz0 through the whole cascade (CDM §3).
 
     stages   list of Stage, base first
     c        int64 (B,) class labels, shared by every stage
@@ -893,8 +910,9 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
              DDIM's
     s        augmentation time per stage (None for stages without noise augmentation)
     truncated  for noise-augmented stages: stop the previous stage's reverse chain at step s and
-             hand over its z_s (CDM §3.3, truncated); otherwise run it to z0 and re-noise it with
-             q(z_s | z0) (non-truncated). Blur-augmented stages get clean z (no blur at sampling).
+             hand over its z_s (truncated, CDM §3.2); otherwise run it to z0 and re-noise it with
+             q(z_s | z0) (non-truncated, CDM §3.3). Blur-augmented stages get clean z (no blur at
+             sampling, CDM §3.1).
     Returns a list with each stage's output images (B, C, H, W) in [-1, 1] (C = 1 for models of
     grayscale data); for a stage whose successor was truncated this is the handed-over z_s.
     """
