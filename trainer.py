@@ -36,16 +36,62 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+# --- presets: every value beside the source it comes from -------------------------------------
+# The words of a preset's "from", kept by `preset` under "sources" and shown in docs/paper.md's
+# preset table (a test checks that the two agree).
+SOURCE_NAMES = {"paper": "paper", "secondary": "paper (secondary source)", "iddpm": "iDDPM",
+                "sr3": "SR3", "ours": "ours"}
+
+
+def preset(**groups):
+    """A preset from its values grouped by where each comes from:
+
+        preset(paper={...},      stated in the CDM paper
+               secondary={...},  reported for the CDM paper by secondary sources (its appendix
+                                 tables), not checked against its text (docs/paper.md)
+               iddpm={...}, sr3={...},  taken from a predecessor
+               ours={...})       our choice
+    Returns the flat dict of values the scripts read, plus "sources": {flag: source}."""
+    values, sources = {}, {}
+    for group, kv in groups.items():
+        for key, value in kv.items():
+            if key in values:
+                raise ValueError(f"preset value {key} given twice")
+            values[key], sources[key] = value, SOURCE_NAMES[group]
+    return {**values, "sources": sources}
+
+
+SHORT_SOURCE = {"paper (secondary source)": "secondary"}
+
+
+def preset_table(presets):
+    """A markdown table of presets: a row per flag, a column per preset, each cell the value and
+    where it comes from (docs/paper.md shows the tables of both scripts)."""
+    names = list(presets)
+    flags = sorted({k for d in presets.values() for k in d["sources"]})
+
+    def cell(d, k):
+        if k not in d["sources"]:
+            return "–"
+        v = d[k]
+        v = ",".join(map(str, v)) if isinstance(v, (tuple, list)) else ("data's default" if v is None else v)
+        v = f"{v:g}" if isinstance(v, float) else v
+        return f"{v} ({SHORT_SOURCE.get(d['sources'][k], d['sources'][k])})"
+    rows = ["| preset value | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    rows += [f"| `{k}` | " + " | ".join(cell(presets[n], k) for n in names) + " |" for k in flags]
+    return "\n".join(rows)
+
+
 def add_common_args(p, d):
-    """Flags shared by both scripts; `d` holds the script's defaults (its CPU demo)."""
+    """Flags shared by both scripts; `d` is the chosen preset (every default comes from it)."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.get("data", "shapes"),
+    g.add_argument("--data", default=d["data"],
                    help="'shapes' (embedded, no download), 'cifar10', an image folder (one "
                         "sub-folder per class) or an .npz (arr_0 uint8 NHWC, arr_1 labels)")
     g.add_argument("--data_root", default="data", help="where cifar-10-python.tar.gz is (or goes)")
     g.add_argument("--download", action="store_true", help="download CIFAR-10 if it is missing")
     g.add_argument("--n_train", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--flip", dest="flip", action="store_true", default=d.get("flip"),
+    g.add_argument("--flip", dest="flip", action="store_true", default=d["flip"],
                    help="flip training images left-right at random: only for data whose classes "
                         "are mirror-symmetric (default: on for cifar10 and the ImageNet presets, "
                         "off for shapes, image folders and .npz)")
@@ -58,19 +104,24 @@ def add_common_args(p, d):
                    help="resolutions with self-attention, e.g. 16,8 ('' for none)")
     g.add_argument("--heads", type=int, default=d["heads"], help="attention heads")
     g.add_argument("--dropout", type=float, default=d["dropout"], help="dropout in residual blocks")
+    g.add_argument("--skip_rescale", dest="skip_rescale", action="store_true", default=d["skip_rescale"],
+                   help="scale every residual sum by 1/sqrt(2), as SR3 does (its 64->128/256 networks)")
+    g.add_argument("--no_skip_rescale", dest="skip_rescale", action="store_false",
+                   help="plain residual sums (DDPM, ADM)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", choices=sorted(cdm.SCHEDULES), default=d["schedule"],
                    help="noise schedule (cosine: iDDPM §3.2; linear: DDPM §4)")
     g.add_argument("--T", type=int, default=d["T"], help="diffusion steps in training")
     g.add_argument("--variance", choices=["learned", "fixed"], default=d["variance"],
                    help="learned: hybrid loss (iDDPM §3.1); fixed: L_simple with Sigma = beta~")
-    g.add_argument("--prediction", choices=cdm.PREDICTIONS, default=d.get("prediction", "eps"),
+    g.add_argument("--prediction", choices=cdm.PREDICTIONS, default=d["prediction"],
                    help="what the network predicts: eps (DDPM, the paper), x0, or the velocity "
                         "v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)")
-    g.add_argument("--sampler", choices=cdm.SAMPLERS, default=d.get("sampler", "ancestral"),
+    g.add_argument("--sampler", choices=cdm.SAMPLERS, default=d["sampler"],
                    help="how this stage is sampled: the preview grids, and sample.py's default")
     g.add_argument("--sample_steps", type=int, default=d["sample_steps"],
-                   help="sampling steps: the preview grids, and sample.py's default")
+                   help="sampling steps: the preview grids, and sample.py's default (the ImageNet "
+                        "presets: all T, as reported for the paper; sample.py --steps 250 is 16x faster)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d["steps"], help="training steps")
     g.add_argument("--batch_size", type=int, default=d["batch_size"],
@@ -80,10 +131,15 @@ def add_common_args(p, d):
                         "the rest (0: the whole per-process batch at once)")
     g.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper: 1e-4)")
     g.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up steps")
-    g.add_argument("--lr_decay", choices=["none", "cosine"], default=d.get("lr_decay", "none"),
+    g.add_argument("--lr_decay", choices=["none", "cosine"], default=d["lr_decay"],
                    help="after warm-up: constant (the paper) or cosine decay to lr/10 (short runs)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--grad_clip", type=float, default=d["grad_clip"],
+                   help="clip the gradient norm (0: off; none is reported for the paper)")
     g.add_argument("--ema", type=float, default=d["ema"], help="EMA decay of the weights (paper: 0.9999)")
+    g.add_argument("--ema_warmup", dest="ema_warmup", action="store_true", default=d["ema_warmup"],
+                   help="EMA decay min(ema, (1 + step) / (10 + step)): short runs are not dominated by "
+                        "the initial weights (our choice; none is reported for the paper)")
+    g.add_argument("--no_ema_warmup", dest="ema_warmup", action="store_false", help="the EMA decay from step 0")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d["out"], help="folder for the checkpoint, log and preview grids")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
@@ -94,9 +150,9 @@ def add_common_args(p, d):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster steps on GPUs after a one-off compilation")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--save_every", type=int, default=d.get("save_every", 500),
+    g.add_argument("--save_every", type=int, default=d["save_every"],
                    help="steps between saves of OUT/ckpt.pt")
-    g.add_argument("--keep_every", type=int, default=d.get("keep_every", 0),
+    g.add_argument("--keep_every", type=int, default=d["keep_every"],
                    help="also keep OUT/ckpt_STEP.pt every this many steps (0: only the last)")
     g.add_argument("--sample_every", type=int, default=0, help="steps between preview grids (0: end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -162,7 +218,8 @@ def model_config(args, *, out_channels, num_classes, low_res=None, aug_time=Fals
             "num_res_blocks": args.res_blocks, "attention_resolutions": list(args.attn),
             "num_heads": args.heads, "dropout": args.dropout, "out_channels": out_channels,
             "num_classes": num_classes, "low_res": low_res, "aug_time": aug_time,
-            "in_channels": in_channels}
+            "in_channels": in_channels,
+            **({"skip_rescale": True} if args.skip_rescale else {})}  # absent: the configs of older checkpoints
 
 
 def make_config(args, dataset, *, low_res=None, augment=None):
@@ -616,8 +673,8 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(opt)
         scaler.update()
-        # EMA with a warm-up so that short CPU runs are not dominated by the random init (our choice).
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        # --ema_warmup: so that short CPU runs are not dominated by the random init (our choice).
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema)
         return loss_sum, torch.cat(mse)
 
     class Stats:
