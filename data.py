@@ -13,8 +13,8 @@ a prepared folder's images stay on disk (DiskImages) and are read per batch by i
 
 Low-res copies are always *area* (box) downsamples of the high-res images, never re-renders: this is
 exactly how a cascade's SR training pairs (x0, z0) are made, so `load_dataset("shapes", 16)` is the
-conditioning a 16->32 stage sees for `load_dataset("shapes", 32)` [choice: anti-aliased area
-downsampling, see paper-notes §3].
+conditioning a 16->32 stage sees for `load_dataset("shapes", 32)` [our choice: the paper does not
+name the filter; anti-aliased area downsampling is the usual one].
 """
 import errno
 import hashlib

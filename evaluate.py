@@ -2,7 +2,7 @@
 
 1. Class accuracy: a small classifier trained only on *real* images of the dataset labels the
    final-stage samples; the fraction labelled with the class they were conditioned on says
-   whether class conditioning survived the whole cascade (a miniature of CAS, CDM §4.2, but
+   whether class conditioning survived the whole cascade (a miniature of CAS, CDM §4.1, but
    with the roles reversed: here the classifier is trained on real data and tested on samples).
 2. Low-res consistency of each SR stage: its output, downsampled back to its input resolution,
    against the clean low-res image it was conditioned on (before augmentation), as PSNR in dB.
@@ -11,7 +11,7 @@
    classifier instead of Inception-v3: the formulas are the standard ones, the numbers are NOT
    comparable with published Inception FIDs. For ImageNet samples, run the ADM evaluation suite
    (openai/guided-diffusion, evaluations/) on sample.py's samples.npz, which uses its layout.
-4. CAS (CDM §4.2, --cas): a classifier trained from scratch on the samples only, tested on real
+4. CAS (CDM §4.1, --cas): a classifier trained from scratch on the samples only, tested on real
    held-out images; top-1 and top-5.
 
   python evaluate.py                      # scores samples/ (written by sample.py) on 'shapes'
@@ -124,7 +124,7 @@ def inception_score(probs, splits=1):
 
 
 def classification_accuracy_score(samples, labels, real, steps=300, seed=0):
-    """CAS (Ravuri & Vinyals 2019; CDM §4.2): train a classifier from scratch on generated
+    """CAS (Ravuri & Vinyals 2019; CDM §4.1): train a classifier from scratch on generated
     samples only, report its top-1 and top-5 accuracy on held-out *real* images."""
     train_set = data.ImageData(samples, labels, real.num_classes, real.class_names)
     clf = train_classifier(train_set, steps=steps, seed=seed)

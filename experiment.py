@@ -1,4 +1,4 @@
-"""experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3-4.4), in miniature.
+"""experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3, §4.4), in miniature.
 
   python experiment.py                  # ~50 min on 2 CPU cores; writes results/
   python experiment.py --quick          # a 2-minute smoke run of the same pipeline (tiny, noisy)

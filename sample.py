@@ -1,4 +1,4 @@
-"""sample.py -- sample a trained cascade, given only its checkpoints (CDM §3.1, Fig. 1).
+"""sample.py -- sample a trained cascade, given only its checkpoints (CDM §3, Fig. 1).
 
 Each checkpoint carries its model, diffusion and augmentation configuration, so the stages are
 rebuilt from the files alone; stages that do not fit together are refused with a clear message.
@@ -55,7 +55,8 @@ def parse_args(argv=None):
                    help="sample once per value, e.g. 0,100,250, used as s for every noise-augmented "
                         "stage; writes samples_s<value>.npz each (same seed, so only s differs)")
     p.add_argument("--truncated", action="store_true",
-                   help="stop the previous stage's chain at s instead of re-noising its z0 (CDM §3.3)")
+                   help="stop the previous stage's chain at s (truncated, CDM §3.2) instead of "
+                        "re-noising its z0 (non-truncated, CDM §3.3)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM's eta (0: deterministic; 1: DDPM-like noise); implies --sampler ddim")
     p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
