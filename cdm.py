@@ -200,6 +200,27 @@ def karras_timesteps(alphas_cumprod, K, include=(), sigma_max=80.0, rho=7.0):
     return sorted(kept)
 
 
+def posterior_coefficients(betas):
+    """The posterior q(x_{t-1} | x_t, x0) = N(mu~_t(x_t, x0), beta~_t I), DDPM Eqs. (6)-(7), as
+    three float64 arrays indexed by t = 0..T (betas: (T + 1,), beta_0 = 0):
+
+        beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t                       (variance)
+        mu~_t   = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0                     (coef_x0)
+                + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t          (coef_xt)
+
+    with abar_t = prod_{i<=t} (1 - beta_i), abar_0 = 1. At t = 0 (1 - abar_0 = 0) all three are 0.
+    Returns (variance, coef_x0, coef_xt)."""
+    betas = np.asarray(betas, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])                     # abar_{t-1}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        one_minus = 1.0 - abar
+        variance = np.where(one_minus > 0, (1 - abar_prev) / one_minus * betas, 0)
+        coef_x0 = np.where(one_minus > 0, np.sqrt(abar_prev) * betas / one_minus, 0)
+        coef_xt = np.where(one_minus > 0, np.sqrt(1 - betas) * (1 - abar_prev) / one_minus, 0)
+    return variance, coef_x0, coef_xt
+
+
 class GaussianDiffusion:
     """The forward process q, the reverse process p_theta, their losses and samplers.
 
@@ -222,18 +243,10 @@ class GaussianDiffusion:
         # Everything below is float64 and indexed by t = 0..T (entry 0: the clean data).
         self.betas = betas
         self.alphas_cumprod = np.cumprod(1.0 - betas)                      # abar_t, abar_0 = 1
-        abar_prev = np.concatenate([[1.0], self.alphas_cumprod[:-1]])      # abar_{t-1}
-        # Posterior q(x_{t-1} | x_t, x0) = N(mu~_t, beta~_t I), DDPM Eqs. (6)-(7):
-        #   beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t
-        #   mu~_t   = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0
-        #           + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t
-        with np.errstate(divide="ignore", invalid="ignore"):
-            one_minus = 1.0 - self.alphas_cumprod
-            self.posterior_variance = np.where(one_minus > 0, (1 - abar_prev) / one_minus * betas, 0)
-            self.posterior_mean_coef_x0 = np.where(one_minus > 0,
-                                                   np.sqrt(abar_prev) * betas / one_minus, 0)
-            self.posterior_mean_coef_xt = np.where(
-                one_minus > 0, np.sqrt(1 - betas) * (1 - abar_prev) / one_minus, 0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)            # x_t = sqrt(abar_t) x0
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1 - self.alphas_cumprod)  # + sqrt(1 - abar_t) eps
+        (self.posterior_variance, self.posterior_mean_coef_x0,
+         self.posterior_mean_coef_xt) = posterior_coefficients(betas)
         # beta~_1 = 0, so log beta~_1 = -inf: borrow beta~_2 for the log, as iDDPM does. This only
         # matters for the decoder term L_0 and for the learned-variance interpolation at t = 1.
         pv = self.posterior_variance.copy()
@@ -451,67 +464,112 @@ class GaussianDiffusion:
         device = next(model.parameters()).device
         x = gaussian(shape, generator, device) if noise is None else noise.to(device)
         end = self._index_of(stop_at) if stop_at else 0
-        abar = self.alphas_cumprod                             # float64, abar[0] = 1
-        alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)        # x_t = alpha_t x0 + sigma_t eps
-        x0_prev = h_prev = None                                # DPM-Solver++(2M)'s memory
+        fresh = lambda: gaussian(shape, generator, device)    # N(0, I), drawn when a step asks
+        step = getattr(self, STEP_OF[sampler])
+        memory = {}                                            # what a multistep solver remembers
         for i in tqdm(range(self.T, end, -1), desc=desc, disable=not progress, leave=False):
-            j = i - 1                                          # the step this one lands on
-            if sampler in ("ancestral", "ddim"):
-                t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-                mean, logvar, x0_hat, _ = self.p_mean_variance(model, x, t, model_kwargs)
-                n = gaussian(shape, generator, device) if i > 1 else torch.zeros_like(x)
-                if sampler == "ancestral":                     # x_{t-1} = mu + Sigma^1/2 n
-                    x = mean + torch.exp(0.5 * logvar) * n
-                    continue
-                # DDIM step from t to t' = j (DDIM Eq. (12), sigma from DDIM Eq. (16)):
-                #   x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
-                #   sigma  = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})
-                eps = (x - alpha[i] * x0_hat) / sigma[i]       # consistent with the clipping
-                sig = eta * math.sqrt((1 - abar[j]) / (1 - abar[i]) * (1 - abar[i] / abar[j]))
-                x = alpha[j] * x0_hat + math.sqrt(max(1 - abar[j] - sig ** 2, 0.0)) * eps + sig * n
-            elif sampler.startswith("dpm++2m"):
-                # DPM-Solver++(2M) in the data prediction x0_hat, with h = lambda_{t'} - lambda_t:
-                #   ODE: x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D
-                #   SDE: x_{t'} = (sigma_{t'} / sigma_t) e^{-h} x_t + alpha_{t'} (1 - e^{-2h}) D
-                #                 + sigma_{t'} sqrt(1 - e^{-2h}) n,   n ~ N(0, I)
-                #   D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_{previous step},  r = h_prev / h
-                # D = x0_hat on the first step, where the ODE step is DDIM (eta = 0) and the SDE
-                # step is DDPM's posterior with variance beta~ (DDIM, eta = 1). On a last step to
-                # t' = 0 (sigma = 0, h = inf) both return x0_hat: first order there.
-                x0_hat, _ = self.denoise(model, x, i, model_kwargs)
-                if j == 0:
-                    x = x0_hat
-                    continue
-                h = math.log(alpha[j] / sigma[j]) - math.log(alpha[i] / sigma[i])
-                D = x0_hat
-                if x0_prev is not None:
-                    r = h_prev / h
-                    D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * x0_prev
-                if sampler == "dpm++2m":
-                    x = (sigma[j] / sigma[i]) * x - alpha[j] * math.expm1(-h) * D
-                else:
-                    x = (sigma[j] / sigma[i] * math.exp(-h)) * x - alpha[j] * math.expm1(-2 * h) * D \
-                        + sigma[j] * math.sqrt(-math.expm1(-2 * h)) * gaussian(shape, generator, device)
-                x0_prev, h_prev = x0_hat, h
-            else:
-                # Heun (EDM Alg. 1, deterministic), in x~ = x / alpha and sigma~ = sigma / alpha,
-                # where the ODE is dx~/dsigma~ = eps_hat:
-                #   Euler:  x~' = x~ + (sigma~_{t'} - sigma~_t) eps_hat(x_t, t)           (= DDIM)
-                #   Heun:   x~' = x~ + (sigma~_{t'} - sigma~_t) (eps_hat_t + eps_hat_{t'}') / 2,
-                # the second slope taken at the Euler point; skipped when sigma~_{t'} = 0.
-                # Written back in x (x = alpha x~ = alpha x0_hat + sigma eps_hat) so that nothing
-                # is divided by alpha_T ~ 0:  x' = alpha_{t'} x0_hat_t + sigma_{t'} eps_hat_t
-                # for Euler, and for Heun, with k = alpha_{t'} sigma_t / alpha_t,
-                #   x' = alpha_{t'} x0_hat_t + (sigma_{t'} + k)/2 eps_hat_t + (sigma_{t'} - k)/2 eps_hat'.
-                x0_hat, eps = self.denoise(model, x, i, model_kwargs)
-                x_euler = alpha[j] * x0_hat + sigma[j] * eps
-                if j == 0:
-                    x = x_euler
-                    continue
-                _, eps2 = self.denoise(model, x_euler, j, model_kwargs)
-                k = alpha[j] * sigma[i] / alpha[i]
-                x = alpha[j] * x0_hat + (sigma[j] + k) / 2 * eps + (sigma[j] - k) / 2 * eps2
+            x = step(model, x, i, model_kwargs, fresh=fresh, eta=eta, memory=memory)
         return x
+
+    # --- one step of each sampler, from index i of this chain to i - 1 ------------------------
+    # Each takes the same arguments: x at index i, fresh() for new N(0, I) noise, eta (DDIM's),
+    # memory (a dict a multistep solver keeps between steps); each ignores what it does not use.
+    def ancestral_step(self, model, x, i, model_kwargs, fresh, **_):
+        """DDPM Alg. 2, line 4: x_{t-1} = mu_theta(x_t, t) + Sigma_theta(x_t, t)^{1/2} n, n ~ N(0, I),
+        with the model's variance (learned or fixed), and n = 0 on the last step (t = 1)."""
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        mean, logvar, _, _ = self.p_mean_variance(model, x, t, model_kwargs)
+        n = fresh() if i > 1 else torch.zeros_like(x)
+        return mean + torch.exp(0.5 * logvar) * n
+
+    def ddim_step(self, model, x, i, model_kwargs, fresh, eta=0.0, **_):
+        """DDIM Eq. (12) from t to t' = the step before it, with sigma from DDIM Eq. (16):
+
+            x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
+            sigma  = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})
+
+        x0_hat is the clipped prediction of p_mean_variance, and eps_hat the noise consistent with
+        it, eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t). eta = 0: deterministic."""
+        j, abar = i - 1, self.alphas_cumprod
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        _, _, x0_hat, _ = self.p_mean_variance(model, x, t, model_kwargs)
+        n = fresh() if i > 1 else torch.zeros_like(x)
+        eps = (x - alpha[i] * x0_hat) / sigma[i]              # consistent with the clipping
+        sig = eta * math.sqrt((1 - abar[j]) / (1 - abar[i]) * (1 - abar[i] / abar[j]))
+        return alpha[j] * x0_hat + math.sqrt(max(1 - abar[j] - sig ** 2, 0.0)) * eps + sig * n
+
+    def _dpmpp_2m_data_term(self, x0_hat, i, memory):
+        """DPM-Solver++(2M)'s h = lambda_{t'} - lambda_t (log-SNR, lambda = log(alpha / sigma)) and
+        its second-order data term D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_{previous step},
+        r = h_previous / h; D = x0_hat on the first step. Remembers (x0_hat, h) in `memory`."""
+        j = i - 1
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        h = math.log(alpha[j] / sigma[j]) - math.log(alpha[i] / sigma[i])
+        D = x0_hat
+        if memory.get("x0_hat") is not None:
+            r = memory["h"] / h
+            D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * memory["x0_hat"]
+        memory.update(x0_hat=x0_hat, h=h)
+        return h, D
+
+    def dpmpp_2m_step(self, model, x, i, model_kwargs, memory, **_):
+        """DPM-Solver++(2M), DPM++ Alg. 2: the probability-flow ODE in the data prediction x0_hat,
+
+            x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D
+
+        with h and D as in _dpmpp_2m_data_term. On the first step (D = x0_hat) this is DDIM with
+        eta = 0; on a last step to t' = 0 (sigma = 0, h = inf) it returns x0_hat: first order."""
+        x0_hat, _ = self.denoise(model, x, i, model_kwargs)
+        j = i - 1
+        if j == 0:
+            return x0_hat
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        h, D = self._dpmpp_2m_data_term(x0_hat, i, memory)
+        return (sigma[j] / sigma[i]) * x - alpha[j] * math.expm1(-h) * D
+
+    def dpmpp_2m_sde_step(self, model, x, i, model_kwargs, fresh, memory, **_):
+        """The SDE variant of DPM-Solver++(2M) (Lu 2023, diffusers; not in the DPM++ paper):
+
+            x_{t'} = (sigma_{t'} / sigma_t) e^{-h} x_t + alpha_{t'} (1 - e^{-2h}) D
+                     + sigma_{t'} sqrt(1 - e^{-2h}) n,   n ~ N(0, I)
+
+        On the first step this is DDPM's posterior with variance beta~ (DDIM with eta = 1); on a
+        last step to t' = 0 it returns x0_hat."""
+        x0_hat, _ = self.denoise(model, x, i, model_kwargs)
+        j = i - 1
+        if j == 0:
+            return x0_hat
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        h, D = self._dpmpp_2m_data_term(x0_hat, i, memory)
+        return (sigma[j] / sigma[i] * math.exp(-h)) * x - alpha[j] * math.expm1(-2 * h) * D \
+            + sigma[j] * math.sqrt(-math.expm1(-2 * h)) * fresh()
+
+    def heun_step(self, model, x, i, model_kwargs, **_):
+        """Heun's step, EDM Alg. 1 (deterministic), in x~ = x / alpha and sigma~ = sigma / alpha,
+        where the ODE is dx~/dsigma~ = eps_hat:
+
+            Euler:  x~' = x~ + (sigma~_{t'} - sigma~_t) eps_hat(x_t, t)           (= DDIM)
+            Heun:   x~' = x~ + (sigma~_{t'} - sigma~_t) (eps_hat_t + eps_hat_{t'}') / 2,
+
+        the second slope taken at the Euler point; skipped when sigma~_{t'} = 0. Written back in x
+        (x = alpha x~ = alpha x0_hat + sigma eps_hat) so that nothing is divided by alpha_T ~ 0:
+        x' = alpha_{t'} x0_hat_t + sigma_{t'} eps_hat_t for Euler, and for Heun, with
+        k = alpha_{t'} sigma_t / alpha_t,
+            x' = alpha_{t'} x0_hat_t + (sigma_{t'} + k)/2 eps_hat_t + (sigma_{t'} - k)/2 eps_hat'."""
+        j = i - 1
+        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+        x0_hat, eps = self.denoise(model, x, i, model_kwargs)
+        x_euler = alpha[j] * x0_hat + sigma[j] * eps
+        if j == 0:
+            return x_euler
+        _, eps2 = self.denoise(model, x_euler, j, model_kwargs)
+        k = alpha[j] * sigma[i] / alpha[i]
+        return alpha[j] * x0_hat + (sigma[j] + k) / 2 * eps + (sigma[j] - k) / 2 * eps2
+
+
+STEP_OF = {"ancestral": "ancestral_step", "ddim": "ddim_step", "dpm++2m": "dpmpp_2m_step",
+           "dpm++2m-sde": "dpmpp_2m_sde_step", "heun": "heun_step"}   # GaussianDiffusion.sample
 
 
 def gaussian(shape, generator, device):
@@ -800,8 +858,15 @@ class UNet(nn.Module):
         if self.aug_time and s is None:
             raise ValueError("this SR model was trained with noise augmentation: pass s")
 
-    def forward(self, x_t, t, c=None, z=None, s=None):
-        self.check_inputs(x_t, t, c, z, s)
+    def conditioning(self, x_t, t, c=None, z=None, s=None):
+        """The network's input and its conditioning vector, from everything it is told:
+
+            emb  = MLP_t(embed(t)) + E_class[c] + MLP_s(embed(s))     (B, 4 ch): each term if used
+            x_in = concat(x_t, upsample(z)) along channels            (B, C + C, H, W) for SR models
+
+        The class term is the base's and every SR model's; s gets its own sinusoidal embedding and
+        MLP, "an extra time embedding input" (CDM §3.2), never t's; z is resized up to x_t's size
+        and concatenated with it (CDM §3). A base model's x_in is x_t. Returns (x_in, emb)."""
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.class_embed is not None:
             emb = emb + self.class_embed(c)
@@ -809,7 +874,12 @@ class UNet(nn.Module):
             emb = emb + self.aug_embed(timestep_embedding(s, self.model_channels))
         if self.low_res:
             x_t = torch.cat([x_t, upsample(z, self.resolution)], dim=1)  # (B, C+C, H, W)
-        h = self.input_conv(x_t)
+        return x_t, emb
+
+    def forward(self, x_t, t, c=None, z=None, s=None):
+        self.check_inputs(x_t, t, c, z, s)
+        x_in, emb = self.conditioning(x_t, t, c, z, s)
+        h = self.input_conv(x_in)
         hs = [h]
         for layers in self.down:
             for layer in layers:
@@ -898,6 +968,26 @@ def check_cascade(stages):
                              f"{prev.config.get('data')}, stage {k + 1}: {cur.config.get('data')})")
 
 
+def handover(z, aug, s, truncated, generator=None):
+    """What an SR stage is given of the previous stage's output z, as its conditioning inputs:
+
+      noise augmentation, truncated (CDM §3.2): the previous chain was stopped at step s, so z
+          already is z_s: hand it over as it is, with s
+      noise augmentation, non-truncated (CDM §3.3): z is the finished z0; re-noise it with the
+          low-res model's forward process, z_s = sqrt(abar_s) z0 + sqrt(1 - abar_s) eps (the
+          schedule of `aug`, through noise_augment), eps ~ N(0, I) from `generator`; with s
+      blur or no augmentation (CDM §3.1): the clean z, no s (no blur at sampling)
+
+    aug: the stage's augmentation config; s: its augmentation time (an int). Returns {"z": ...,
+    "s": int64 (B,)} for noise-augmented stages, {"z": ...} for the others."""
+    if aug["type"] != "noise":
+        return {"z": z}
+    s_k = torch.full((z.shape[0],), int(s), dtype=torch.long, device=z.device)
+    if not truncated:
+        z = noise_augment(z, s_k, aug_diffusion(aug), gaussian(z.shape, generator, z.device))
+    return {"z": z, "s": s_k}
+
+
 @torch.no_grad()
 def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=False, eta=0.0,
                    generator=None, progress=True):
@@ -926,20 +1016,11 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
         raise ValueError(f"samplers must be from {SAMPLERS}, got {samplers}")
     outputs, z = [], None
     for k, st in enumerate(stages):
-        aug = st.config["augment"]
         kwargs = {"c": c}
         if k > 0:
-            z0 = z
-            if aug["type"] == "noise":
-                if s[k] is None:
-                    raise ValueError(f"stage {k + 1} was trained with noise augmentation: choose s")
-                s_k = torch.full((B,), int(s[k]), dtype=torch.long, device=z0.device)
-                # Truncated: z already is z_s from the previous chain. Non-truncated: re-noise z0.
-                z = z0 if truncated else noise_augment(z0, s_k, aug_diffusion(aug),
-                                                       gaussian(z0.shape, generator, z0.device))
-                kwargs.update(z=z, s=s_k)
-            else:
-                kwargs.update(z=z0)
+            if st.config["augment"]["type"] == "noise" and s[k] is None:
+                raise ValueError(f"stage {k + 1} was trained with noise augmentation: choose s")
+            kwargs.update(handover(z, st.config["augment"], s[k], truncated, generator))
         # Will the next stage want this chain stopped early at its s (truncated augmentation)?
         stop_at = 0
         nxt = stages[k + 1].config["augment"] if k + 1 < len(stages) else None
