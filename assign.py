@@ -1,0 +1,559 @@
+"""assign.py -- a course-assignment kit: blank units of the paper, hand them out, grade them.
+
+  python assign.py make --out hw1                          # every unit blanked, in hw1/
+  python assign.py make --units schedules,posterior --out hw1   # only these
+  python assign.py grade hw1                               # a table, and hw1/results.json
+  python assign.py list                                    # the units and their tests
+
+`make` copies the repository for students with each chosen unit's body replaced by a stub that
+keeps its signature and docstring (the formula and the citation) and raises NotImplementedError
+naming the exercise, and writes ASSIGNMENT.md: the units in order, each with its paper section,
+what to implement and the one command that checks it. Everything that does not call a blanked
+unit still runs. The kit itself (this file: its wrong answers are one edit away from the reference
+bodies) is not copied.
+
+`grade` runs each unit's tests, from this repository's test_cdm.py (not the copy's), against the
+student's code, one process per unit with a timeout: that unit's functions come from the
+student, every other unit's from the reference, so a crash, a hang, an import error or a wrong
+answer in one unit costs that unit only, and an early mistake is not charged again in every
+later unit that calls it. It prints a table (unit, tests passed, points) and writes results.json
+in Gradescope's autograder format.
+"""
+import argparse
+import ast
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import safety
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = "cdm.py"            # every unit is a function (or two) of the paper's file
+
+
+@dataclass
+class Unit:
+    name: str                # what --units takes
+    functions: tuple         # qualified names in cdm.py: "cosine_schedule", "GaussianDiffusion.q_sample"
+    section: str             # the paper it implements (docs/paper.md)
+    task: str                # what to implement, one line for ASSIGNMENT.md
+    tests: tuple             # its tests in test_cdm.py
+    points: int = 1
+
+
+# In the order a course would take them: each unit's reference answers only use units before it.
+UNITS = [
+    Unit("schedules", ("linear_schedule", "cosine_schedule"), "DDPM §4; iDDPM §3.2, Eq. (17)",
+         "the linear and the cosine noise schedules: beta_t for t = 0..T (beta_0 = 0), the cosine one "
+         "through abar_t = f(t) / f(0) with its offset and its clip",
+         ("test_linear_schedule_closed_form", "test_cosine_schedule_closed_form_and_clip")),
+    Unit("q_sample", ("GaussianDiffusion.q_sample",), "DDPM Eq. (4)",
+         "the forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps",
+         ("test_q_sample_mean_and_variance",)),
+    Unit("posterior", ("posterior_coefficients",), "DDPM Eqs. (6)-(7)",
+         "the posterior q(x_{t-1} | x_t, x0): its variance beta~_t and the two coefficients of its mean",
+         ("test_q_posterior_matches_bayes_rule", "test_posterior_coefficients_closed_form")),
+    Unit("target", ("GaussianDiffusion.target", "GaussianDiffusion.x0_and_eps"), "DDPM Eq. (14); PD §4",
+         "what the network regresses in L_simple (eps, x0 or the velocity v), and (x0_hat, eps_hat) "
+         "back from its prediction",
+         ("test_prediction_targets_invert_to_x0_and_eps", "test_velocity_target_closed_form")),
+    Unit("hybrid", ("GaussianDiffusion.model_log_variance", "GaussianDiffusion.training_losses"),
+         "iDDPM §3.1, Eqs. (15)-(16)",
+         "the learned variance Sigma = exp(v log beta + (1 - v) log beta~) and the losses: L_simple, and "
+         "L_hybrid = L_simple + lambda L_vlb with the mean's gradient stopped inside L_vlb",
+         ("test_learned_range_variance_endpoints", "test_hybrid_loss_vlb_trains_only_the_variance",
+          "test_initial_l_simple_is_one_with_zero_initialised_output", "test_hybrid_loss_closed_form"), 2),
+    Unit("respacing", ("spaced_timesteps", "GaussianDiffusion.respace"), "iDDPM §4",
+         "respaced sampling: K of the T steps, evenly spaced and containing T, betas recomputed from abar, "
+         "the network told the original t",
+         ("test_respacing_keeps_abar_and_full_respacing_is_identity", "test_respaced_chain_tells_the_network_the_original_t")),
+    Unit("ancestral", ("GaussianDiffusion.ancestral_step",), "DDPM Alg. 2",
+         "one ancestral step: x_{t-1} = mu_theta + Sigma_theta^{1/2} n, no noise on the last step",
+         ("test_ancestral_step_closed_form", "test_ancestral_sampling_with_the_true_prediction_recovers_a_point_mass")),
+    Unit("ddim", ("GaussianDiffusion.ddim_step",), "DDIM Eq. (12), Eq. (16)",
+         "one DDIM step, eta = 0 deterministic, with eps_hat consistent with the clipped x0_hat",
+         ("test_ddim_step_closed_form", "test_ddim_eta0_is_deterministic_and_ddpm_is_not")),
+    Unit("dpmpp_2m", ("GaussianDiffusion._dpmpp_2m_data_term", "GaussianDiffusion.dpmpp_2m_step"), "DPM++ Alg. 2",
+         "one DPM-Solver++(2M) step: h in log-SNR, the second-order data term D, the exponential update",
+         ("test_dpmpp_2m_step_closed_form", "test_ode_samplers_converge_at_their_order"), 2),
+    Unit("noise_augment", ("noise_augment", "sample_aug_time"), "CDM §3",
+         "Gaussian conditioning augmentation: z_s with the low-res model's forward process, and s ~ U{0..s_max}",
+         ("test_noise_augment_identity_at_zero_and_forward_marginal", "test_sample_aug_time_covers_zero_to_s_max")),
+    Unit("blur", ("gaussian_kernel3", "blur_augment"), "CDM §3.1",
+         "blur augmentation: normalised 3x3 Gaussian kernels, applied to a fraction p of the examples",
+         ("test_blur_kernel_sums_to_one_and_is_symmetric", "test_blur_augment_hits_about_half_and_preserves_mean")),
+    Unit("handover", ("handover",), "CDM §3.2, §3.3",
+         "what an SR stage is given of the previous stage's output: z_s as it is (truncated), z0 re-noised "
+         "(non-truncated), clean z (blur)",
+         ("test_handover_closed_form", "test_truncated_sampling_hands_over_z_s_from_the_right_step",
+          "test_blur_stage_gets_clean_z_at_sampling")),
+    Unit("conditioning", ("UNet.conditioning", "ResBlock.forward"), "ADM §3.1; CDM §3, §3.2",
+         "the U-Net's conditioning: the t, class and s embeddings, z upsampled and concatenated, and "
+         "each residual block's scale-shift GN(h) (1 + scale) + shift",
+         ("test_unet_conditioning_inputs_matter", "test_conditioning_closed_form"), 2),
+]
+UNIT_BY_NAME = {u.name: u for u in UNITS}
+
+
+# --- wrong answers students write: each must fail its unit's tests (test_cdm.py proves it) -------
+# (description, function, the reference text, what the student wrote instead)
+WRONG_ANSWERS = {
+    "schedules": [
+        ("the cosine schedule without its 0.008 offset", "cosine_schedule",
+         "(t / T + offset) / (1 + offset)", "(t / T)"),
+        ("the cosine schedule without the 0.999 clip of beta", "cosine_schedule",
+         "np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)", "1.0 - abar[1:] / abar[:-1]"),
+        ("the linear schedule not rescaled by 1000 / T", "linear_schedule", "scale = 1000.0 / T", "scale = 1.0"),
+    ],
+    "q_sample": [
+        ("sqrt(abar_{t-1}) for sqrt(abar_t): the index one off", "GaussianDiffusion.q_sample",
+         '_at("alphas_cumprod", t, x0).sqrt() * x0', '_at("alphas_cumprod", (t - 1).clamp(min=0), x0).sqrt() * x0'),
+        ("the noise scaled by the variance 1 - abar_t, not its square root", "GaussianDiffusion.q_sample",
+         '(1 - self._at("alphas_cumprod", t, x0)).sqrt() * eps', '(1 - self._at("alphas_cumprod", t, x0)) * eps'),
+    ],
+    "posterior": [
+        ("beta_t instead of beta~_t as the posterior variance", "posterior_coefficients",
+         "variance = np.where(one_minus > 0, (1 - abar_prev) / one_minus * betas, 0)", "variance = betas.copy()"),
+        ("abar_t for abar_{t-1} in the x0 coefficient", "posterior_coefficients",
+         "np.sqrt(abar_prev) * betas / one_minus", "np.sqrt(abar) * betas / one_minus"),
+        ("the two mean coefficients swapped", "posterior_coefficients",
+         "return variance, coef_x0, coef_xt", "return variance, coef_xt, coef_x0"),
+    ],
+    "target": [
+        ("the velocity's sign flipped: sqrt(1 - abar) x0 - sqrt(abar) eps", "GaussianDiffusion.target",
+         "return abar.sqrt() * eps - (1 - abar).sqrt() * x0", "return (1 - abar).sqrt() * x0 - abar.sqrt() * eps"),
+        ("the velocity with abar for sqrt(abar)", "GaussianDiffusion.target",
+         "return abar.sqrt() * eps - (1 - abar).sqrt() * x0", "return abar * eps - (1 - abar) * x0"),
+        ("x0 from a velocity with the two terms swapped", "GaussianDiffusion.x0_and_eps",
+         "return abar.sqrt() * x_t - (1 - abar).sqrt() * pred, (1 - abar).sqrt() * x_t + abar.sqrt() * pred",
+         "return (1 - abar).sqrt() * x_t - abar.sqrt() * pred, abar.sqrt() * x_t + (1 - abar).sqrt() * pred"),
+    ],
+    "hybrid": [
+        ("iDDPM's v used as the interpolation fraction, not (v + 1) / 2", "GaussianDiffusion.model_log_variance",
+         "        frac = (v + 1) / 2\n", "        frac = v\n"),
+        ("no stop-gradient: L_vlb also trains the mean", "GaussianDiffusion.training_losses",
+         "self.x0_and_eps(x_t, t, pred.detach())[0]", "self.x0_and_eps(x_t, t, pred)[0]"),
+        ("lambda L_vlb without the T that turns L_t into the bound L_vlb", "GaussianDiffusion.training_losses",
+         "self.lambda_vlb * self.T * terms", "self.lambda_vlb * terms"),
+    ],
+    "respacing": [
+        ("the kept steps' betas copied from the original schedule", "GaussianDiffusion.respace",
+         "betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])", "betas = self.betas[kept]"),
+        ("the network told the respaced index instead of the original t", "GaussianDiffusion.respace",
+         "timesteps=np.concatenate([[0], self.timesteps[kept]])", "timesteps=None"),
+        ("steps from 0, not always containing T", "spaced_timesteps",
+         "np.linspace(1, T, K) if K > 1 else [T]", "np.arange(1, T + 1, max(1, T // K))[:K]"),
+    ],
+    "ancestral": [
+        ("noise added on the last step too", "GaussianDiffusion.ancestral_step",
+         "n = fresh() if i > 1 else torch.zeros_like(x)", "n = fresh()"),
+        ("the variance, not the standard deviation, times the noise", "GaussianDiffusion.ancestral_step",
+         "torch.exp(0.5 * logvar) * n", "torch.exp(logvar) * n"),
+    ],
+    "ddim": [
+        ("eps_hat from the model, ignoring the clipping of x0_hat", "GaussianDiffusion.ddim_step",
+         ("_, _, x0_hat, _ = self.p_mean_variance(model, x, t, model_kwargs)",
+          "eps = (x - alpha[i] * x0_hat) / sigma[i]"),
+         ("_, _, x0_hat, eps_model = self.p_mean_variance(model, x, t, model_kwargs)", "eps = eps_model")),
+        ("sigma without its square root: eta (1 - abar') / (1 - abar) (1 - abar / abar')", "GaussianDiffusion.ddim_step",
+         "sig = eta * math.sqrt((1 - abar[j]) / (1 - abar[i]) * (1 - abar[i] / abar[j]))",
+         "sig = eta * (1 - abar[j]) / (1 - abar[i]) * (1 - abar[i] / abar[j])"),
+        ("x0_hat weighted by sqrt(abar_t), not sqrt(abar_{t'})", "GaussianDiffusion.ddim_step",
+         "return alpha[j] * x0_hat", "return alpha[i] * x0_hat"),
+    ],
+    "dpmpp_2m": [
+        ("first order only: D = x0_hat on every step", "GaussianDiffusion._dpmpp_2m_data_term",
+         'if memory.get("x0_hat") is not None:', "if False:"),
+        ("r upside down: h / h_previous", "GaussianDiffusion._dpmpp_2m_data_term",
+         'r = memory["h"] / h', 'r = h / memory["h"]'),
+        ("e^{h} for e^{-h}", "GaussianDiffusion.dpmpp_2m_step",
+         "alpha[j] * math.expm1(-h) * D", "alpha[j] * math.expm1(h) * D"),
+    ],
+    "noise_augment": [
+        ("z0 not scaled: z_s = z0 + sqrt(1 - abar_s) eps", "noise_augment",
+         "return low_res_diffusion.q_sample(z0, s, eps)",
+         'return z0 + (1 - low_res_diffusion._at("alphas_cumprod", s, z0)).sqrt() * eps'),
+        ("s drawn from U{0..s_max - 1}: s_max never trained", "sample_aug_time",
+         "(u * (int(s_max) + 1))", "(u * int(s_max))"),
+        ("s drawn from U{1..s_max}: clean z never trained", "sample_aug_time",
+         "(u * (int(s_max) + 1)).long()", "(1 + u * int(s_max)).long()"),
+    ],
+    "blur": [
+        ("blur on every example instead of a fraction p", "blur_augment",
+         "applied = u[:, 0] < p", "applied = u[:, 0] < 1.0"),
+        ("the kernel not normalised to sum to one", "gaussian_kernel3",
+         "return k / k.sum(dim=(1, 2), keepdim=True)", "return k"),
+        ("sigma used as the variance: exp(-d^2 / (2 sigma))", "gaussian_kernel3",
+         "(2 * sigma[:, None] ** 2)", "(2 * sigma[:, None])"),
+    ],
+    "handover": [
+        ("handing over the clean z0 instead of z_s (non-truncated)", "handover",
+         "    if not truncated:\n", "    if False:\n"),
+        ("re-noising z_s when truncated too: noise twice", "handover",
+         "    if not truncated:\n", "    if True:\n"),
+        ("s handed over as 0", "handover",
+         "torch.full((z.shape[0],), int(s)", "torch.full((z.shape[0],), 0"),
+    ],
+    "conditioning": [
+        ("s fed through t's embedding", "UNet.conditioning",
+         "self.aug_embed(timestep_embedding(s, self.model_channels))",
+         "self.time_embed(timestep_embedding(s, self.model_channels))"),
+        ("scale-shift without the 1: GN(h) scale + shift", "ResBlock.forward",
+         "self.out_norm(h) * (1 + scale) + shift", "self.out_norm(h) * scale + shift"),
+        ("the class ignored", "UNet.conditioning", "emb = emb + self.class_embed(c)", "emb = emb"),
+        ("z concatenated before x_t", "UNet.conditioning",
+         "torch.cat([x_t, upsample(z, self.resolution)], dim=1)", "torch.cat([upsample(z, self.resolution), x_t], dim=1)"),
+    ],
+}
+
+
+# --- finding, blanking and splicing functions in a source file ---------------------------------
+@functools.lru_cache(maxsize=64)
+def function_nodes(source):
+    """{qualified name: ast.FunctionDef} for the module-level functions and the methods of
+    module-level classes of a file's text (parsed once per text)."""
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef):
+            out[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    out[f"{node.name}.{item.name}"] = item
+    return out
+
+
+def _span(node):
+    """(first line, last line), 1-based, of a function with its decorators."""
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return first, node.end_lineno
+
+
+def replace_functions(source, replacements):
+    """source with each function named in `replacements` ({qualified name: its new text, def line
+    included}) put in place of the old one."""
+    lines = source.splitlines(keepends=True)
+    nodes = function_nodes(source)
+    for name in replacements:
+        if name not in nodes:
+            raise KeyError(f"{SOURCE} has no function {name}")
+    for name, text in sorted(replacements.items(), key=lambda kv: -_span(nodes[kv[0]])[0]):
+        first, last = _span(nodes[name])
+        lines[first - 1:last] = [text if text.endswith("\n") else text + "\n"]
+    return "".join(lines)
+
+
+def function_text(source, name):
+    """The text of one function (decorators and def line included), or None if it is not there."""
+    nodes = function_nodes(source)
+    if name not in nodes:
+        return None
+    first, last = _span(nodes[name])
+    return "".join(source.splitlines(keepends=True)[first - 1:last])
+
+
+def stub_text(source, name, exercise, unit):
+    """A function's stub: its decorators, signature and docstring, then NotImplementedError."""
+    node = function_nodes(source)[name]
+    lines = source.splitlines(keepends=True)
+    first, _ = _span(node)
+    body = node.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+        and isinstance(body[0].value.value, str)
+    keep_to = body[0].end_lineno if has_doc else body[0].lineno - 1
+    indent = re.match(r"\s*", lines[body[0].lineno - 1]).group(0)
+    head = "".join(lines[first - 1:keep_to])
+    return head + (f'{indent}raise NotImplementedError("exercise {exercise} ({unit}): write {name} '
+                   f'-- see ASSIGNMENT.md")\n')
+
+
+def stubbed_source(source, unit_names):
+    """The source with every function of the named units blanked (stub_text)."""
+    reps = {}
+    for k, unit in enumerate(UNITS, 1):
+        if unit.name in unit_names:
+            for f in unit.functions:
+                reps[f] = stub_text(source, f, k, unit.name)
+    return replace_functions(source, reps)
+
+
+def mutated_source(source, function, old, new):
+    """The source with one wrong answer put in: `old` replaced by `new` inside `function` only
+    (a pair of tuples: several replacements)."""
+    text = function_text(source, function)
+    for a, b in zip(*((old, new) if isinstance(old, tuple) else ((old,), (new,)))):
+        if text is None or text.count(a) != 1:
+            raise ValueError(f"{function} contains {a!r} {0 if text is None else text.count(a)} times, "
+                             "not once: update the wrong answer")
+        text = text.replace(a, b)
+    return replace_functions(source, {function: text})
+
+
+def spliced_source(student, reference, unit):
+    """What one unit is graded on: the student's file with every *other* unit's functions taken
+    from the reference. A file that does not parse keeps only this unit's functions, cut out of
+    it by their indentation, in the reference file (so that a syntax error elsewhere costs only
+    the units it is in)."""
+    mine = set(UNIT_BY_NAME[unit].functions)
+    try:
+        others = {f: function_text(reference, f) for u in UNITS for f in u.functions if f not in mine}
+        have = function_nodes(student)
+        return replace_functions(student, {f: t for f, t in others.items() if f in have})
+    except SyntaxError:
+        pass
+    cut = {}
+    for f in mine:
+        text = _cut_by_indentation(student, f)
+        if text is None:
+            raise ValueError(f"{f} cannot be found in the student's {SOURCE}")
+        cut[f] = text
+    return replace_functions(reference, cut)
+
+
+def _cut_by_indentation(source, name):
+    """A function's text found by its 'def' line (inside its 'class' line, for a method) and the
+    lines indented deeper than it, for a file that does not parse."""
+    cls, _, leaf = name.rpartition(".")
+    lines = source.splitlines(keepends=True)
+    start = 0
+    if cls:
+        start = next((k for k, line in enumerate(lines) if re.match(rf"class {re.escape(cls)}\b", line)), None)
+        if start is None:
+            return None
+    for k in range(start, len(lines)):
+        if k > start and cls and re.match(r"\S", lines[k]):
+            return None                                   # past the end of the class
+        m = re.match(rf"(\s*)def {re.escape(leaf)}\(", lines[k])
+        if m and bool(cls) == bool(m.group(1)):
+            indent, end = len(m.group(1)), k + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+                end += 1
+            while end > k + 1 and not lines[end - 1].strip():
+                end -= 1                                  # not the blank lines after it
+            return "".join(lines[k:end])
+    return None
+
+
+def distinctive_lines(source, unit_names):
+    """The lines of the named units' reference bodies that appear nowhere else in the reference
+    code: what a copy for students must not contain (a line shared with other code, like
+    'abar = self._at(...)', gives nothing away)."""
+    blank = stubbed_source(source, unit_names)
+    elsewhere = set(_norm_lines(blank))
+    for name in sorted(os.listdir(HERE)):
+        if name.endswith(".py") and name not in (SOURCE, "assign.py", "test_cdm.py"):
+            elsewhere |= set(_norm_lines(open(os.path.join(HERE, name), encoding="utf-8").read()))
+    body = set()
+    for u in UNITS:
+        if u.name in unit_names:
+            for f in u.functions:
+                body |= set(_norm_lines(function_text(source, f)))
+    return sorted(line for line in body - elsewhere if len(line) > 12 and not line.startswith("#"))
+
+
+def _norm_lines(text):
+    return [re.sub(r"\s+", " ", line.split("  #")[0]).strip() for line in text.splitlines()]
+
+
+# --- make ---------------------------------------------------------------------------------------
+ASSIGNED = "assignment.json"     # in a copy: the units it blanked, which `grade` grades
+NOT_COPIED = {"assign.py", ".git", ".venv", "runs", "samples", "data", "__pycache__", ".pytest_cache",
+              ".gl", ".whl", "gpu-check"}
+
+
+def make(out, unit_names):
+    """Write the students' copy to `out` (a new folder, built beside it and renamed into place)."""
+    unknown = [u for u in unit_names if u not in UNIT_BY_NAME]
+    if unknown:
+        safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        safety.fail(f"--out {out} exists and is not empty: choose a new folder")
+    parent = safety.writable_folder(os.path.dirname(os.path.abspath(out)), "--out")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-cdm-assign-")
+    try:
+        for name in sorted(os.listdir(HERE)):
+            if name in NOT_COPIED or name.startswith(".tmp-"):
+                continue
+            src = os.path.join(HERE, name)
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
+        reference = open(os.path.join(HERE, SOURCE), encoding="utf-8").read()
+        stubbed = stubbed_source(reference, unit_names)
+        with open(os.path.join(tmp, SOURCE), "w", encoding="utf-8") as f:
+            f.write(stubbed)
+        with open(os.path.join(tmp, "ASSIGNMENT.md"), "w", encoding="utf-8") as f:
+            f.write(assignment_md(unit_names))
+        with open(os.path.join(tmp, ASSIGNED), "w", encoding="utf-8") as f:   # what grade grades
+            json.dump({"units": [u.name for u in UNITS if u.name in unit_names]}, f, indent=1)
+        leaked = leaks(tmp, reference, unit_names)
+        if leaked:
+            raise RuntimeError(f"the copy would contain reference lines: {leaked[:3]}")
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def leaks(folder, reference, unit_names):
+    """(file, line) of every distinctive reference line (distinctive_lines) found in `folder`."""
+    lines = set(distinctive_lines(reference, unit_names))
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith((".py", ".md", ".ipynb", ".txt")):
+                path = os.path.join(root, name)
+                text = open(path, encoding="utf-8", errors="replace").read()
+                found += [(os.path.relpath(path, folder), x) for x in set(_norm_lines(text)) & lines]
+    return found
+
+
+def check_command(unit):
+    return "python -m pytest -q " + " ".join(f"test_cdm.py::{t}" for t in unit.tests)
+
+
+def assignment_md(unit_names):
+    rows = []
+    for k, unit in enumerate(UNITS, 1):
+        if unit.name not in unit_names:
+            continue
+        where = ", ".join(f"`{f}`" for f in unit.functions)
+        rows.append(f"## Exercise {k}: {unit.name} ({unit.points} point{'s' if unit.points > 1 else ''})\n\n"
+                    f"*{unit.section}.* Implement {where} in `cdm.py`: {unit.task}. The docstrings give "
+                    f"the formulas; each stub raises `NotImplementedError` until you replace it.\n\n"
+                    f"Check it:\n\n```bash\n{check_command(unit)}\n```\n")
+    return ("# Assignment: Cascaded Diffusion Models, unit by unit\n\n"
+            "Each exercise below is one piece of the paper in `cdm.py`, in the order the paper builds "
+            "them: later exercises call earlier ones, so a later test can fail because of an earlier "
+            "unit. The grader does not work that way: it grades each exercise with the reference "
+            "version of all the others, so a mistake costs only the exercise it is in. The tests "
+            "named under each exercise are exactly the ones it is graded with. Set up as the "
+            "README says, then work through them in order.\n\n" + "\n".join(rows))
+
+
+# --- grade ----------------------------------------------------------------------------------------
+def grade_unit(folder, unit, timeout):
+    """Run one unit's tests in a scratch copy of `folder`: the student's files, cdm.py spliced
+    (spliced_source), and this repository's test_cdm.py. Returns (passed, total, output)."""
+    reference = open(os.path.join(HERE, SOURCE), encoding="utf-8").read()
+    with tempfile.TemporaryDirectory(prefix="cdm-grade-") as scratch:
+        for name in os.listdir(folder):
+            src = os.path.join(folder, name)
+            if name in NOT_COPIED or name in ("results.json",) or name.startswith(".tmp-"):
+                continue
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(scratch, name))
+        shutil.copy2(os.path.join(HERE, "test_cdm.py"), os.path.join(scratch, "test_cdm.py"))
+        for helper in ("safety.py",):                     # what the tests import beside cdm
+            if not os.path.exists(os.path.join(scratch, helper)):
+                shutil.copy2(os.path.join(HERE, helper), os.path.join(scratch, helper))
+        total = len(unit.tests)
+        try:
+            student = open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace").read()
+            code = spliced_source(student, reference, unit.name)
+        except (OSError, ValueError) as e:
+            return 0, total, f"not graded: {e}"
+        with open(os.path.join(scratch, SOURCE), "w", encoding="utf-8") as f:
+            f.write(code)
+        report = os.path.join(scratch, "report.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", report,
+               *[f"test_cdm.py::{t}" for t in unit.tests]]
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+        try:
+            p = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return 0, total, f"timed out after {timeout} s (an endless loop?)"
+        output = (p.stdout + p.stderr)[-3000:]
+        if not os.path.exists(report):
+            return 0, total, output
+        cases = ET.parse(report).getroot().iter("testcase")
+        results = {}                                       # test function -> all its cases passed
+        for case in cases:
+            fn = case.get("name").split("[")[0]
+            ok = not any(child.tag in ("failure", "error", "skipped") for child in case)
+            results[fn] = results.get(fn, True) and ok
+        passed = sum(results.get(t, False) for t in unit.tests)
+        return passed, total, output
+
+
+def assigned_units(folder):
+    """The units a copy was made with (its assignment.json), or all of them."""
+    try:
+        with open(os.path.join(folder, ASSIGNED), encoding="utf-8") as f:
+            return [n for n in json.load(f)["units"] if n in UNIT_BY_NAME]
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(UNIT_BY_NAME)
+
+
+def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
+    """Grade the units of the copy in `folder` (those it was made with, unless named); print
+    the table; write results.json."""
+    if not os.path.isfile(os.path.join(folder, SOURCE)):
+        safety.fail(f"{folder} holds no {SOURCE}: give the folder `assign.py make` wrote")
+    unit_names = unit_names or assigned_units(folder)
+    unknown = [u for u in unit_names if u not in UNIT_BY_NAME]
+    if unknown:
+        safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}")
+    units = [u for u in UNITS if u.name in unit_names]
+    results_path = results_path or os.path.join(folder, "results.json")
+    safety.writable_file(results_path, "--results", overwrite=True)
+    t0 = time.time()
+    with ThreadPoolExecutor(jobs or min(4, os.cpu_count() or 1)) as pool:
+        graded = list(pool.map(lambda u: grade_unit(folder, u, timeout), units))
+    tests, lines = [], [f"{'unit':<16} {'tests passed':>12} {'points':>8}"]
+    for unit, (passed, total, output) in zip(units, graded):
+        k = UNITS.index(unit) + 1
+        score = round(unit.points * passed / total, 2)
+        lines.append(f"{k:>2}. {unit.name:<14} {passed:>4} of {total:<4} {score:>5g} / {unit.points}")
+        tests.append({"name": f"{k}. {unit.name} ({unit.section})", "score": score, "max_score": unit.points,
+                      "output": output if passed < total else f"{total} of {total} tests passed"})
+    total_score = round(sum(t["score"] for t in tests), 2)
+    max_score = sum(u.points for u in units)
+    lines.append(f"{'total':<16} {'':>12} {total_score:>5g} / {max_score}")
+    print("\n".join(lines))
+    safety.write_json(results_path, {"score": total_score, "execution_time": round(time.time() - t0, 1),
+                                     "tests": tests})
+    print(f"wrote {results_path}")
+    return tests
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("make", help="write a copy for students with the chosen units blanked")
+    m.add_argument("--units", default=",".join(UNIT_BY_NAME), help="comma-separated units (default: all)")
+    m.add_argument("--out", required=True, help="the folder to write (new)")
+    g = sub.add_parser("grade", help="grade a copy: a table, and results.json (Gradescope's format)")
+    g.add_argument("folder", help="the students' copy, as `make` wrote it and they filled it in")
+    g.add_argument("--timeout", type=int, default=120, help="seconds each unit's tests may take")
+    g.add_argument("--jobs", type=int, default=None, help="units graded at once (default: the cores, up to 4)")
+    g.add_argument("--results", default=None, help="where results.json goes (default: FOLDER/results.json; "
+                                                   "Gradescope: /autograder/results/results.json)")
+    g.add_argument("--units", default=None, help="comma-separated units to grade (default: those the "
+                                                 "copy was made with, from its assignment.json)")
+    sub.add_parser("list", help="the units, their paper sections and their tests")
+    a = p.parse_args(argv)
+    if a.command == "make":
+        names = [u.strip() for u in a.units.split(",") if u.strip()]
+        out = make(a.out, names)
+        print(f"wrote {out}/ with {len(names)} unit{'s' if len(names) != 1 else ''} blanked; see {out}/ASSIGNMENT.md")
+    elif a.command == "grade":
+        if a.timeout < 1:
+            safety.fail("--timeout must be at least 1 second")
+        grade(a.folder, a.timeout, a.jobs, a.results,
+              [u.strip() for u in a.units.split(",") if u.strip()] if a.units else None)
+    else:
+        for k, u in enumerate(UNITS, 1):
+            print(f"{k:>2}. {u.name:<14} {u.section:<32} {', '.join(u.functions)}\n    tests: {', '.join(u.tests)}")
+
+
+if __name__ == "__main__":
+    safety.run_script(main)
