@@ -107,6 +107,20 @@ def test_q_posterior_matches_bayes_rule():
         assert logv.flatten()[0].item() == pytest.approx(math.log(1 / prec), rel=1e-5)
 
 
+def test_posterior_coefficients_closed_form():
+    """beta~_t and the two coefficients of mu~_t (DDPM Eq. (7)) against a loop over t on a short
+    hand-made schedule: zero at t = 0, and beta~_1 = 0 (given x_1 and x0, x_0 is x0)."""
+    betas = np.array([0.0, 0.1, 0.2, 0.3, 0.4])
+    var, cx0, cxt = cdm.posterior_coefficients(betas)
+    a = 1.0                                              # abar_t, running
+    for t in range(1, 5):
+        a_before, a = a, a * (1 - betas[t])
+        assert var[t] == pytest.approx(betas[t] * (1 - a_before) / (1 - a))
+        assert cx0[t] == pytest.approx(betas[t] * a_before ** 0.5 / (1 - a))
+        assert cxt[t] == pytest.approx((1 - a_before) * (1 - betas[t]) ** 0.5 / (1 - a))
+    assert var[0] == cx0[0] == cxt[0] == 0 and var[1] == 0
+
+
 def test_normal_kl_matches_numerical_integration():
     m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.4, math.log(1.7)
     x = np.linspace(-12, 12, 200_001)
@@ -179,6 +193,64 @@ class Spy(torch.nn.Module):
                            "s": None if s is None else s.clone(), "x_t": x_t.clone()})
         eps = 0.1 * x_t
         return eps if self.out_channels == 3 else torch.cat([eps, torch.zeros_like(eps)], 1)
+
+
+def known_mean_variance(mean, log_variance, x0_hat, eps):
+    """A stand-in for GaussianDiffusion.p_mean_variance returning fixed values, so that a sampler
+    step can be checked on its own arithmetic."""
+    return lambda model, x, t, model_kwargs, clip=True: (torch.full_like(x, mean), torch.full_like(x, log_variance),
+                                                         torch.full_like(x, x0_hat), torch.full_like(x, eps))
+
+
+def test_ancestral_step_closed_form():
+    """DDPM Alg. 2's step x_{t-1} = mu + sigma n with sigma = exp(log variance / 2), and no noise
+    on the last step (t = 1)."""
+    d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(10, 0.1)]))
+    d.p_mean_variance = known_mean_variance(0.5, math.log(0.04), 0.0, 0.0)
+    x = torch.zeros(1, 3, 2, 2)
+    n = torch.full_like(x, 2.0)
+    assert torch.allclose(d.ancestral_step(None, x, 5, {}, fresh=lambda: n), torch.full_like(x, 0.5 + 0.2 * 2.0))
+    last = d.ancestral_step(None, x, 1, {}, fresh=lambda: pytest.fail("noise drawn on the last step"))
+    assert torch.allclose(last, torch.full_like(x, 0.5))
+
+
+def test_ddim_step_closed_form():
+    """DDIM Eq. (12) with sigma of Eq. (16), number by number, from index 4 to 3 of a schedule
+    with abar_t = 0.7^t: eps_hat is the noise consistent with the (clipped) x0_hat, not the one
+    the model's raw output implies."""
+    d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(6, 0.3)]))
+    d.p_mean_variance = known_mean_variance(0.0, 0.0, 0.4, 9.0)    # eps 9.0: not consistent
+    x, n = torch.full((1, 1, 2, 2), 1.3), torch.full((1, 1, 2, 2), -0.5)
+    a4, a3 = 0.7 ** 4, 0.7 ** 3
+    e = (1.3 - a4 ** 0.5 * 0.4) / (1 - a4) ** 0.5
+    for eta in (0.0, 0.6):
+        s = eta * ((1 - a3) / (1 - a4)) ** 0.5 * (1 - a4 / a3) ** 0.5
+        want = a3 ** 0.5 * 0.4 + (1 - a3 - s ** 2) ** 0.5 * e + s * -0.5
+        got = d.ddim_step(None, x, 4, {}, fresh=lambda: n, eta=eta)
+        assert torch.allclose(got, torch.full_like(x, want), atol=1e-5), eta
+
+
+def test_dpmpp_2m_step_closed_form():
+    """Two DPM-Solver++(2M) steps (DPM++ Alg. 2), number by number: the first a DDIM step (D =
+    x0_hat), the second with D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_before, r = h_before / h,
+    h the step in log-SNR lambda = log(sqrt(abar) / sqrt(1 - abar)); the update is
+    x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) D."""
+    d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(4, 0.5)]))   # abar_t = 0.5^t
+    x0_hats = iter([torch.full((1, 1, 1, 1), 0.2), torch.full((1, 1, 1, 1), -0.4)])
+    d.denoise = lambda model, x, i, model_kwargs: (next(x0_hats), None)
+    al = lambda t: (0.5 ** t) ** 0.5
+    sg = lambda t: (1 - 0.5 ** t) ** 0.5
+    lam = lambda t: math.log(al(t) / sg(t))
+    memory, x = {}, torch.full((1, 1, 1, 1), 0.9)
+    x = d.dpmpp_2m_step(None, x, 3, {}, memory=memory)
+    h1 = lam(2) - lam(3)
+    x1 = sg(2) / sg(3) * 0.9 - al(2) * math.expm1(-h1) * 0.2
+    assert x.item() == pytest.approx(x1, rel=1e-5)
+    x = d.dpmpp_2m_step(None, x, 2, {}, memory=memory)
+    h2 = lam(1) - lam(2)
+    r = h1 / h2
+    D = (1 + 1 / (2 * r)) * -0.4 - 1 / (2 * r) * 0.2
+    assert x.item() == pytest.approx(sg(1) / sg(2) * x1 - al(1) * math.expm1(-h2) * D, rel=1e-5)
 
 
 def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
@@ -327,6 +399,19 @@ def test_prediction_targets_invert_to_x0_and_eps(prediction):
     torch.testing.assert_close(d.target(x0, eps, t), expected[prediction])
 
 
+def test_velocity_target_closed_form():
+    """The regression targets number by number, on a schedule with abar_t = 0.8^t: eps, x0, and
+    PD §4's velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v = eps at t = 0)."""
+    betas = np.concatenate([[0.0], np.full(10, 0.2)])
+    x0, eps = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), -1.5)
+    for prediction, want in (("eps", lambda a: -1.5), ("x0", lambda a: 0.5),
+                             ("velocity", lambda a: a ** 0.5 * -1.5 - (1 - a) ** 0.5 * 0.5)):
+        d = cdm.GaussianDiffusion(betas, prediction=prediction)
+        for t in (0, 1, 5, 10):
+            got = d.target(x0, eps, torch.tensor([t])).item()
+            assert got == pytest.approx(want(0.8 ** t), rel=1e-5), (prediction, t)
+
+
 def test_velocity_loss_weights_x0_errors_evenly_across_noise_levels():
     # Why the SR stages predict the velocity: for the same error in x0_hat, the eps loss shrinks
     # like abar / (1 - abar) as the noise grows (it pays ~nothing for a wrong x0 at high noise),
@@ -373,6 +458,37 @@ def test_hybrid_loss_vlb_trains_only_the_variance():
     terms = d.training_losses(model, x0, torch.randint(1, 51, (8,)), {})
     terms["vlb"].mean().backward()
     assert head.grad[:, :3].abs().max() == 0 and head.grad[:, 3:].abs().max() > 0
+
+
+def test_hybrid_loss_closed_form():
+    """L_simple is the mean squared error of the prediction against its target, and L_hybrid =
+    L_simple + lambda L_vlb with L_vlb = T L_t (iDDPM Eq. (16), lambda = 0.001): checked on a
+    model whose output is known, at T = 50, where forgetting the T changes the loss 50-fold."""
+    torch.manual_seed(0)
+    d = cdm.GaussianDiffusion(cdm.linear_schedule(50), variance="learned")
+    out = torch.randn(4, 6, 2, 2) * 0.3
+    model = lambda x_t, t, **kw: out
+    x0, eps, t = torch.rand(4, 3, 2, 2) * 2 - 1, torch.randn(4, 3, 2, 2), torch.tensor([1, 7, 30, 50])
+    terms = d.training_losses(model, x0, t, {}, eps=eps)
+    mse = ((eps - out[:, :3]) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(terms["mse"], mse, atol=1e-6)
+    assert torch.allclose(terms["loss"], mse + 0.001 * 50 * terms["vlb"], atol=1e-6)
+    assert (terms["vlb"] > 0).all()
+    fixed = cdm.GaussianDiffusion(cdm.linear_schedule(50)).training_losses(lambda x_t, t, **kw: out[:, :3], x0, t, {},
+                                                                            eps=eps)
+    assert torch.allclose(fixed["loss"], mse, atol=1e-6) and "vlb" not in fixed
+
+
+def test_respaced_chain_tells_the_network_the_original_t():
+    """A chain respaced to K steps calls the network with the training schedule's t at every
+    index (iDDPM §4), not with the index itself."""
+    d = cdm.GaussianDiffusion(cdm.linear_schedule(100))
+    r = d.respace(5)
+    kept = cdm.spaced_timesteps(100, 5)
+    assert list(r.timesteps) == [0, *kept] and r.T == 5
+    spy = Spy()
+    r.p_mean_variance(spy, torch.zeros(2, 3, 4, 4), torch.tensor([3, 5]), {})
+    assert spy.calls[0]["t"].tolist() == [kept[2], kept[4]]
 
 
 @pytest.mark.parametrize("prediction", ["eps", "velocity"])
@@ -483,6 +599,23 @@ def test_truncated_handover_at_s_with_every_sampler(sampler):
         cdm.sample_cascade([base, sr], torch.tensor([0]), steps=[2, 2], sampler=[sampler, "euler"], progress=False)
 
 
+def test_handover_closed_form():
+    """What an SR stage gets of z: truncated (CDM §3.2) z itself, which already is z_s, and s;
+    non-truncated (CDM §3.3) z re-noised by the low-res schedule, sqrt(abar_s) z + sqrt(1 - abar_s)
+    eps with eps the generator's next draw, and s; a blur stage the clean z and no s."""
+    aug = {"type": "noise", "schedule": "linear", "T": 100, "s_max": 50, "sample_s": 20}
+    z = torch.rand(3, 3, 4, 4) * 2 - 1
+    got = cdm.handover(z, aug, 20, truncated=True)
+    assert torch.equal(got["z"], z) and got["s"].tolist() == [20, 20, 20]
+    got = cdm.handover(z, aug, 20, truncated=False, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    abar = np.cumprod(1 - cdm.linear_schedule(100))[20]
+    assert torch.allclose(got["z"], abar ** 0.5 * z + (1 - abar) ** 0.5 * eps, atol=1e-6)
+    assert got["s"].tolist() == [20, 20, 20] and got["s"].dtype == torch.long
+    blur = cdm.handover(z, {"type": "blur", "sigma": [0.4, 0.6], "p": 0.5}, None, truncated=False)
+    assert set(blur) == {"z"} and torch.equal(blur["z"], z)
+
+
 def test_blur_stage_gets_clean_z_at_sampling():
     blur = {"type": "blur", "sigma": [0.4, 0.6], "p": 0.5}
     base, sr = fake_stage(4), fake_stage(8, 4, blur)
@@ -532,6 +665,32 @@ def test_unet_conditioning_inputs_matter():
     for kw in ({"c": torch.tensor([2])}, {"z": torch.randn(1, 3, 8, 8)}, {"s": torch.tensor([300])}):
         args = {"c": c, "z": z, "s": s, **kw}
         assert not torch.allclose(sr(x, t, **args), ref)
+
+
+def test_conditioning_closed_form():
+    """UNet.conditioning: x_in is x_t then upsample(z) along channels, and emb is the sum of t's
+    embedding, the class embedding and s's own embedding (CDM §3.2: not t's); a residual block
+    scales and shifts GN(h) by (1 + scale, shift) from the embedding (ADM §3.1), so a zero
+    embedding projection leaves GN(h) as it is."""
+    torch.manual_seed(0)
+    sr = tiny_unet(resolution=16, low_res=8, aug_time=True)
+    with torch.no_grad():
+        for p in sr.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 40]), torch.tensor([1, 2])
+    z, s = torch.randn(2, 3, 8, 8), torch.tensor([5, 90])
+    x_in, emb = sr.conditioning(x, t, c, z, s)
+    assert torch.equal(x_in[:, :3], x) and torch.allclose(x_in[:, 3:], cdm.upsample(z, 16))
+    te = lambda v: cdm.timestep_embedding(v, sr.model_channels)
+    assert torch.allclose(emb, sr.time_embed(te(t)) + sr.class_embed(c) + sr.aug_embed(te(s)), atol=1e-6)
+    block = sr.down[0][0]                                  # the first residual block
+    h = torch.randn(2, block.in_layers[2].in_channels, 16, 16)
+    inner = block.in_layers(h)
+    with torch.no_grad():
+        block.emb_layers[1].weight.zero_()
+        block.emb_layers[1].bias.copy_(torch.cat([torch.full((inner.shape[1],), 0.5), torch.full((inner.shape[1],), -1.0)]))
+    want = block.skip(h) + block.out_layers(block.out_norm(inner) * 1.5 - 1.0)
+    assert torch.allclose(block(h, emb), want, atol=1e-5)
 
 
 def test_one_channel_models_make_one_channel_cascades():
@@ -2382,6 +2541,173 @@ def test_the_preset_tables_show_every_value_and_its_source():
     d = sr["imagenet64"]
     assert d["aug_T"] * d["s_max_frac"] >= 1251 and 751 <= d["aug_T"] * d["sample_s_frac"] <= 1251
     assert train_base.PRESETS["imagenet32"]["sample_steps"] == 4000 == d["sample_steps"]   # all steps
+
+
+# =============================================================================================
+# 10. The assignment kit (assign.py): references, stubs and wrong answers graded as they should be
+# =============================================================================================
+# The kit is not copied for students, so in their copy these tests skip.
+
+def _parameter_cases(fn):
+    """The keyword arguments of each case of a test, from its @pytest.mark.parametrize marks."""
+    cases = [{}]
+    for mark in getattr(fn, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names = [n.strip() for n in mark.args[0].split(",")] if isinstance(mark.args[0], str) else list(mark.args[0])
+        values = [v.values if hasattr(v, "values") else v for v in mark.args[1]]
+        cases = [{**case, **dict(zip(names, v if len(names) > 1 else (v,)))} for case in cases for v in values]
+    return cases
+
+
+def module_from(source):
+    """A fresh module made of cdm.py's text `source` (registered while it is executed, for the
+    dataclass in it)."""
+    import types
+    module = types.ModuleType("_cdm_graded")
+    module.__file__ = os.path.join(HERE, "cdm.py")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(source, "cdm.py", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module
+
+
+def unit_results(source, unit, stop_at_first=False):
+    """{test name: passed} of `unit`'s tests run in this process against a cdm module built from
+    `source` (the tests look `cdm` up among this module's globals, swapped meanwhile): grading
+    without a process per test, for the checks below."""
+    module, saved, results = module_from(source), globals()["cdm"], {}
+    globals()["cdm"] = module
+    try:
+        for name in unit.tests:
+            fn = globals()[name]
+            ok = True
+            for kwargs in _parameter_cases(fn):
+                try:
+                    fn(**kwargs)
+                except (Exception, pytest.fail.Exception):
+                    ok = False
+                    break
+            results[name] = ok
+            if stop_at_first and not ok:
+                break
+    finally:
+        globals()["cdm"] = saved
+    return results
+
+
+def reference_source():
+    return open(os.path.join(HERE, "cdm.py"), encoding="utf-8").read()
+
+
+def test_the_kit_covers_the_paper_and_the_reference_scores_full_marks():
+    kit = pytest.importorskip("assign")
+    ref = reference_source()
+    assert len(kit.UNITS) >= 12 and len({u.name for u in kit.UNITS}) == len(kit.UNITS)
+    for unit in kit.UNITS:
+        assert all(kit.function_text(ref, f) for f in unit.functions), unit.name
+        assert all(t in globals() for t in unit.tests), unit.name
+        assert len(kit.WRONG_ANSWERS[unit.name]) >= 2, unit.name
+        assert all(unit_results(ref, unit).values()), unit.name
+
+
+def test_every_wrong_answer_fails_its_unit_and_docs_teaching_says_which_test():
+    """The mistakes students make, each one edit from the reference: every one fails a test of
+    its unit, and docs/teaching.md's table names a test that catches it."""
+    kit = pytest.importorskip("assign")
+    ref = reference_source()
+    doc = open(os.path.join(HERE, "docs", "teaching.md"), encoding="utf-8").read()
+    rows = {r[0]: r for r in (tuple(c.strip() for c in line.strip("|").split("|")) for line in doc.splitlines()
+                              if line.startswith("| ") and line.count("|") == 4)}
+    for unit in kit.UNITS:
+        for wrong, function, old, new in kit.WRONG_ANSWERS[unit.name]:
+            results = unit_results(kit.mutated_source(ref, function, old, new), unit)
+            failed = [t for t, ok in results.items() if not ok]
+            assert failed, f"{unit.name}: '{wrong}' passes every test of the unit"
+            assert wrong in rows, f"docs/teaching.md does not list '{wrong}'"
+            named = re.findall(r"`(test_\w+)`", rows[wrong][2])
+            assert named and set(named) <= set(failed), (wrong, named, failed)
+
+
+def test_a_stub_scores_zero_on_its_unit_and_leaves_the_others_whole():
+    """A blanked unit fails every one of its tests; graded, every other unit sees the reference
+    in its place (spliced_source), so a stub, a crash or a wrong answer costs one unit only."""
+    kit = pytest.importorskip("assign")
+    ref = reference_source()
+    for unit in kit.UNITS:
+        stubbed = kit.stubbed_source(ref, {unit.name})
+        assert not any(unit_results(stubbed, unit).values()), unit.name
+        for other in kit.UNITS:
+            if other is not unit:
+                assert kit.spliced_source(stubbed, ref, other.name) == ref, (unit.name, other.name)
+        fn = module_from(stubbed)
+        for part in unit.functions[0].split("."):
+            fn = getattr(fn, part)
+        with pytest.raises(NotImplementedError, match=rf"exercise {kit.UNITS.index(unit) + 1} \({unit.name}\): write"):
+            fn(*[None] * fn.__code__.co_argcount)
+
+
+def test_make_then_grade_a_students_copy_end_to_end(tmp_path):
+    """`assign.py make` blanks every unit, leaks no reference line, writes ASSIGNMENT.md, and
+    the copy still runs what calls no blanked unit; a 'student' then answers: most units right,
+    one wrong, one endlessly looping, one with a syntax error, one left blank; `assign.py grade`
+    gives each exactly its due and writes Gradescope's results.json."""
+    kit = pytest.importorskip("assign")
+    ref = reference_source()
+    copy, chosen = tmp_path / "hw", ["schedules", "q_sample", "posterior", "blur", "handover", "conditioning"]
+    p = subprocess.run([sys.executable, os.path.join(HERE, "assign.py"), "make", "--units", ",".join(chosen),
+                        "--out", str(copy)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert not (copy / "assign.py").exists() and (copy / "test_cdm.py").exists()
+    assert kit.leaks(str(copy), ref, set(chosen)) == []
+    text = (copy / "ASSIGNMENT.md").read_text()
+    for k, unit in enumerate(kit.UNITS, 1):
+        assert (f"## Exercise {k}: {unit.name}" in text) == (unit.name in chosen)
+        assert (kit.check_command(unit) in text) == (unit.name in chosen)
+    assert json.loads((copy / "assignment.json").read_text())["units"] == chosen
+    assert "return variance, coef_x0, coef_xt" not in (copy / "cdm.py").read_text()
+    run_in_copy = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              cwd=copy, timeout=120)
+    blank = run_in_copy("import cdm; cdm.cosine_schedule(10)")
+    assert blank.returncode != 0 and "exercise 1 (schedules): write cosine_schedule" in blank.stderr
+    fine = run_in_copy("import cdm, data, torch; x = data.load_dataset('shapes', 8, n=16).x; "
+                       "print(cdm.downsample(data.to_float(x), 4).shape, cdm.timestep_embedding(torch.tensor([3]), 8).shape)")
+    assert fine.returncode == 0 and "torch.Size([16, 3, 4, 4])" in fine.stdout, fine.stderr
+    # The student's answers: right for schedules and conditioning, one wrong answer (posterior),
+    # an endless loop (q_sample), a syntax error (handover), blur left blank.
+    answers = {f: kit.function_text(ref, f) for u in kit.UNITS for f in u.functions if u.name in chosen}
+    wrong, function, old, new = kit.WRONG_ANSWERS["posterior"][0]
+    answers[function] = kit.function_text(kit.mutated_source(ref, function, old, new), function)
+    answers["GaussianDiffusion.q_sample"] = answers["GaussianDiffusion.q_sample"].replace(
+        '        return self._at("alphas_cumprod"', "        while True:\n            pass\n        return self._at(\"alphas_cumprod\"", 1)
+    answers["handover"] = answers["handover"].replace("if not truncated:", "if not truncated", 1)   # syntax
+    for f in kit.UNIT_BY_NAME["blur"].functions:
+        del answers[f]                                                 # left blank
+    student = kit.replace_functions((copy / "cdm.py").read_text(), {f: t for f, t in answers.items()
+                                                                    if f != "handover"})
+    student = student.replace(kit.function_text(student, "handover"), answers["handover"])
+    (copy / "cdm.py").write_text(student)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "assign.py"), "grade", str(copy), "--timeout", "15"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = {t["name"].split(" ")[1]: t for t in json.loads((copy / "results.json").read_text())["tests"]}
+    assert set(got) == set(chosen)                            # the units the copy was made with
+    for unit in (kit.UNIT_BY_NAME[n] for n in chosen):
+        score = got[unit.name]["score"]
+        assert got[unit.name]["max_score"] == unit.points
+        if unit.name in ("q_sample", "handover", "blur"):
+            assert score == 0, (unit.name, got[unit.name]["output"][-500:])
+        elif unit.name == "posterior":
+            assert 0 <= score < unit.points
+        else:
+            assert score == unit.points, (unit.name, got[unit.name]["output"][-800:])
+    assert "timed out" in got["q_sample"]["output"]
+    assert "NotImplementedError" in got["blur"]["output"]
+    assert json.loads((copy / "results.json").read_text())["score"] == sum(t["score"] for t in got.values())
+    assert "total" in p.stdout and "posterior" in p.stdout
+
 
 
 # ---- the notebook ----
