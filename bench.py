@@ -7,10 +7,13 @@
 For each configuration x implementation x precision it measures, in a fresh process (so that
 peak memory belongs to that row alone):
   train img/s    images per second through forward + backward + optimizer step (AdamW), batch
-                 --batch_size; median of --repeats steps after --warmup steps
-  sample NFE/s   network evaluations per second at batch --sample_batch, no gradients. Ours: our
-                 real sampler (GaussianDiffusion.sample, respaced); peers: their bare forward pass,
-                 which flatters them slightly
+                 --batch_size; the fastest of --repeats steps after --warmup steps
+  sample NFE/s   network evaluations per second at batch --sample_batch, no gradients, the
+                 fastest of --repeats calls. Ours: our real sampler (GaussianDiffusion.sample,
+                 respaced to 2 steps); peers: their bare forward pass, which flatters them slightly
+                 Fastest, not median: on a shared machine interference only ever adds time, so
+                 the fastest repeat is the best estimate of the code's own speed (as Python's
+                 timeit advises); every implementation is measured the same way
   peak MiB       memory above what the process held before the first step (CPU: peak resident
                  set growth, from /proc; CUDA: torch.cuda.max_memory_allocated)
   GFLOP/s        the model's FLOPs (counted by torch.utils.flop_counter) per second, and as % of
@@ -22,7 +25,6 @@ timed in the same run. Their code is only imported, never copied here. See the R
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -164,7 +166,7 @@ class Memory:
 
 
 def timed(fn, device, warmup, repeats):
-    """Median seconds of fn() over `repeats` calls after `warmup` calls."""
+    """The fewest seconds fn() took over `repeats` calls after `warmup` calls."""
     times = []
     for i in range(warmup + repeats):
         if device.type == "cuda":
@@ -175,7 +177,7 @@ def timed(fn, device, warmup, repeats):
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def example_inputs(cfg, B, generator=None, device="cpu"):
@@ -191,11 +193,14 @@ def example_inputs(cfg, B, generator=None, device="cpu"):
 
 def model_flops(cfg, B, backward):
     """FLOPs of one forward (+ backward) pass at batch B, counted by PyTorch's FlopCounterMode on
-    our network. The peers build the same architecture, so the model FLOPs (the numerator of model
-    FLOP utilisation) are the same; work they add, such as recomputation, does not count."""
+    our network, on the meta device (shapes only: nothing is computed, so a 792M-parameter model
+    counts in a second). The peers build the same architecture, so the model FLOPs (the
+    numerator of model FLOP utilisation) are the same; work they add, such as recomputation,
+    does not count."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = cdm.model_from_config(cfg)
-    args = example_inputs(cfg, B)
+    with torch.device("meta"):
+        model = cdm.model_from_config(cfg)
+        args = example_inputs(cfg, B, device="meta")
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
         out = model(*args)
         if backward:
@@ -203,15 +208,18 @@ def model_flops(cfg, B, backward):
     return counter.get_total_flops()
 
 
-def run_row(row):
-    """One configuration x implementation x precision, one phase ("train" or "sample") and one
-    kind of measurement ("speed" or "memory"), in a process of its own; returns a dict."""
-    cfg, impl, precision = CONFIGS[row["config"]], row["impl"], row["precision"]
+def make_step(row, impl):
+    """The model of `impl` at row's configuration and a function doing one timed unit of work:
+    training, one forward + backward + AdamW step at batch --batch_size; sampling, --sample_batch
+    images through 2 network evaluations (ours: our real sampler; peers: their bare forward).
+    Returns (step, nfe, batch, model), or a dict with "error"."""
+    cfg, precision = CONFIGS[row["config"]], row["precision"]
     device = torch.device(row["device"])
     torch.manual_seed(0)
     if impl != "cdm" and cfg["low_res"]:
         return {"error": "peers are compared on base (non-SR) configurations only"}
-    if row.get("peers"):   # appended: torch and numpy still come from this environment
+    if row.get("peers") and os.path.join(row["peers"], "site") not in sys.path:
+        # appended: torch and numpy still come from this environment
         sys.path += [os.path.join(row["peers"], "guided-diffusion"), os.path.join(row["peers"], "site")]
     try:
         model, call = IMPLS[impl](cfg)
@@ -226,7 +234,6 @@ def run_row(row):
     g = torch.Generator().manual_seed(1)
     res = cfg["resolution"]
     x, t, c, z, s = example_inputs(cfg, B, g, device)
-    result = {"params": sum(p.numel() for p in model.parameters())}
 
     if row["phase"] == "train":                    # forward + backward + AdamW step, fixed batch
         model.train()
@@ -240,40 +247,76 @@ def run_row(row):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        nfe = 1
-    else:                                          # network evaluations, no gradients
-        model.eval()
-        nfe = 2
-        if impl == "cdm":                          # ours: our real sampler, respaced to nfe steps
-            variance = "learned" if cfg["out_channels"] == 6 else "fixed"
-            sampler = cdm.GaussianDiffusion(cdm.make_betas("cosine", 1000), variance).respace(nfe)
-            kwargs = {k: v for k, v in dict(c=c, z=z, s=s).items() if v is not None}
+        return step, 1, B, model
+    model.eval()                                   # network evaluations, no gradients
+    nfe = 2
+    if impl == "cdm":                              # ours: our real sampler, respaced to nfe steps
+        variance = "learned" if cfg["out_channels"] == 6 else "fixed"
+        sampler = cdm.GaussianDiffusion(cdm.make_betas("cosine", 1000), variance).respace(nfe)
+        kwargs = {k: v for k, v in dict(c=c, z=z, s=s).items() if v is not None}
 
-            def step(m=net):
-                with autocast:
-                    sampler.sample(m, x.shape, kwargs, generator=torch.Generator().manual_seed(0))
-        else:                                      # peers: their bare forward pass
-            def step(m=net):
-                with torch.no_grad(), autocast:
-                    for _ in range(nfe):
-                        call(m, x, t, c, z, s)
-    try:
-        if row["measure"] == "memory":
-            with Memory(device) as mem:
-                for _ in range(2):
-                    step()
-            return {**result, f"{row['phase']}_mib": mem.peak}
-        t0 = time.perf_counter()
-        step()                                     # the first step also compiles, when --compile
-        result[f"{row['phase']}_first_s"] = time.perf_counter() - t0
-        repeats = row["repeats"] if row["phase"] == "train" else max(2, row["repeats"] // 2)
-        sec = timed(step, device, row["warmup"] - 1, repeats) / nfe
-    except RuntimeError as e:
-        return {**result, f"{row['phase']}_error": str(e).splitlines()[0][:120]}
-    flops = model_flops(cfg, B, backward=row["phase"] == "train")
-    if row["phase"] == "train":
-        return {**result, "train_img_s": B / sec, "train_gflop_s": flops / sec / 1e9}
-    return {**result, "sample_nfe_s": 1 / sec, "sample_img_s": B / sec, "sample_gflop_s": flops / sec / 1e9}
+        def step(m=net):
+            with autocast:
+                sampler.sample(m, x.shape, kwargs, generator=torch.Generator().manual_seed(0))
+    else:                                          # peers: their bare forward pass
+        def step(m=net):
+            with torch.no_grad(), autocast:
+                for _ in range(nfe):
+                    call(m, x, t, c, z, s)
+    return step, nfe, B, model
+
+
+def run_row(row):
+    """In a child process: one phase ("train" or "sample") of one configuration x precision.
+    measure "memory": the peak memory of row["impls"][0] alone (its process holds nothing else).
+    measure "speed": every implementation in row["impls"], built side by side and timed in turns
+    (a round of one call each, --warmup rounds then --repeats), so that whatever slows this
+    process or this moment slows all of them alike. Returns {impl: result dict}."""
+    device = torch.device(row["device"])
+    built, results = {}, {}
+    for impl in row["impls"]:
+        made = make_step(row, impl)
+        if isinstance(made, dict):
+            results[impl] = made
+        else:
+            built[impl] = made
+            results[impl] = {"params": sum(p.numel() for p in made[3].parameters())}
+    phase = row["phase"]
+    if row["measure"] == "memory":
+        for impl, (step, *_ ) in built.items():
+            try:
+                with Memory(device) as mem:
+                    for _ in range(2):
+                        step()
+                results[impl][f"{phase}_mib"] = mem.peak
+            except RuntimeError as e:
+                results[impl][f"{phase}_error"] = str(e).splitlines()[0][:120]
+        return results
+    times = {impl: [] for impl in built}
+    for i in range(row["warmup"] + row["repeats"]):  # the first round also compiles, when --compile
+        for impl, (step, *_ ) in list(built.items()):
+            try:
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except RuntimeError as e:
+                results[impl][f"{phase}_error"] = str(e).splitlines()[0][:120]
+                del built[impl]
+                continue
+            if i == 0:
+                results[impl][f"{phase}_first_s"] = time.perf_counter() - t0
+            if i >= row["warmup"]:
+                times[impl].append(time.perf_counter() - t0)
+    for impl, (step, nfe, B, model) in built.items():
+        cfg = CONFIGS[row["config"]]
+        sec = min(times[impl]) / nfe
+        flops = model_flops(cfg, B, backward=phase == "train")
+        if phase == "train":
+            results[impl].update(train_img_s=B / sec, train_gflop_s=flops / sec / 1e9)
+        else:
+            results[impl].update(sample_nfe_s=1 / sec, sample_img_s=B / sec, sample_gflop_s=flops / sec / 1e9)
+    return results
 
 
 def matmul_ceiling(device, dtype):
@@ -299,7 +342,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="training batch")
     p.add_argument("--sample_batch", type=int, default=64, help="sampling batch")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
-    p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps / sampling calls (the fastest counts)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--_row", default=None, help=argparse.SUPPRESS)  # internal: one row, in a child
@@ -317,6 +360,26 @@ def parse_args(argv=None):
 
 def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) and v == v else "-"
+
+
+def print_row(row, ceiling):
+    """One line of the table."""
+    res = row
+    name = f"{row['config']:7} {row['impl']:16} {row['precision']:4}"
+    if "error" in res:
+        print(f"{name} {'':>7} | {res['error']}", flush=True)
+        return
+    ceil = ceiling[row["precision"]]
+    cols = []
+    for phase, rate, rate_fmt in (("train", "train_img_s", "11.1f"), ("sample", "sample_nfe_s", "12.2f")):
+        if f"{phase}_error" in res:
+            cols.append(f"failed: {res[phase + '_error'][:28]:28}")
+            continue
+        gflop = res.get(f"{phase}_gflop_s", float("nan"))
+        extra = f"{fmt(res.get('sample_img_s'), '6.0f')} " if phase == "sample" else ""
+        cols.append(f"{fmt(res.get(rate), rate_fmt)} {extra}{fmt(gflop, '8.0f')} "
+                    f"{fmt(gflop / ceil * 100, '5.0f')} {fmt(res.get(phase + '_mib'), '8.0f')}")
+    print(f"{name} {res['params'] / 1e6:6.2f}M | " + " | ".join(cols), flush=True)
 
 
 def main(argv=None):
@@ -346,37 +409,39 @@ def main(argv=None):
             f"{'%ceil':>5} {'peak MiB':>8}")
     print(head + "\n" + "-" * len(head))
     t_start = time.time()
+
+    def child(spec, memory):
+        env = dict(os.environ)
+        if memory:                           # large blocks straight from/to the OS: RSS = live memory
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_row", json.dumps(spec)],
+                              capture_output=True, text=True, env=env)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if lines:
+            return json.loads(lines[-1][7:])
+        error = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]}
+        return {impl: dict(error) for impl in spec["impls"]}
+
+    groups = {}                                    # (config, precision) -> its rows, in order
     for row in rows:
-        res = {}
+        groups.setdefault((row["config"], row["precision"]), []).append(row)
+    for group in groups.values():
+        impls = [r["impl"] for r in group]
+        res = {impl: {} for impl in impls}
         for phase in ("sample", "train"):
-            for measure in ("speed", "memory"):
-                env = dict(os.environ)
-                if measure == "memory":      # large blocks straight from/to the OS: RSS = live memory
-                    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_row",
-                                       json.dumps({**row, "phase": phase, "measure": measure})],
-                                      capture_output=True, text=True, env=env)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                res.update(json.loads(lines[-1][7:]) if lines else {
-                    "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]})
-        row.update(res)
-        name = f"{row['config']:7} {row['impl']:16} {row['precision']:4}"
-        if "error" in res:
-            print(f"{name} {'':>7} | {res['error']}", flush=True)
-            continue
-        ceil = ceiling[row["precision"]]
-        cols = []
-        for phase, rate, rate_fmt in (("train", "train_img_s", "11.1f"), ("sample", "sample_nfe_s", "12.2f")):
-            if f"{phase}_error" in res:
-                cols.append(f"failed: {res[phase + '_error'][:28]:28}")
-                continue
-            gflop = res.get(f"{phase}_gflop_s", float("nan"))
-            extra = f"{fmt(res.get('sample_img_s'), '6.0f')} " if phase == "sample" else ""
-            cols.append(f"{fmt(res.get(rate), rate_fmt)} {extra}{fmt(gflop, '8.0f')} "
-                        f"{fmt(gflop / ceil * 100, '5.0f')} {fmt(res.get(phase + '_mib'), '8.0f')}")
-        print(f"{name} {res['params'] / 1e6:6.2f}M | " + " | ".join(cols), flush=True)
-    print(f"({time.time() - t_start:.0f} s; medians of {args.repeats} training steps after "
-          f"{args.warmup} warm-up steps, batch {args.batch_size}; sampling at batch {args.sample_batch})")
+            base = {k: v for k, v in group[0].items() if k != "impl"}
+            for impl, r in child({**base, "impls": impls, "phase": phase, "measure": "speed"}, False).items():
+                res[impl].update(r)
+            for impl in impls:                     # memory: each implementation in its own process
+                for k, v in child({**base, "impls": [impl], "phase": phase, "measure": "memory"},
+                                  True)[impl].items():
+                    res[impl].setdefault(k, v)
+        for row in group:
+            row.update(res[row["impl"]])
+            print_row(row, ceiling)
+    print(f"({time.time() - t_start:.0f} s; the fastest of {args.repeats} training steps after "
+          f"{args.warmup} warm-up steps, batch {args.batch_size}; sampling at batch {args.sample_batch}; "
+          "the implementations of a configuration timed in turns in one process)")
     for config in args.configs.split(","):
         for precision in args.precision.split(","):
             mine = [r for r in rows if r["config"] == config and r["precision"] == precision

@@ -686,14 +686,25 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm (Wu & He 2018) as in DDPM/ADM. Speed: PyTorch's CPU kernel is 3-5x slower on
-    channels_last tensors than on NCHW ones (bench.py), so on the CPU we normalise an NCHW copy
-    and hand back channels_last; same numbers. `fast = False` (set_fast_path) skips the copy."""
+    """GroupNorm (Wu & He 2018) as in DDPM/ADM. Two speed options, both the same numbers up to
+    rounding, set by set_fast_path:
+    - fast: PyTorch's CPU kernel is 3-5x slower on channels_last tensors than on NCHW ones
+      (bench.py), so on the CPU we normalise an NCHW copy and hand back channels_last;
+    - low_precision: autocast runs GroupNorm in float32 (its statistics need the range), which
+      on a GPU doubles the memory traffic of every norm. With low_precision the norm runs in the
+      autocast dtype (bf16 has float32's range; PyTorch's CUDA kernel accumulates the mean and
+      variance in float32 either way) and hands bf16 to the next layer."""
     fast = True
+    low_precision = False
 
     def forward(self, x):
         if self.fast and x.device.type == "cpu" and not x.is_contiguous():
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        if self.low_precision and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype),
+                                    self.bias.to(dtype), self.eps)
         return super().forward(x)
 
 
@@ -711,6 +722,12 @@ def zero_init(module):
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def rescale(h, scale):
+    """h * scale, skipped when scale is 1 (a full pass over h for nothing, measured 2-3% of a
+    forward pass on the CPU)."""
+    return h if scale == 1.0 else h * scale
 
 
 class ResBlock(nn.Module):
@@ -735,8 +752,8 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.in_layers(x)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, ch_out, 1, 1)
-        h = self.out_norm(h) * (1 + scale) + shift
-        return (self.skip(x) + self.out_layers(h)) * self.out_scale
+        h = torch.addcmul(shift, self.out_norm(h), 1 + scale)      # GN(h) (1 + scale) + shift
+        return rescale(self.skip(x) + self.out_layers(h), self.out_scale)
 
 
 def attention(q, k, v, fused=True):
@@ -769,11 +786,17 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         heads, d = self.num_heads, C // self.num_heads
-        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1)           # (B, H, W, 3C): a free view
-        q, k, v = qkv.reshape(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, HW, d) each
-        h = attention(q, k, v, fused=self.fast)
-        h = h.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2)   # back to (B, C, H, W)
-        return (x + self.proj(h)) * self.out_scale
+        # The 1x1 convolutions qkv and proj are matmuls over the H*W positions ("tokens"). Done as
+        # F.linear on a (B, HW, C) token tensor, q, k and v come out with each head's d channels
+        # adjacent in memory, which the fused attention kernel needs on the CPU: given the
+        # strided views of an NCHW conv output it silently falls back to the plain formula
+        # (measured: attention 6x slower, the whole CIFAR-sized forward pass 1.3x slower).
+        tokens = self.norm(x).flatten(2).transpose(1, 2)                    # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)   # (B, HW, 3C)
+        q, k, v = qkv.view(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)   # (B, heads, HW, d) each
+        h = attention(q, k, v, fused=self.fast).transpose(1, 2).reshape(B, H * W, C)
+        out = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)      # (B, HW, C)
+        return rescale(x + out.transpose(1, 2).view(B, C, H, W), self.out_scale)
 
 
 class UNet(nn.Module):
@@ -847,7 +870,9 @@ class UNet(nn.Module):
         if self.num_classes:
             if c is None:
                 raise ValueError("this model is class-conditional: pass class labels c")
-            if c.min() < 0 or c.max() >= self.num_classes:
+            # checked on the CPU only: on a GPU the check would wait for the device every call
+            # (and break torch.compile's graph); a bad label there fails in the embedding
+            if c.device.type == "cpu" and (c.min() < 0 or c.max() >= self.num_classes):
                 raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got "
                                  f"{c.min().item()}..{c.max().item()}")
         if self.low_res:
@@ -902,22 +927,37 @@ def model_from_config(cfg):
     return UNet(**cfg)
 
 
-def set_fast_path(model, enabled=True, channels_last=None):
-    """The speed-ups, all on by default (numbers in docs/speed.md, from bench.py):
-    - channels_last memory (NHWC), the layout GPU tensor cores want. channels_last=None: on CUDA
-      only, since on CPUs it measured neutral (AVX-512) to 2-20% slower (AVX2) for whole U-Nets;
-    - the fused attention kernel (`attention`) instead of the plain softmax(q k^T) v;
-    - GroupNorm on an NCHW copy for channels_last tensors on the CPU (`GroupNorm`).
+def set_fast_path(model, enabled=True, channels_last=None, low_precision_norm=False):
+    """The speed-ups (numbers in docs/speed.md, from bench.py):
+    - the fused attention kernel (`attention`) instead of the plain softmax(q k^T) v; on
+    - GroupNorm on an NCHW copy for channels_last tensors on the CPU (`GroupNorm`); on
+    - channels_last memory (NHWC). channels_last=None picks the layout measured faster
+      (channels_last_default): on CUDA for narrow models only, never on the CPU;
+    - low_precision_norm: GroupNorm in the autocast dtype (`GroupNorm`); off unless asked.
     enabled=False gives the plain computation; test_fast_path_matches_plain checks that both
     give the same outputs and gradients. bf16 autocast and torch.compile are separate choices,
     made by the scripts' --precision and --compile flags. Call it after moving the model."""
     for m in model.modules():
         if isinstance(m, (GroupNorm, AttentionBlock)):
             m.fast = enabled
+        if isinstance(m, GroupNorm):
+            m.low_precision = low_precision_norm
     if channels_last is None:
-        channels_last = next(model.parameters()).device.type == "cuda"
+        channels_last = channels_last_default(model)
     enabled = enabled and channels_last
     return model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+def channels_last_default(model):
+    """The memory layout measured faster (one H200, torch 2.11, bf16 autocast, no compile; the
+    numbers are in docs/speed.md): on CUDA, channels_last for the CIFAR-sized U-Net of 64 base
+    channels (3,037 against 2,255 img/s), NCHW for the imagenet32 and imagenet64 presets of 256
+    (358 against 320, 148 against 131). Widths between were not measured; below 128 counts as
+    narrow. On CPUs NCHW: channels_last measured neutral (AVX-512) to 2-20% slower (AVX2).
+    `bench.py --tune` measures both on your GPU."""
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    return getattr(model, "model_channels", 0) < 128
 
 
 # =============================================================================================

@@ -811,6 +811,54 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert num.sqrt() < 0.05 * sum(b.square().sum() for b in g32).sqrt()
 
 
+def test_attention_hands_the_fused_kernel_dense_heads(monkeypatch):
+    """What slowed CPU sampling (issue 22): q, k, v taken as strided views of an NCHW 1x1-conv
+    output have a last-dimension stride of H*W, and PyTorch's CPU flash kernel then silently falls
+    back to the plain formula. The block must hand over each head's d channels adjacent in memory,
+    and still compute the plain block's numbers."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append([t.stride(-1) for t in (q, k, v)])
+        return real(q, k, v, *a, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    block = cdm.AttentionBlock(16, 4)
+    torch.nn.init.normal_(block.proj.weight, std=0.2)
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        out = block(x)
+        tokens = block.norm(x).flatten(2)                                  # (B, C, HW)
+        qkv = torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], tokens) + block.qkv.bias[:, None]
+        q, k, v = qkv.reshape(2, 3, 4, 4, 16).unbind(1)                    # (B, heads, d, HW)
+        w = torch.softmax(q.transpose(-1, -2) @ k / 2.0, dim=-1)           # (B, heads, HW, HW)
+        h = (w @ v.transpose(-1, -2)).transpose(-1, -2).reshape(2, 16, 16)  # (B, C, HW)
+        ref = x + (torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], h)
+                   + block.proj.bias[:, None]).reshape(2, 16, 4, 4)
+    assert seen == [[1, 1, 1]]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_low_precision_groupnorm_stays_close():
+    """GroupNorm in the autocast dtype (set_fast_path(low_precision_norm=True)): a bf16 output,
+    within bf16 rounding of the float32 norm; without autocast it is the float32 norm exactly."""
+    torch.manual_seed(0)
+    gn = cdm.GroupNorm(4, 16)
+    torch.nn.init.normal_(gn.weight)
+    x = torch.randn(3, 16, 8, 8) * 5 + 2
+    ref = gn(x)
+    gn.low_precision = True
+    assert torch.equal(gn(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gn(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    model = cdm.set_fast_path(cdm.UNet(8, 16, (1,), 1, (), 2), low_precision_norm=True)
+    assert all(m.low_precision for m in model.modules() if isinstance(m, cdm.GroupNorm))
+    assert not cdm.channels_last_default(model)                         # CPU: NCHW
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
