@@ -327,6 +327,210 @@ def matmul_ceiling(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# --tune: the training settings of one GPU, searched in one run
+# ---------------------------------------------------------------------------------------------
+# The grid is searched a factor at a time, each factor kept at its fastest value before the next
+# is tried (a full grid of 3 x 2 x 4 x 2 x 2 x 2 settings would not fit a 15-minute GPU slot):
+#   1. layout x GroupNorm precision (NCHW / channels_last x float32 / the autocast dtype), eager;
+#   2. cudnn.benchmark on (CUDA only: conv algorithms chosen by timing them once per shape);
+#   3. Adam: foreach (one kernel per operation over all tensors) against fused (one kernel);
+#   4. the micro-batch: every --tune_batches value the memory holds (out of memory is a row);
+#   5. torch.compile at the fastest eager setting: its default mode, then
+#      max-autotune-no-cudagraphs; compile time (first step minus a steady step) reported apart.
+# Steps 1-4 run in one process per configuration (the model is built once), each compile mode in
+# a process of its own. The whole search keeps to --tune_budget seconds: a row that would start
+# after it is reported as not reached, and a compiling process is stopped at it.
+
+TUNE_FACTORS = ("layout", "norm", "cudnn_benchmark", "adam", "batch")
+
+
+def tune_settings_flags(s, precision):
+    """The training scripts' flags that select setting s (what the tuning run prints)."""
+    flags = [f"--precision {precision}", f"--channels_last {'on' if s['layout'] == 'channels_last' else 'off'}",
+             f"--norm_precision {s['norm']}", f"--adam {s['adam']}"]
+    if s.get("cudnn_benchmark"):
+        flags.append("--cudnn_benchmark")
+    if s["compile"] != "eager":
+        flags.append("--compile" + ("" if s["compile"] == "default" else f" --compile_mode {s['compile']}"))
+    flags.append(f"--micro_batch {s['batch']}")
+    return " ".join(flags)
+
+
+def tune_child(spec):
+    """In a child process: train config spec["config"] at each setting the search reaches, printing
+    one RESULT line per setting as soon as it is measured (so a stopped process keeps its rows)."""
+    cfg, device = CONFIGS[spec["config"]], torch.device(spec["device"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
+    torch.manual_seed(0)
+    with torch.device(device):                     # built on the device: seconds, not minutes
+        model = cdm.model_from_config(cfg)
+    variance = "learned" if cfg["out_channels"] == 6 else "fixed"
+    diffusion = cdm.GaussianDiffusion(cdm.make_betas("cosine", 1000), variance)
+    flops_per_image = model_flops(cfg, 1, backward=True)
+
+    def measure(s):
+        torch.backends.cudnn.benchmark = bool(s["cudnn_benchmark"])
+        cdm.set_fast_path(model, channels_last=s["layout"] == "channels_last",
+                          low_precision_norm=s["norm"] == "bf16")
+        net = model if s["compile"] == "eager" else torch.compile(model, mode=s["compile"])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, **trainer.ADAM_KWARGS[s["adam"]])
+        g = torch.Generator().manual_seed(1)
+        B = s["batch"]
+        x, t, c, z, s_aug = example_inputs(cfg, B, g, device)
+        x0 = x.clamp(-1, 1)
+        kwargs = {k: v for k, v in dict(c=c, z=z, s=s_aug).items() if v is not None}
+        if s["layout"] == "channels_last":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = diffusion.training_losses(net, x0, t, kwargs)["loss"].mean()
+            loss.backward()
+            opt.step()
+        row = dict(s)
+        try:
+            with Memory(device) as mem:
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                sec = timed(step, device, spec["warmup"], spec["repeats"])
+            peak = mem.peak / 1024 if device.type == "cuda" else None   # CPU: RSS, shared by the rows
+            row.update(img_s=B / sec, tflop_s=flops_per_image * B / sec / 1e12, peak_gib=peak,
+                       compile_s=first - sec if s["compile"] != "eager" else None)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except RuntimeError as e:
+            if not trainer.out_of_memory(e):
+                raise
+            row["error"] = "out of memory"
+        finally:
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print("RESULT " + json.dumps(row), flush=True)
+        return row
+
+    deadline = time.time() + spec["budget_s"]
+    best = dict(spec["start"])
+
+    def better(rows):
+        ok = [r for r in rows if "img_s" in r]
+        return max(ok, key=lambda r: r["img_s"]) if ok else None
+
+    if spec["compile"] != "eager":                 # one compiled row at the given setting
+        measure({**best, "compile": spec["compile"]})
+        return
+    candidates = [{**best, "layout": lay, "norm": norm} for lay in ("nchw", "channels_last")
+                  for norm in ("fp32", "bf16") if dtype is not None or norm == "fp32"]
+    steps = [candidates]
+    if device.type == "cuda":
+        steps.append("cudnn_benchmark")
+    steps += ["adam", "batch"]
+    measured = []
+    for stage in steps:
+        if isinstance(stage, list):
+            todo = stage
+        elif stage == "cudnn_benchmark":
+            todo = [{**best, "cudnn_benchmark": True}]
+        elif stage == "adam":
+            todo = [{**best, "adam": "fused"}]
+        else:
+            todo = [{**best, "batch": b} for b in spec["batches"] if b != best["batch"]]
+        for s in todo:
+            if time.time() > deadline:
+                print("RESULT " + json.dumps({**s, "error": "not reached within --tune_budget"}), flush=True)
+                continue
+            r = measure(s)
+            measured.append(r)
+            if stage == "batch" and r.get("error") == "out of memory" and s["batch"] > best["batch"]:
+                for b in spec["batches"]:      # larger ones cannot fit either
+                    if b > s["batch"]:
+                        print("RESULT " + json.dumps({**s, "batch": b, "error": "out of memory (a smaller batch did not fit)"}), flush=True)
+                break
+        top = better(measured)
+        if top:
+            best = {k: top[k] for k in best}
+
+
+def tune(args, device):
+    """bench.py --tune: the search above for each of --configs, one table and --json."""
+    precision = "bf16" if "bf16" in args.precision.split(",") else "fp32"
+    ceiling = matmul_ceiling(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    print(f"{precision} matmul ceiling: {ceiling / 1e3:.1f} TFLOP/s; search budget {args.tune_budget} s")
+    deadline = time.time() + args.tune_budget
+    start = dict(layout="nchw", norm="fp32", cudnn_benchmark=False, adam="foreach",
+                 batch=args.batch_size, compile="eager")
+    batches = sorted(set(args.tune_batches) | {args.batch_size})
+    rows, head = [], (f"{'config':10} {'compile':26} {'layout':13} {'norm':4} {'cudnn':5} {'adam':7} "
+                      f"{'batch':>5} | {'img/s':>8} {'TFLOP/s':>8} {'%ceil':>5} {'peak GiB':>8} {'compile s':>9}")
+    print(head + "\n" + "-" * len(head))
+
+    def show(r):
+        name = (f"{r['config']:10} {r['compile']:26} {r['layout']:13} {r['norm']:4} "
+                f"{'on' if r['cudnn_benchmark'] else 'off':5} {r['adam']:7} {r['batch']:5d} | ")
+        if "error" in r:
+            print(name + r["error"], flush=True)
+        else:
+            print(name + f"{r['img_s']:8.1f} {r['tflop_s']:8.3f} {r['tflop_s'] * 1e3 / ceiling * 100:5.1f} "
+                  f"{fmt(r['peak_gib'], '8.2f'):>8} {fmt(r['compile_s'], '9.0f'):>9}", flush=True)
+
+    def child(config, mode, best):
+        remaining = deadline - time.time()
+        spec = dict(config=config, device=str(device), precision=precision, start=best,
+                    batches=batches, warmup=args.warmup, repeats=args.repeats,
+                    budget_s=max(remaining, 0), compile=mode)
+        if remaining <= 0:
+            out = [{**best, "compile": mode, "error": "not reached within --tune_budget"}]
+        else:
+            cmd = [sys.executable, os.path.abspath(__file__), "--_tune", json.dumps(spec)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=remaining + 30)
+                stdout, failed = proc.stdout, proc.returncode != 0 and proc.stderr.strip().splitlines()
+            except subprocess.TimeoutExpired as e:
+                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                failed = ["stopped at the end of --tune_budget"]
+            out = [json.loads(l[7:]) for l in stdout.splitlines() if l.startswith("RESULT ")]
+            if failed and (mode != "eager" or not out):
+                out.append({**best, "compile": mode, "error": failed[-1][:100]})
+        for r in out:
+            r["config"] = config
+            rows.append(r)
+            show(r)
+        ok = [r for r in out if "img_s" in r]
+        return max(ok, key=lambda r: r["img_s"]) if ok else None
+
+    fastest = {}
+    for config in args.configs.split(","):              # 1.-4.: eager, a factor at a time
+        top = child(config, "eager", start)
+        if top:
+            fastest[config] = top
+    for mode in args.tune_compile:                       # 5.: compiled at each config's best
+        for config in list(fastest):
+            best = {k: fastest[config][k] for k in start}
+            top = child(config, mode, {**best, "compile": "eager"})
+            if top and top["img_s"] > fastest[config]["img_s"]:
+                fastest[config] = top
+    print(f"({args.tune_budget - max(deadline - time.time(), 0):.0f} s of the {args.tune_budget} s budget)")
+    for config, r in fastest.items():
+        print(f"fastest for {config}: {r['img_s']:.1f} img/s with {tune_settings_flags(r, precision)}")
+    if args.json:
+        safety.write_json(args.json, {"device": str(device), "name": device_name(device),
+                                      "torch": torch.__version__, "precision": precision,
+                                      "ceiling_tflop_s": ceiling / 1e3, "rows": rows,
+                                      "fastest": fastest,
+                                      "flags": {c: tune_settings_flags(r, precision) for c, r in fastest.items()}},
+                         allow_nan=True)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
 
@@ -345,7 +549,18 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed steps / sampling calls (the fastest counts)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model first")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--tune", action="store_true",
+                   help="search the training settings of this device instead (see TUNE_FACTORS): "
+                        "layout, GroupNorm precision, cudnn.benchmark, Adam, micro-batch, torch.compile")
+    p.add_argument("--tune_batches", type=trainer.int_list, default=[32, 64, 128, 256],
+                   help="--tune: the micro-batches to try (--batch_size is the starting one)")
+    p.add_argument("--tune_compile", default="default,max-autotune-no-cudagraphs",
+                   help="--tune: torch.compile modes to try at the fastest eager setting ('none': none)")
+    p.add_argument("--tune_budget", type=float, default=420,
+                   help="--tune: seconds for the whole search; what would start later is reported "
+                        "as not reached")
     p.add_argument("--_row", default=None, help=argparse.SUPPRESS)  # internal: one row, in a child
+    p.add_argument("--_tune", default=None, help=argparse.SUPPRESS)  # internal: --tune's child
     args = p.parse_args(argv)
     for name in args.configs.split(",") + args.peer_configs.split(","):
         if name not in CONFIGS:
@@ -353,6 +568,15 @@ def parse_args(argv=None):
     for prec in args.precision.split(","):
         if prec not in ("fp32", "bf16"):
             p.error(f"unknown precision {prec!r}; choose fp32 or bf16")
+    args.tune_compile = [] if args.tune_compile == "none" else args.tune_compile.split(",")
+    bad = set(args.tune_compile) - set(trainer.COMPILE_MODES)
+    if bad:
+        p.error(f"--tune_compile: unknown mode {', '.join(sorted(bad))}; choose from "
+                f"{', '.join(trainer.COMPILE_MODES)} or none")
+    if args.tune and (not args.tune_batches or min(args.tune_batches) < 1 or args.batch_size < 1):
+        p.error("--tune_batches and --batch_size: give positive micro-batches")
+    if args.tune and args.peers:
+        p.error("--tune tunes cdm's training on this device; --peers is for the comparison table")
     if args.peers and not os.path.isdir(args.peers):
         p.error(f"--peers {args.peers}: no such folder; see the README for how to fill it")
     return args
@@ -387,7 +611,13 @@ def main(argv=None):
     if args._row:
         print("RESULT " + json.dumps(run_row(json.loads(args._row))))
         return
+    if args._tune:
+        tune_child(json.loads(args._tune))
+        return
     device = trainer.pick_device(args.device)
+    if args.tune:
+        print(f"torch {torch.__version__} on {device} ({device_name(device)})")
+        return tune(args, device)
     print(f"torch {torch.__version__} on {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
              else f" ({torch.get_num_threads()} threads)"))

@@ -879,6 +879,125 @@ def test_cuda_bf16_compile_matches_cpu():
     assert err < 0.05 * sum(g.square().sum() for g in ref_grads).sqrt()
 
 
+def adam_steps(model, inputs, adam, steps=3):
+    """A few Adam steps on the outputs_and_grads objective; returns the parameters after them."""
+    model = copy.deepcopy(model)
+    # eps large enough that near-zero gradients do not turn rounding into lr-sized sign flips
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-3, **trainer.ADAM_KWARGS[adam])
+    for _ in range(steps):
+        outputs_and_grads(model, inputs)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_adam_matches_foreach():
+    """--adam fused (one kernel) takes the same steps as foreach, to float32 rounding."""
+    model, inputs = perturbed_sr_unet()
+    for a, b in zip(adam_steps(model, inputs, "fused"), adam_steps(model, inputs, "foreach")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_speed_defaults_leave_the_cpu_path_alone():
+    """On the CPU the speed settings are the CPU path's whatever CUDA_SPEED says; on CUDA every
+    unset flag comes from CUDA_SPEED, and every CUDA_SPEED entry says where its value comes from."""
+    args = trainer.argparse.Namespace(channels_last=None, norm_precision=None, adam=None, cudnn_benchmark=None)
+    assert trainer.speed_settings(args, torch.device("cpu")) == trainer.CPU_SPEED
+    assert trainer.speed_settings(args, torch.device("cuda")) == trainer.CUDA_SPEED
+    args.adam = "fused"
+    assert trainer.speed_settings(args, torch.device("cpu"))["adam"] == "fused"
+    src = open(os.path.join(HERE, "trainer.py"), encoding="utf-8").read()
+    table = src[src.index("CUDA_SPEED = {"):src.index("}", src.index("CUDA_SPEED = {"))]
+    for key in trainer.CUDA_SPEED:
+        line = next(l for l in table.splitlines() if f'"{key}"' in l)
+        assert "measured" in line, f"CUDA_SPEED[{key!r}] does not say whether it was measured"
+    model = trainer.apply_speed(cdm.UNet(8, 16, (1,), 1, (), 2), trainer.CPU_SPEED)
+    assert model.input_conv.weight.is_contiguous()
+    assert not any(m.low_precision for m in model.modules() if isinstance(m, cdm.GroupNorm))
+
+
+def test_tune_searches_a_factor_at_a_time_and_prints_usable_flags(tmp_path):
+    """bench.py --tune on the CPU, tiny: every factor's rows, the fastest is the fastest row, and
+    its printed flags train (no timing is asserted)."""
+    js = tmp_path / "tune.json"
+    p = run("bench.py", "--tune", "--configs", "base8", "--device", "cpu", "--tune_batches", "4",
+            "--batch_size", "8", "--warmup", "0", "--repeats", "1", "--tune_compile", "none",
+            "--json", str(js))
+    out = json.loads(js.read_text())
+    rows = out["rows"]
+    assert all(r["img_s"] > 0 and r["tflop_s"] > 0 for r in rows), rows
+    assert {(r["layout"], r["norm"]) for r in rows if r["batch"] == 8 and r["adam"] == "foreach"} == \
+        {("nchw", "fp32"), ("nchw", "bf16"), ("channels_last", "fp32"), ("channels_last", "bf16")}
+    assert any(r["adam"] == "fused" for r in rows) and any(r["batch"] == 4 for r in rows)
+    best = max(rows, key=lambda r: r["img_s"])
+    assert out["fastest"]["base8"]["img_s"] == best["img_s"]
+    assert f"fastest for base8: {best['img_s']:.1f} img/s with {out['flags']['base8']}" in p.stdout
+    flags = out["flags"]["base8"].split()
+    run("train_base.py", *TINY, "--res", "8", "--attn", "4", *flags, "--out", str(tmp_path / "run"))
+    p = run("bench.py", "--tune", "--configs", "base8", "--device", "cpu", "--tune_budget", "0",
+            "--json", str(js))
+    assert {r["error"] for r in json.loads(js.read_text())["rows"]} == {"not reached within --tune_budget"}
+    p = run("bench.py", "--tune", "--tune_compile", "fastest", ok=False)
+    assert p.returncode != 0 and "unknown mode fastest" in p.stderr
+
+
+@needs_cuda
+def test_cuda_fast_paths_match_plain():
+    """Each CUDA fast path alone -- channels_last, GroupNorm in bf16, fused Adam, cudnn.benchmark,
+    torch.compile -- gives the plain path's loss, gradients and Adam step to bf16 tolerance."""
+    model, inputs = perturbed_sr_unet()
+    inputs = [x.cuda() for x in inputs]
+    weights = None
+
+    def run_path(channels_last=False, norm="fp32", adam="foreach", benchmark=False, compiled=False):
+        torch.backends.cudnn.benchmark = benchmark
+        m = trainer.apply_speed(copy.deepcopy(model).cuda(), {
+            "channels_last": "on" if channels_last else "off", "norm_precision": norm,
+            "adam": adam, "cudnn_benchmark": "on" if benchmark else "off"})
+        net = torch.compile(m) if compiled else m
+        # eps large enough that near-zero gradients do not turn bf16 rounding into sign flips
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-2, **trainer.ADAM_KWARGS[adam])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(*inputs)
+        nonlocal weights
+        if weights is None:
+            weights = torch.linspace(-1, 1, out.numel(), device="cuda").reshape(out.shape)
+        loss = (out.float() * weights).sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        opt.step()
+        torch.backends.cudnn.benchmark = False
+        return loss.item(), grads, [p.detach().clone() for p in m.parameters()]
+
+    ref_loss, ref_grads, ref_params = run_path()
+    scale = sum(g.square().sum() for g in ref_grads).sqrt()
+    for kw in (dict(channels_last=True), dict(norm="bf16"), dict(adam="fused"), dict(benchmark=True),
+               dict(compiled=True)):
+        loss, grads, params = run_path(**kw)
+        assert abs(loss - ref_loss) < 0.03 * abs(ref_loss) + 1e-3, kw
+        assert sum((g - r).square().sum() for g, r in zip(grads, ref_grads)).sqrt() < 0.05 * scale, kw
+        for p, r in zip(params, ref_params):   # within 30% of one step of lr = 1e-3
+            assert (p - r).abs().max() < 3e-4, kw
+
+
+@needs_cuda
+def test_cuda_compiled_run_checkpoint_samples_like_eager(tmp_path):
+    """A checkpoint written by a --compile run holds plain parameter names, loads into an eager
+    model, and that model samples the images the compiled model samples (DDIM, same noise)."""
+    run("train_base.py", *[a if a != "cpu" else "cuda" for a in TINY], "--res", "8", "--attn", "4",
+        "--compile", "--precision", "bf16", "--out", str(tmp_path / "base"))
+    ckpt = cdm.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))
+    assert not any("_orig_mod" in k for k in ckpt["model"]), list(ckpt["model"])[:3]
+    stage = cdm.load_stage(str(tmp_path / "base" / "ckpt.pt"), "cuda")
+    compiled = torch.compile(stage.model)
+    chain = stage.diffusion.sampling_chain("ddim", 5)
+    c = torch.arange(8, device="cuda") % stage.config["num_classes"]
+    draw = lambda m: chain.sample(m, (8, stage.channels, 8, 8), {"c": c}, sampler="ddim",
+                                  generator=torch.Generator("cuda").manual_seed(0))
+    eager, again, comp = draw(stage.model), draw(stage.model), draw(compiled)
+    assert torch.equal(eager, again)
+    assert (eager - comp).abs().max() < 1e-3
+
+
 # =============================================================================================
 # 5. checkpoints
 # =============================================================================================

@@ -82,6 +82,37 @@ def preset_table(presets):
     return "\n".join(rows)
 
 
+# The CUDA defaults of the speed settings (--channels_last, --norm_precision, --adam,
+# --cudnn_benchmark; --compile stays opt-in, for its compile time). Each is the fastest setting
+# *measured* so far, or PyTorch's own default where nobody has measured it yet; the numbers are in
+# docs/speed.md. `bench.py --tune` measures them all on one GPU and prints the flags of the
+# fastest: put its winners here. On the CPU every setting is the CPU path's (NCHW, autocast's
+# norm, foreach Adam), whatever this table says.
+CUDA_SPEED = {
+    "channels_last": "auto",   # measured on an H200: per model width, see cdm.channels_last_default
+    "norm_precision": "fp32",  # not measured on a GPU yet: autocast's float32
+    "adam": "foreach",         # not measured on a GPU yet: foreach, PyTorch's default on CUDA
+    "cudnn_benchmark": "off",  # not measured on a GPU yet: PyTorch's default
+}
+CPU_SPEED = {"channels_last": "auto", "norm_precision": "fp32", "adam": "foreach", "cudnn_benchmark": "off"}
+ADAM_KWARGS = {"foreach": dict(foreach=True, fused=None), "fused": dict(foreach=None, fused=True)}
+COMPILE_MODES = ["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"]
+
+
+def speed_settings(args, device):
+    """The speed flags of a run, each unset one from the device's defaults (above)."""
+    table = CUDA_SPEED if device.type == "cuda" else CPU_SPEED
+    return {k: getattr(args, k, None) or v for k, v in table.items()}
+
+
+def apply_speed(model, speed):
+    """set_fast_path and cuDNN per the speed settings; returns the model."""
+    if speed["cudnn_benchmark"] == "on":
+        torch.backends.cudnn.benchmark = True
+    layout = {"auto": None, "on": True, "off": False}[speed["channels_last"]]
+    return cdm.set_fast_path(model, channels_last=layout, low_precision_norm=speed["norm_precision"] == "bf16")
+
+
 def add_common_args(p, d):
     """Flags shared by both scripts; `d` is the chosen preset (every default comes from it)."""
     g = p.add_argument_group("data")
@@ -147,8 +178,21 @@ def add_common_args(p, d):
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast the forward pass to bf16, or to fp16 with a gradient scaler "
                         "(weights and optimizer stay fp32)")
+    g = p.add_argument_group("speed (none changes the numbers beyond rounding; CUDA defaults: "
+                             "trainer.CUDA_SPEED; `bench.py --tune` finds your GPU's fastest)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: faster steps on GPUs after a one-off compilation")
+    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode, with --compile")
+    g.add_argument("--channels_last", choices=["auto", "on", "off"], default=None,
+                   help="NHWC memory; auto: the layout measured faster (cdm.channels_last_default)")
+    g.add_argument("--norm_precision", choices=["fp32", "bf16"], default=None,
+                   help="GroupNorm under --precision bf16: float32 as autocast does, or bf16")
+    g.add_argument("--adam", choices=list(ADAM_KWARGS), default=None,
+                   help="Adam's implementation: foreach (one kernel per operation over all "
+                        "tensors) or fused (one kernel)")
+    g.add_argument("--cudnn_benchmark", choices=["on", "off"], default=None,
+                   help="let cuDNN time its convolution algorithms once per shape (CUDA)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     g.add_argument("--save_every", type=int, default=d["save_every"],
                    help="steps between saves of OUT/ckpt.pt")
@@ -206,6 +250,10 @@ def check_args(args):
              f"{','.join(map(str, args.mult))})")
     if args.sample_steps > args.T:
         fail(f"--sample_steps {args.sample_steps}: at most --T ({args.T})")
+    if args.norm_precision == "bf16" and args.precision != "bf16":
+        fail("--norm_precision bf16 runs GroupNorm in bf16 under --precision bf16: add --precision bf16")
+    if args.compile_mode != "default" and not args.compile:
+        fail(f"--compile_mode {args.compile_mode} is torch.compile's mode: add --compile")
     safety.check_memory(SCHEDULE_BYTES * (args.T + 1), f"--T {args.T}", "the paper's models use T = 4000 or 2000")
     pick_device(args.device)
     if args.flip is None:
@@ -526,13 +574,14 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
 
     torch.manual_seed(args.seed)                   # the same initial weights on every rank
     try:
-        model = cdm.set_fast_path(cdm.model_from_config(config["model"]).to(device))
+        speed = speed_settings(args, device)
+        model = apply_speed(cdm.model_from_config(config["model"]).to(device), speed)
     except ValueError as e:                        # e.g. --heads not dividing a level's channels
         raise SystemExit(f"error: {e}") from None
     torch.manual_seed(args.seed + rank)            # dropout differs per rank, as it should
     diffusion = cdm.diffusion_from_config(config["diffusion"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)  # one kernel per op, all tensors
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **ADAM_KWARGS[speed["adam"]])
     # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     step = saved_step = 0                          # saved_step: that of the last good checkpoint
@@ -551,6 +600,8 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:             # this run's --adam, not the saved run's
+            group.update(ADAM_KWARGS[speed["adam"]])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if world == 1:                             # dropout's generator; per-rank ones restart
@@ -573,7 +624,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     # torch.compile fuses the small elementwise ops; it pays on GPUs, hardly on a 2-core CPU
     # (bench.py), and costs ~30-60 s of compilation at the start of every run.
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=None if args.compile_mode == "default" else args.compile_mode)
     if main:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
               f"images{' (all grayscale: a 1-channel model)' if dataset.channels == 1 else ''}, "
