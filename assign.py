@@ -208,7 +208,7 @@ WRONG_ANSWERS = {
          "self.aug_embed(timestep_embedding(s, self.model_channels))",
          "self.time_embed(timestep_embedding(s, self.model_channels))"),
         ("scale-shift without the 1: GN(h) scale + shift", "ResBlock.forward",
-         "self.out_norm(h) * (1 + scale) + shift", "self.out_norm(h) * scale + shift"),
+         "torch.addcmul(shift, self.out_norm(h), 1 + scale)", "torch.addcmul(shift, self.out_norm(h), scale)"),
         ("the class ignored", "UNet.conditioning", "emb = emb + self.class_embed(c)", "emb = emb"),
         ("z concatenated before x_t", "UNet.conditioning",
          "torch.cat([x_t, upsample(z, self.resolution)], dim=1)", "torch.cat([upsample(z, self.resolution), x_t], dim=1)"),

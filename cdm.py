@@ -813,11 +813,14 @@ class UNet(nn.Module):
     aug_time         noise-augmented SR model: s gets its own sinusoidal embedding + MLP, added
                      into the same conditioning vector ("an extra time embedding input", CDM §3.2)
     skip_rescale     every residual sum times 1/sqrt(2) (SR3's networks; ResBlock)
+    null_class       one more class embedding, the label num_classes meaning "no class", learned
+                     when training drops labels (--p_uncond): what classifier-free guidance needs
     """
 
     def __init__(self, resolution, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
                  attention_resolutions=(16,), num_heads=4, dropout=0.0, out_channels=3,
-                 num_classes=None, low_res=None, aug_time=False, in_channels=3, skip_rescale=False):
+                 num_classes=None, low_res=None, aug_time=False, in_channels=3, skip_rescale=False,
+                 null_class=False):
         super().__init__()
         ch = model_channels
         emb_dim = 4 * ch
@@ -828,7 +831,10 @@ class UNet(nn.Module):
             raise ValueError(f"resolution {resolution} cannot be halved {len(channel_mult) - 1} times")
         mlp = lambda: nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.time_embed = mlp()
-        self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes else None
+        # null_class: one more row, the learned "no class" label num_classes, for classifier-free
+        # guidance (guided_model); models trained with --p_uncond 0 (the paper's) have none
+        self.null_class = bool(null_class and num_classes)
+        self.class_embed = nn.Embedding(num_classes + self.null_class, emb_dim) if num_classes else None
         self.aug_embed = mlp() if aug_time else None
 
         self.input_conv = nn.Conv2d(in_channels * (2 if low_res else 1), ch, 3, padding=1)
@@ -872,9 +878,9 @@ class UNet(nn.Module):
                 raise ValueError("this model is class-conditional: pass class labels c")
             # checked on the CPU only: on a GPU the check would wait for the device every call
             # (and break torch.compile's graph); a bad label there fails in the embedding
-            if c.device.type == "cpu" and (c.min() < 0 or c.max() >= self.num_classes):
-                raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got "
-                                 f"{c.min().item()}..{c.max().item()}")
+            top = self.num_classes - 1 + self.null_class          # the null label is num_classes
+            if c.device.type == "cpu" and (c.min() < 0 or c.max() > top):
+                raise ValueError(f"class labels must lie in 0..{top}, got {c.min().item()}..{c.max().item()}")
         if self.low_res:
             if z is None or z.shape[1:] != (self.in_channels, self.low_res, self.low_res):
                 got = None if z is None else tuple(z.shape)
@@ -980,11 +986,15 @@ class Stage:
         return self.config.get("model", {}).get("in_channels", 3)
 
 
-def check_cascade(stages):
-    """Refuse cascades whose stages do not fit together, with a message that says why."""
+def check_cascade(stages, given_low_res=False):
+    """Refuse cascades whose stages do not fit together, with a message that says why.
+    given_low_res: the first stage is an SR stage run on given images (sample.py --low_res)."""
     if not stages:
         raise ValueError("a cascade needs at least one stage")
-    if stages[0].config["low_res"] is not None:
+    if given_low_res and stages[0].config["low_res"] is None:
+        raise ValueError(f"the first stage is a {stages[0].resolution}x{stages[0].resolution} base "
+                         "model, which takes no low-res images: give the SR stage(s) only")
+    if not given_low_res and stages[0].config["low_res"] is not None:
         raise ValueError("the first stage must be a base model, but it is a "
                          f"{stages[0].config['low_res']}->{stages[0].resolution} SR model")
     for k in range(1, len(stages)):
@@ -1028,9 +1038,47 @@ def handover(z, aug, s, truncated, generator=None):
     return {"z": z, "s": s_k}
 
 
+class GuidedModel(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"; not
+    used by CDM, whose point is a cascade that needs no guidance): the network run with the
+    class c and with the learned null class, in one batch of 2B, and the prediction
+
+        eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null)
+
+    w = 0 is the conditional model. For x0 or velocity prediction the same combination of the raw
+    predictions is the same guided eps (each is affine in eps at fixed x_t, with weights summing
+    to 1). A learned variance (iDDPM's v) is taken from the conditional pass, as GLIDE does
+    (Nichol et al. 2022; our choice here). `channels`: how many output channels are the
+    prediction (the image's C)."""
+
+    def __init__(self, model, w, channels):
+        super().__init__()
+        if not getattr(model, "null_class", False):
+            raise ValueError("this model was trained without a null class (--p_uncond 0, the paper's "
+                             "setting), so it cannot be guided: train it with --p_uncond 0.1, or "
+                             "sample it with guidance 0")
+        self.model, self.w, self.channels = model, float(w), channels
+
+    def forward(self, x_t, t, c=None, **kwargs):
+        null = torch.full_like(c, self.model.num_classes)
+        double = lambda v: torch.cat([v, v]) if torch.is_tensor(v) else v
+        out = self.model(double(x_t), double(t), c=torch.cat([c, null]),
+                         **{k: double(v) for k, v in kwargs.items()})
+        cond, uncond = out.chunk(2)
+        C = self.channels
+        guided = (1 + self.w) * cond[:, :C] - self.w * uncond[:, :C]
+        return torch.cat([guided, cond[:, C:]], dim=1)
+
+
+def guided_model(model, w, channels):
+    """The model to sample with at guidance w: the model itself for w = 0 (exactly unguided),
+    else a GuidedModel (which refuses models without a null class)."""
+    return model if not w else GuidedModel(model, w, channels)
+
+
 @torch.no_grad()
 def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=False, eta=0.0,
-                   generator=None, progress=True):
+                   generator=None, progress=True, guidance=None, low_res=None):
     """Sample p(x0 | c) = int p(x0 | z0, c) p(z0 | c) dz0 through the whole cascade (CDM §3).
 
     stages   list of Stage, base first
@@ -1043,21 +1091,30 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
              hand over its z_s (truncated, CDM §3.2); otherwise run it to z0 and re-noise it with
              q(z_s | z0) (non-truncated, CDM §3.3). Blur-augmented stages get clean z (no blur at
              sampling, CDM §3.1).
+    guidance classifier-free guidance weight w per stage (GuidedModel); None or 0: none
+    low_res  given low-resolution images (B, C, r, r) in [-1, 1]: then stages[0] is an SR stage
+             and they are its z0 (non-truncated handover: there is no chain to stop)
     Returns a list with each stage's output images (B, C, H, W) in [-1, 1] (C = 1 for models of
     grayscale data); for a stage whose successor was truncated this is the handed-over z_s.
     """
-    check_cascade(stages)
+    check_cascade(stages, given_low_res=low_res is not None)
+    if low_res is not None and truncated:
+        raise ValueError("truncated sampling stops a previous stage's chain; given low-res images "
+                         "have none: sample them non-truncated")
     B = c.shape[0]
     s = list(s) if s is not None else [None] * len(stages)
+    guidance = list(guidance) if guidance is not None else [0.0] * len(stages)
+    if len(guidance) != len(stages):
+        raise ValueError(f"give one guidance weight per stage ({len(stages)}); got {guidance}")
     samplers = [sampler] * len(stages) if isinstance(sampler, str) else list(sampler)
     if len(samplers) != len(stages):
         raise ValueError(f"give one sampler, or one per stage ({len(stages)}); got {samplers}")
     if any(a not in SAMPLERS for a in samplers):
         raise ValueError(f"samplers must be from {SAMPLERS}, got {samplers}")
-    outputs, z = [], None
+    outputs, z = [], low_res
     for k, st in enumerate(stages):
         kwargs = {"c": c}
-        if k > 0:
+        if z is not None:
             if st.config["augment"]["type"] == "noise" and s[k] is None:
                 raise ValueError(f"stage {k + 1} was trained with noise augmentation: choose s")
             kwargs.update(handover(z, st.config["augment"], s[k], truncated, generator))
@@ -1072,7 +1129,8 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
                                  f"({st.config['diffusion']['schedule']}, T={st.config['diffusion']['T']})")
         diffusion = st.diffusion.sampling_chain(samplers[k], steps[k], stop_at)
         shape = (B, st.channels, st.resolution, st.resolution)
-        z = diffusion.sample(st.model, shape, kwargs, sampler=samplers[k], eta=eta, stop_at=stop_at,
+        model = guided_model(st.model, guidance[k], st.channels)
+        z = diffusion.sample(model, shape, kwargs, sampler=samplers[k], eta=eta, stop_at=stop_at,
                              generator=generator, progress=progress,
                              desc=f"stage {k + 1} ({st.resolution}px, {samplers[k]})")
         outputs.append(z)

@@ -841,6 +841,84 @@ def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, 
     raise ValueError(f"unknown dataset source {source!r} ({why}); accepted: {ACCEPTED}")
 
 
+def load_low_res(path, n_max=100_000):
+    """Images to super-resolve (sample.py --low_res), at their own size -- nothing is resized,
+    since an SR stage takes exactly the resolution it was trained on:
+      an image file                    one image, no label
+      a folder of images               its images in sorted order, no labels
+      a folder of class sub-folders    their images, labelled by sub-folder name
+      an ADM .npz                      arr_0 uint8 (N, H, W, 3), arr_1 labels if present
+    Returns (uint8 (N, 3, H, W), int64 labels (N,) or None, class names of the labels or None).
+    Images are read as a person sees them (as_seen: EXIF orientation, 16-bit, transparency);
+    every image must be square and all of one size (one clear error otherwise)."""
+    read = _read_native
+    labels = names = None
+    if os.path.isfile(path) and path.lower().endswith(".npz"):
+        with np.load(path) as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"{path} has no arr_0 (keys: {f.files}); expected arr_0 = uint8 images "
+                                 "(N, H, W, 3) and optionally arr_1 = labels")
+            x = f["arr_0"]
+            y = f["arr_1"] if "arr_1" in f.files else None
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {x.dtype} {x.shape}")
+        if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
+            raise ValueError(f"{path}: arr_1 must hold {len(x)} integer labels, got {y.dtype} {y.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(x[:n_max])).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(y[:n_max].astype(np.int64)) if y is not None else None
+        images = [to_rgb(x)]
+    elif os.path.isfile(path):
+        if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+            raise ValueError(f"{path} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor an .npz")
+        images = [read(path)[None]]
+    elif os.path.isdir(path):
+        classes = _class_folders(path)
+        flat = sorted(f for f in os.listdir(path) if not f.startswith(".")
+                      and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                      and os.path.isfile(os.path.join(path, f)))
+        if classes and flat:
+            raise ValueError(f"{path} holds both images and sub-folders: put the images into class "
+                             "sub-folders, or point --low_res at a folder of images only")
+        if classes:
+            items, names = _folder_items(path, n_max)
+            names = list(names)
+        else:
+            items = [(os.path.join(path, f), None) for f in flat[:n_max]]
+        if not items:
+            raise ValueError(f"{path} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        images = [read(p)[None] for p, _ in items]
+        if classes:
+            labels = torch.tensor([k for _, k in items], dtype=torch.int64)
+    else:
+        raise ValueError(f"{path}: no such file or folder")
+    sizes = sorted({tuple(x.shape[-2:]) for x in images})
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: the images have different sizes ({', '.join(f'{w}x{h}' for h, w in sizes[:4])}); "
+                         "an SR stage takes one resolution: resize them first")
+    x = torch.cat(images)
+    if not len(x):
+        raise ValueError(f"{path} holds no images")
+    H, W = x.shape[-2:]
+    if H != W:
+        raise ValueError(f"{path}: the images are {W}x{H}, not square; crop them to a square first")
+    return x.contiguous(), labels, names
+
+
+def _read_native(path):
+    """One image file -> uint8 (3, H, W) at its own size, as a person sees it (as_seen)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS // 2:
+                raise ValueError(f"refusing image {path}: it has more than {MAX_IMAGE_PIXELS // 2 // 10**6} "
+                                 "megapixels; an SR stage takes small images")
+            img.load()
+            img = as_seen(img)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from None
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def class_names_for(source):
     """Class names without loading the images (for labelling sample grids)."""
     if source == "shapes":

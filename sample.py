@@ -8,6 +8,13 @@ rebuilt from the files alone; stages that do not fit together are refused with a
   python sample.py ... --s 150 --truncated                   # truncated conditioning augmentation
   python sample.py ... --sampler ancestral --steps 250,250,250   # the paper's kind of sampler
   torchrun --nproc_per_node 8 sample.py ... --num_samples 50000 --batch_size 500  # 8 GPUs
+  python sample.py runs/sr16/ckpt.pt runs/sr32/ckpt.pt --low_res my8px/   # SR of your own images
+  python sample.py ... --guidance 2,0,0                      # classifier-free guidance, base only
+
+--low_res PATH (an image, a folder of images or of class sub-folders, or an ADM .npz) runs the given
+SR stage(s) alone on those images, non-truncated at each stage's s (or --s / --s_sweep); grid.png
+then shows each input, enlarged by bicubic interpolation, beside its output, and each stage's
+low-res consistency (PSNR of its output, area-downsampled, against its input) is printed.
 
 Writes to --out: grid.png (final images, one row per class), stages.png (each sample at every stage
 of the cascade), samples.npz (final images in the ADM convention: arr_0 uint8 NHWC, arr_1 labels)
@@ -23,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import cdm
 import data
@@ -59,6 +67,13 @@ def parse_args(argv=None):
                         "re-noising its z0 (non-truncated, CDM §3.3)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM's eta (0: deterministic; 1: DDPM-like noise); implies --sampler ddim")
+    p.add_argument("--guidance", type=float_list, default=None,
+                   help="classifier-free guidance weight w per stage, one value or one per stage "
+                        "(0: none, the default and the paper's): eps = (1 + w) eps(c) - w eps(null); "
+                        "a stage needs a checkpoint trained with --p_uncond")
+    p.add_argument("--low_res", default=None, metavar="PATH",
+                   help="super-resolve these images with the given SR stage(s): an image, a folder "
+                        "(class sub-folders give the labels), or an ADM .npz (arr_1: labels)")
     p.add_argument("--batch_size", type=int, default=64, help="samples generated at once")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampling noise")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -71,6 +86,14 @@ def parse_args(argv=None):
                         "the run is refused)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def float_list(text):
+    """'2,0.5' -> (2.0, 0.5); non-finite or negative values are refused in check_args."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def name_list(text):
@@ -106,6 +129,15 @@ def check_args(args):
                          "ddim stage: drop --eta, or use --sampler ddim")
     if not 0 <= args.seed < 2 ** 63:
         raise SystemExit(f"error: --seed {args.seed}: must lie in 0..2^63-1")
+    if args.guidance is not None and (not args.guidance or not all(0 <= w < 1e6 for w in args.guidance)):
+        raise SystemExit(f"error: --guidance {','.join(map(str, args.guidance))}: give weights w >= 0 "
+                         "(0: no guidance; 1 to 4 are usual)")
+    if args.low_res is not None:
+        if not os.path.exists(args.low_res):
+            raise SystemExit(f"error: --low_res {args.low_res}: no such file or folder")
+        if args.truncated:
+            raise SystemExit("error: --truncated stops a previous stage's chain at s; given low-res "
+                             "images have none: drop --truncated (they are re-noised to z_s)")
     pick_device(args.device)                      # exits with one line if there is no such device
     for flag in ("steps", "s", "s_sweep", "classes"):
         values = getattr(args, flag)
@@ -173,6 +205,69 @@ def grid_rows(images, labels, classes, per_row_max=32, rows_max=100):
     return list(data.to_float(images[order]).split(per_row))
 
 
+def load_given(args, stages):
+    """--low_res: the images (uint8 (N, C, r, r)) and their labels (or None), checked against
+    the first SR stage: its input size, its channels, its classes."""
+    first = stages[0]
+    r, C = first.config["low_res"], first.channels
+    try:
+        x, labels, names = data.load_low_res(args.low_res)
+    except ValueError as e:
+        raise SystemExit(f"error: --low_res {e}") from None
+    if x.shape[-1] != r:
+        raise SystemExit(f"error: --low_res {args.low_res}: the images are {x.shape[-1]}x{x.shape[-1]}, but "
+                         f"stage 1 is a {r}->{first.resolution} SR model and takes {r}x{r} images; "
+                         f"resize them to {r}x{r} first (area/box filter, as its training pairs were made)")
+    if C == 1:
+        x = data.keep_gray_as_one_channel(x)
+        if x.shape[1] != 1:
+            raise SystemExit(f"error: --low_res {args.low_res}: the images have colour, but stage 1 is "
+                             "a 1-channel model of grayscale data; convert them to grayscale first")
+    known = first.config.get("class_names") or [str(k) for k in range(first.config["num_classes"])]
+    if names is not None and args.classes is None:          # sub-folder names -> the model's classes
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SystemExit(f"error: --low_res {args.low_res}: sub-folder(s) {', '.join(unknown[:5])} "
+                             f"name no class of this model ({', '.join(known[:12])}); rename them, or "
+                             "give --classes")
+        labels = torch.tensor([known.index(names[k]) for k in labels], dtype=torch.long)
+    if labels is not None and args.classes is None and (labels.min() < 0 or labels.max() >= len(known)):
+        raise SystemExit(f"error: --low_res {args.low_res}: labels {labels.min().item()}..{labels.max().item()} "
+                         f"but this model knows classes 0..{len(known) - 1}; give --classes")
+    if labels is None and args.classes is None and len(known) > 1:
+        raise SystemExit(f"error: --low_res {args.low_res} has no labels and the model is class-conditional "
+                         f"({', '.join(known[:12])}): give --classes (one class for all, or one per image), "
+                         "or put the images into sub-folders named by class")
+    if labels is None and args.classes is None:
+        labels = torch.zeros(len(x), dtype=torch.long)
+    return x.contiguous(), labels
+
+
+def side_by_side(inputs, outputs, pairs_per_row=4):
+    """grid.png for --low_res: each input enlarged to the output size by bicubic interpolation,
+    then its output; pairs_per_row pairs to a row. Float images in [-1, 1]."""
+    res = outputs.shape[-1]
+    big = F.interpolate(data.to_float(data.to_rgb(inputs)), size=(res, res), mode="bicubic",
+                        align_corners=False).clamp(-1, 1)
+    out = data.to_float(data.to_rgb(outputs))
+    tiles = torch.stack([big, out], dim=1).flatten(0, 1)       # input, output, input, output, ...
+    per_row = 2 * min(pairs_per_row, len(inputs))
+    pad = -len(tiles) % per_row                                 # the last row filled with black
+    tiles = torch.cat([tiles, -torch.ones(pad, *tiles.shape[1:])])
+    return list(tiles.split(per_row))
+
+
+def consistency(outs):
+    """Low-res consistency of each SR stage (outs[0]: the given images): PSNR in dB of its
+    output, area-downsampled to its input's size, against its input (uint8 values)."""
+    result = []
+    for lo, hi in zip(outs[:-1], outs[1:]):
+        down = cdm.downsample(hi.double(), lo.shape[-1])
+        mse = (down - lo.double()).square().mean().item()
+        result.append(float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
+    return result
+
+
 def chunk_generator(seed, chunk, device):
     """The noise of chunk `chunk` of the samples: its own stream, drawn on the device."""
     state = np.random.SeedSequence([seed, chunk]).generate_state(2, dtype=np.uint64)[0]
@@ -182,16 +277,29 @@ def chunk_generator(seed, chunk, device):
 def run(args, rank, world, device):
     try:
         stages = [cdm.load_stage(path, device, ema=not args.no_ema) for path in args.checkpoints]
-        cdm.check_cascade(stages)
+        cdm.check_cascade(stages, given_low_res=args.low_res is not None)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    check_resources(args, stages, device)
     num_classes = stages[0].config["num_classes"]
+    given = given_labels = None
+    if args.low_res is not None:                 # the inputs fix n and, maybe, the labels
+        given, given_labels = load_given(args, stages)
+        args.n = len(given)
+    check_resources(args, stages, device)
     classes = args.classes if args.classes is not None else tuple(range(num_classes))
     bad = [k for k in classes if not 0 <= k < num_classes]
     if bad:
         raise SystemExit(f"error: classes {bad} out of range: this cascade knows classes "
                          f"0..{num_classes - 1} ({', '.join(stages[0].config['class_names'])})")
+    guidance = per_stage(args.guidance, stages, lambda st: 0.0, "guidance")
+    for k, (st, w, path) in enumerate(zip(stages, guidance, args.checkpoints)):
+        if w and not st.model.null_class:
+            example = ",".join("0" if j == k else "2" for j in range(len(stages)))
+            fix = (f"give it weight 0 (one weight per stage, e.g. --guidance {example})"
+                   if len(stages) > 1 else "drop --guidance")
+            raise SystemExit(f"error: --guidance: stage {k + 1} ({path}) was trained without a null "
+                             f"class (--p_uncond 0, the paper's setting), so it cannot be guided; {fix}, "
+                             f"or retrain it with --p_uncond 0.1")
     steps = per_stage(args.steps, stages, lambda st: st.config["sample_steps"], "steps")
     # each checkpoint's own sampler (older checkpoints: ancestral); --eta alone means DDIM
     sampler = per_stage(args.sampler or (("ddim",) if args.eta is not None else None), stages,
@@ -211,8 +319,11 @@ def run(args, rank, world, device):
                 raise SystemExit(f"error: stage {k + 1} needs s in 0..{aug['T']}, got {s_k}")
         return s
 
-    # Labels cycle through the chosen classes, so a grid has whole rows per class.
+    # Labels cycle through the chosen classes, so a grid has whole rows per class; given images
+    # keep their own labels unless --classes says otherwise.
     c_all = torch.tensor([classes[i % len(classes)] for i in range(args.n)], dtype=torch.long)
+    if given_labels is not None and args.classes is None:
+        c_all = given_labels
 
     def generate(s):
         """Every stage's images, uint8 (n, C, H, W), in sample order; on rank 0 only (else None)."""
@@ -220,15 +331,19 @@ def run(args, rank, world, device):
         mine = {}
         for j in range(rank, len(starts), world):            # this process's chunks
             c = c_all[starts[j]:starts[j] + args.batch_size].to(device)
+            low = None if given is None else data.to_float(given[starts[j]:starts[j] + args.batch_size].to(device))
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                     xs = cdm.sample_cascade(stages, c, steps=steps, sampler=sampler, s=s,
                                             truncated=args.truncated, eta=args.eta or 0.0,
                                             generator=chunk_generator(args.seed, j, device),
-                                            progress=not args.no_progress and rank == 0)
+                                            progress=not args.no_progress and rank == 0,
+                                            guidance=guidance, low_res=low)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
             mine[j] = [data.to_uint8(x.float()).cpu() for x in xs]
+            if given is not None:                 # stage_1 of the files: the given images
+                mine[j].insert(0, given[starts[j]:starts[j] + args.batch_size])
         if world > 1:
             import torch.distributed as dist
             print(f"process {rank} of {world}: sampled chunks {sorted(mine)} "
@@ -239,7 +354,7 @@ def run(args, rank, world, device):
                 return None
             mine = {j: v for part in gathered for j, v in part.items()}
         assert sorted(mine) == list(range(len(starts)))
-        return [torch.cat([mine[j][k] for j in range(len(starts))]) for k in range(len(stages))]
+        return [torch.cat([mine[j][k] for j in range(len(starts))]) for k in range(len(mine[0]))]
 
     to_nhwc = lambda u8: data.to_rgb(u8).permute(0, 2, 3, 1).numpy()  # gray -> R=G=B
     if args.s_sweep is not None:
@@ -255,7 +370,9 @@ def run(args, rank, world, device):
                 data.save_npz(path, to_nhwc(outs[-1]), c_all.numpy())
             except OSError as e:
                 raise SystemExit(f"error: could not write {path}: {e.strerror or e}") from None
-            print(f"s = {v}: sampled {args.n} images in {time.time() - t0:.1f} s; wrote {path}")
+            extra = "" if given is None else "; low-res consistency " + ", ".join(
+                f"{db:.1f} dB" for db in consistency(outs))
+            print(f"s = {v}: sampled {args.n} images in {time.time() - t0:.1f} s; wrote {path}{extra}")
         return
     t0 = time.time()
     outs = generate(s_per_stage(args.s))
@@ -265,6 +382,8 @@ def run(args, rank, world, device):
 
     # The four files are written together: all of them or, on a full disk or an error, none.
     grid, panel = grid_image(grid_rows(outs[-1], c_all, classes)), min(args.n, 8)
+    if given is not None:                         # each input, enlarged, beside its output
+        grid = grid_image(side_by_side(outs[0], outs[-1]))
     stages_png = grid_image([data.to_float(o[:panel]) for o in outs])  # each sample at every stage
     out = lambda name: os.path.join(args.out, name)
     stages_arrays = {"labels": c_all.numpy(), "data": np.array(str(stages[0].config.get("data", "shapes"))),
@@ -282,8 +401,13 @@ def run(args, rank, world, device):
     except OSError as e:
         raise SystemExit(f"error: could not write the samples to {args.out}: {e.strerror or e}; "
                          f"nothing there was replaced") from None
-    res = " -> ".join(str(st.resolution) for st in stages)
+    res = " -> ".join([str(stages[0].config["low_res"])] * (given is not None)
+                      + [str(st.resolution) for st in stages])
     how = ", ".join(f"{a} {k}" for a, k in zip(sampler, steps))
+    if given is not None:
+        for k, db in enumerate(consistency(outs)):
+            print(f"stage {k + 1} ({outs[k].shape[-1]} -> {outs[k + 1].shape[-1]}): low-res consistency "
+                  f"{db:.1f} dB (PSNR of its output, area-downsampled, against its input)")
     print(f"sampled {args.n} images ({res}; {how} steps) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
           f"stages.png, samples.npz "
           f"and stages.npz to {args.out}/")

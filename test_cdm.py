@@ -1584,6 +1584,142 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
     assert a.shape == b.shape == (3, 16, 16, 3) and not np.array_equal(a, b)
 
 
+# --- super-resolving given images, and classifier-free guidance (issue 23) ---------------------
+def write_low_res_inputs(folder, res, n=6, names=("circle", "square")):
+    """Held-out real shapes images at `res`: as class sub-folders, a flat folder and an .npz."""
+    real = data.load_dataset("shapes", res, "test", n=64)
+    shape_names = list(real.class_names)
+    pick = [i for i in range(64) if shape_names[int(real.y[i])] in names][:n]
+    for i in pick:
+        name = shape_names[int(real.y[i])]
+        (folder / "classes" / name).mkdir(parents=True, exist_ok=True)
+        (folder / "flat").mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(real.x[i].permute(1, 2, 0).numpy())
+        img.save(folder / "classes" / name / f"{i:03d}.png")
+        img.save(folder / "flat" / f"{i:03d}.png")
+    data.save_npz(str(folder / "real.npz"), real.x[pick].permute(0, 2, 3, 1).numpy(), real.y[pick].numpy())
+    return real.x[pick], real.y[pick]
+
+
+def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
+    """sample.py --low_res: the given images are the SR stages' input (stage_1 of stages.npz, byte
+    for byte), labels come from sub-folder names or the .npz, the printed consistency is
+    evaluate.py's, and wrong sizes, channels and classes are one error line each."""
+    d = tiny_cascade
+    sr16, sr32 = (str(d / n / "ckpt.pt") for n in ("sr16", "sr32"))
+    x8, y8 = write_low_res_inputs(tmp_path / "in8", 8)
+    p = run("sample.py", sr16, sr32, "--low_res", str(tmp_path / "in8" / "real.npz"), "--steps", "2",
+            "--out", str(tmp_path / "o1"), "--no_progress")
+    st = np.load(tmp_path / "o1" / "stages.npz")
+    assert np.array_equal(st["stage_1"], x8.permute(0, 2, 3, 1).numpy())
+    assert st["labels"].tolist() == y8.tolist()
+    assert [st[f"stage_{k}"].shape[1] for k in (1, 2, 3)] == [8, 16, 32]
+    import evaluate
+    printed = [float(v) for v in re.findall(r"low-res consistency (-?[\d.]+) dB", p.stdout)]
+    measured = [db for _, _, db in evaluate.lowres_consistency(str(tmp_path / "o1" / "stages.npz"))]
+    assert len(printed) == 2 and np.allclose(printed, measured, atol=0.051)
+    assert "sampled 6 images (8 -> 16 -> 32;" in p.stdout
+    grid = Image.open(tmp_path / "o1" / "grid.png")
+    assert grid.width > grid.height                                     # pairs side by side
+    run("sample.py", sr16, "--low_res", str(tmp_path / "in8" / "classes"), "--steps", "2",
+        "--out", str(tmp_path / "o2"), "--no_progress")
+    st = np.load(tmp_path / "o2" / "stages.npz")
+    names = list(st["class_names"])
+    pairs = lambda xs, ys: sorted((bytes(a), int(b)) for a, b in zip(xs, ys))   # folder order aside
+    assert pairs(st["stage_1"], st["labels"]) == pairs(x8.permute(0, 2, 3, 1).numpy(), y8.tolist())
+    assert set(names[k] for k in st["labels"]) == {"circle", "square"}
+    run("sample.py", sr16, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "2", "--steps", "2",
+        "--s_sweep", "0,10", "--out", str(tmp_path / "o3"), "--no_progress")
+    assert np.load(tmp_path / "o3" / "samples_s10.npz")["arr_1"].tolist() == [2] * 6
+    bad = [
+        ([sr16, "--low_res", str(tmp_path / "in8" / "flat")], "has no labels and the model is class-conditional"),
+        ([sr32, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "0"], "takes 16x16 images"),
+        ([str(d / "base" / "ckpt.pt"), "--low_res", str(tmp_path / "in8" / "flat")], "give the SR stage(s) only"),
+        ([sr16, "--low_res", str(tmp_path / "in8" / "flat"), "--truncated"], "drop --truncated"),
+        ([sr16, "--low_res", str(tmp_path / "nowhere")], "no such file or folder"),
+    ]
+    (tmp_path / "in8" / "classes" / "teapot").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in8" / "classes" / "teapot" / "t.png")
+    bad.append(([sr16, "--low_res", str(tmp_path / "in8" / "classes")], "teapot name no class of this model"))
+    ck = cdm.load_checkpoint(sr16)                       # the same stage as a 1-channel (gray) model
+    gray_cfg = {**ck["config"], "model": {**ck["config"]["model"], "in_channels": 1, "out_channels": 2}}
+    gray = cdm.model_from_config(gray_cfg["model"])
+    cdm.save_checkpoint({"config": gray_cfg, "model": gray.state_dict(), "ema": gray.state_dict()},
+                        str(tmp_path / "gray.pt"))
+    bad.append(([str(tmp_path / "gray.pt"), "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "0"],
+                "the images have colour, but stage 1 is a 1-channel model"))
+    import sample
+    for argv, message in bad:                            # in this process: the same main()
+        with pytest.raises(SystemExit) as e:
+            sample.main([*argv, "--out", str(tmp_path / "bad"), "--no_progress"])
+        text = str(e.value)
+        assert text.startswith("error:") and "\n" not in text and message in text, (argv, text)
+    assert not (tmp_path / "bad" / "samples.npz").exists()
+
+
+def tiny_null_class_unet():
+    """A perturbed class-conditional U-Net with a null class, learned variance."""
+    torch.manual_seed(0)
+    model = cdm.UNet(8, 16, (1, 2), 1, (4,), 2, out_channels=6, num_classes=3, null_class=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_guided_prediction_is_the_classifier_free_combination():
+    """GuidedModel: (1 + w) eps(x, c) - w eps(x, null) on the prediction channels, the conditional
+    pass's variance channels; w = 0 is the model itself, so sampling is exactly unguided."""
+    model = tiny_null_class_unet()
+    x, t, c = torch.randn(4, 3, 8, 8), torch.tensor([3, 50, 400, 999]), torch.tensor([0, 1, 2, 1])
+    null = torch.full_like(c, 3)
+    with torch.no_grad():
+        cond, uncond = model(x, t, c=c), model(x, t, c=null)
+        guided = cdm.GuidedModel(model, 2.0, 3)(x, t, c=c)
+    assert (cond - uncond).abs().max() > 1e-3                        # the class matters here
+    torch.testing.assert_close(guided[:, :3], 3 * cond[:, :3] - 2 * uncond[:, :3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided[:, 3:], cond[:, 3:], rtol=1e-4, atol=1e-5)
+    assert cdm.guided_model(model, 0.0, 3) is model
+    stage = cdm.Stage(model, cdm.GaussianDiffusion(cdm.make_betas("cosine", 50), "learned"),
+                      stage_config(model={**stage_config()["model"], "null_class": True}))
+    draw = lambda g: cdm.sample_cascade([stage], c, steps=[4], sampler="ancestral", guidance=g,
+                                        generator=torch.Generator().manual_seed(0), progress=False)[0]
+    assert torch.equal(draw(None), draw([0.0]))
+    assert not torch.equal(draw(None), draw([2.0]))
+    plain = cdm.UNet(8, 16, (1, 2), 1, (4,), 2, out_channels=6, num_classes=3)
+    with pytest.raises(ValueError, match="trained without a null class"):
+        cdm.GuidedModel(plain, 1.0, 3)
+    with pytest.raises(ValueError, match="class labels must lie in 0..2"):
+        plain(x, t, c=null)                                          # no null label without a null class
+
+
+def test_p_uncond_drops_that_share_of_labels_and_keeps_the_rest(tiny_cascade, tmp_path):
+    c = torch.arange(20000) % 7
+    u = trainer.ExampleRandom(3, 11, torch.arange(20000), "cpu").rand("uncond")
+    for p in (0.0, 0.1, 0.5):
+        dropped = trainer.drop_labels(c, u, p, 7)
+        share = (dropped == 7).float().mean().item()
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / len(c)) + 1e-9, (p, share)
+        kept = dropped != 7
+        assert torch.equal(dropped[kept], c[kept])
+    run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--p_uncond", "0.2", "--out", str(tmp_path / "cfg"))
+    cfg = cdm.load_checkpoint(str(tmp_path / "cfg" / "ckpt.pt"))
+    plain = cdm.load_checkpoint(str(tiny_cascade / "base" / "ckpt.pt"))     # the same flags but p_uncond
+    assert cfg["config"]["model"]["null_class"] and cfg["config"]["p_uncond"] == 0.2
+    assert cfg["model"]["class_embed.weight"].shape[0] == plain["model"]["class_embed.weight"].shape[0] + 1
+    assert "null_class" not in plain["config"]["model"] and "p_uncond" not in plain["config"]  # as before
+    p = run("sample.py", str(tiny_cascade / "base" / "ckpt.pt"), "--guidance", "1", "--n", "2",
+            "--out", str(tmp_path / "s"), ok=False)
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: --guidance: stage 1") \
+        and "trained without a null class" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = run("sample.py", str(tmp_path / "cfg" / "ckpt.pt"), "--guidance", "1", "--n", "2", "--steps", "2",
+            "--out", str(tmp_path / "s"), "--no_progress")
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    import train_base
+    with pytest.raises(SystemExit, match="--p_uncond 1.0"):
+        train_base.main([*TINY, "--p_uncond", "1", "--out", str(tmp_path / "x")])
+
+
 def test_torchrun_sampling_shards_match_one_process(tiny_cascade, tmp_path):
     """torchrun sample.py with 2 CPU processes (gloo): the chunks of samples are split disjointly
     and completely over the processes, and rank 0 writes exactly what one process writes with the

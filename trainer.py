@@ -171,6 +171,10 @@ def add_common_args(p, d):
                    help="EMA decay min(ema, (1 + step) / (10 + step)): short runs are not dominated by "
                         "the initial weights (our choice; none is reported for the paper)")
     g.add_argument("--no_ema_warmup", dest="ema_warmup", action="store_false", help="the EMA decay from step 0")
+    g.add_argument("--p_uncond", type=float, default=0.0,
+                   help="classifier-free guidance (Ho & Salimans 2022): train with the class label "
+                        "replaced by a learned null class with this probability, so that sample.py "
+                        "--guidance can be used; 0 (the paper's setting, CDM needs no guidance): none")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d["out"], help="folder for the checkpoint, log and preview grids")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
@@ -250,6 +254,9 @@ def check_args(args):
              f"{','.join(map(str, args.mult))})")
     if args.sample_steps > args.T:
         fail(f"--sample_steps {args.sample_steps}: at most --T ({args.T})")
+    if not 0 <= args.p_uncond < 1:
+        fail(f"--p_uncond {args.p_uncond}: the probability of dropping the label lies in [0, 1) "
+             "(0.1 or 0.2 are usual; 0: no guidance)")
     if args.norm_precision == "bf16" and args.precision != "bf16":
         fail("--norm_precision bf16 runs GroupNorm in bf16 under --precision bf16: add --precision bf16")
     if args.compile_mode != "default" and not args.compile:
@@ -267,7 +274,8 @@ def model_config(args, *, out_channels, num_classes, low_res=None, aug_time=Fals
             "num_heads": args.heads, "dropout": args.dropout, "out_channels": out_channels,
             "num_classes": num_classes, "low_res": low_res, "aug_time": aug_time,
             "in_channels": in_channels,
-            **({"skip_rescale": True} if args.skip_rescale else {})}  # absent: the configs of older checkpoints
+            **({"skip_rescale": True} if args.skip_rescale else {}),  # absent: the configs of older checkpoints
+            **({"null_class": True} if getattr(args, "p_uncond", 0) else {})}  # and of --p_uncond 0
 
 
 def make_config(args, dataset, *, low_res=None, augment=None):
@@ -287,6 +295,7 @@ def make_config(args, dataset, *, low_res=None, augment=None):
         "flip": bool(args.flip),
         "sample_steps": args.sample_steps,
         "sampler": args.sampler,
+        **({"p_uncond": args.p_uncond} if args.p_uncond else {}),
     }
 
 
@@ -456,6 +465,13 @@ class ExampleRandom:
         """N(0, 1) by the Box-Muller transform: sqrt(-2 ln u1) cos(2 pi u2)."""
         u = self.rand(stream, 2, *shape)
         return torch.sqrt(-2 * torch.log(u[:, 0])) * torch.cos(2 * math.pi * u[:, 1])
+
+
+def drop_labels(c, u, p_uncond, null):
+    """Classifier-free guidance's training (Ho & Salimans 2022): each label replaced by the null
+    class `null` (= num_classes, a learned embedding of its own) where its uniform u < p_uncond,
+    so that one network learns eps(x, c) and eps(x, null) together."""
+    return torch.where(u < p_uncond, torch.full_like(c, null), c)
 
 
 @torch.no_grad()
@@ -697,6 +713,8 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         if config["flip"]:
             x0 = data.random_flip(x0, rng.rand("flip"))
         c = dataset.y[idx].to(device, non_blocking=True)
+        if args.p_uncond:
+            c = drop_labels(c, rng.rand("uncond"), args.p_uncond, dataset.num_classes)
         t = rng.randint("t", 1, diffusion.T + 1)
         eps = rng.randn("eps", *x0.shape[1:])
         return x0, t, eps, make_kwargs(x0, c, train=True, rng=rng)
