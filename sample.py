@@ -404,11 +404,15 @@ def run(args, rank, world, device):
     res = " -> ".join([str(stages[0].config["low_res"])] * (given is not None)
                       + [str(st.resolution) for st in stages])
     how = ", ".join(f"{a} {k}" for a, k in zip(sampler, steps))
+    if any(guidance):
+        how += " steps; guidance " + ",".join(f"{w:g}" for w in guidance)
+    else:
+        how += " steps"
     if given is not None:
         for k, db in enumerate(consistency(outs)):
             print(f"stage {k + 1} ({outs[k].shape[-1]} -> {outs[k + 1].shape[-1]}): low-res consistency "
                   f"{db:.1f} dB (PSNR of its output, area-downsampled, against its input)")
-    print(f"sampled {args.n} images ({res}; {how} steps) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
+    print(f"sampled {args.n} images ({res}; {how}) in {secs:.1f} s on {world} x {device}; wrote grid.png, "
           f"stages.png, samples.npz "
           f"and stages.npz to {args.out}/")
 
