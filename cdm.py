@@ -1047,8 +1047,8 @@ class GuidedModel(nn.Module):
 
     w = 0 is the conditional model. For x0 or velocity prediction the same combination of the raw
     predictions is the same guided eps (each is affine in eps at fixed x_t, with weights summing
-    to 1). A learned variance (iDDPM's v) is taken from the conditional pass, as GLIDE does
-    (Nichol et al. 2022; our choice here). `channels`: how many output channels are the
+    to 1). A learned variance (iDDPM's v) is taken from the conditional pass (our choice; GLIDE's
+    released sampling code does the same). `channels`: how many output channels are the
     prediction (the image's C)."""
 
     def __init__(self, model, w, channels):

@@ -172,8 +172,9 @@ def check_resources(args, stages, device):
     pixels = [st.resolution ** 2 for st in stages]
     per_sample = sum(p * (st.channels + 3) for p, st in zip(pixels, stages)) + 8
     runs = len(args.s_sweep) if args.s_sweep is not None else 1
-    batch = max(activation_bytes(st.config["model"], min(args.batch_size, args.n), training=False)
-                for st in stages)
+    guided = args.guidance is not None and any(args.guidance)   # a guided stage runs 2 x the batch
+    batch = max(activation_bytes(st.config["model"], min(args.batch_size, args.n) * (1 + guided),
+                                 training=False) for st in stages)
     what = f"sampling {args.n} images of {' -> '.join(str(st.resolution) for st in stages)} pixels"
     hint = "use a smaller --n (or several runs with other --seed values) or --batch_size"
     if device.type == "cuda":                     # the batch on the GPU, the samples here
