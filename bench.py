@@ -308,10 +308,11 @@ def run_row(row):
                 results[impl][f"{phase}_first_s"] = time.perf_counter() - t0
             if i >= row["warmup"]:
                 times[impl].append(time.perf_counter() - t0)
+    if built:                                      # the same architecture: counted once
+        B = next(iter(built.values()))[2]
+        flops = model_flops(CONFIGS[row["config"]], B, backward=phase == "train")
     for impl, (step, nfe, B, model) in built.items():
-        cfg = CONFIGS[row["config"]]
         sec = min(times[impl]) / nfe
-        flops = model_flops(cfg, B, backward=phase == "train")
         if phase == "train":
             results[impl].update(train_img_s=B / sec, train_gflop_s=flops / sec / 1e9)
         else:
@@ -401,9 +402,7 @@ def tune_child(spec):
             peak = mem.peak / 1024 if device.type == "cuda" else None   # CPU: RSS, shared by the rows
             row.update(img_s=B / sec, tflop_s=flops_per_image * B / sec / 1e12, peak_gib=peak,
                        compile_s=first - sec if s["compile"] != "eager" else None)
-        except torch.OutOfMemoryError:
-            row["error"] = "out of memory"
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             if not trainer.out_of_memory(e):
                 raise
             row["error"] = "out of memory"

@@ -985,6 +985,13 @@ class Stage:
     def channels(self):  # 3, or 1 for a model of grayscale data (absent in older checkpoints: 3)
         return self.config.get("model", {}).get("in_channels", 3)
 
+    @property
+    def sample_s(self):
+        """The augmentation time s this stage was trained to be sampled at (--sample_s; older
+        checkpoints: T/10), or None for a stage without noise augmentation."""
+        aug = self.config["augment"]
+        return aug.get("sample_s", aug["T"] // 10) if aug["type"] == "noise" else None
+
 
 def check_cascade(stages, given_low_res=False):
     """Refuse cascades whose stages do not fit together, with a message that says why.

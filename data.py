@@ -765,14 +765,19 @@ def load_size(source, res, split="train", n=None):
     return 0, 0
 
 
-def _load_npz(path, res, n):
-    """ADM-convention .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels (optional: absent = one class)."""
+def _read_adm_npz(path):
+    """An ADM-convention .npz's arr_0 and its arr_1 (None where absent), or one clear error."""
     with np.load(path) as f:
         if "arr_0" not in f.files:
             raise ValueError(f"{path} has no arr_0 (keys: {f.files}); expected arr_0 = uint8 images "
                              f"(N, H, W, 3) and arr_1 = labels, as written by save_npz")
-        x = f["arr_0"]
-        y = f["arr_1"] if "arr_1" in f.files else np.zeros(len(x), dtype=np.int64)
+        return f["arr_0"], (f["arr_1"] if "arr_1" in f.files else None)
+
+
+def _load_npz(path, res, n):
+    """ADM-convention .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels (optional: absent = one class)."""
+    x, y = _read_adm_npz(path)
+    y = np.zeros(len(x), dtype=np.int64) if y is None else y
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) RGB, got {x.dtype} {x.shape}; "
                          f"convert images with to_uint8 and to NHWC before saving")
@@ -851,15 +856,9 @@ def load_low_res(path, n_max=100_000):
     Returns (uint8 (N, 3, H, W), int64 labels (N,) or None, class names of the labels or None).
     Images are read as a person sees them (as_seen: EXIF orientation, 16-bit, transparency);
     every image must be square and all of one size (one clear error otherwise)."""
-    read = _read_native
     labels = names = None
     if os.path.isfile(path) and path.lower().endswith(".npz"):
-        with np.load(path) as f:
-            if "arr_0" not in f.files:
-                raise ValueError(f"{path} has no arr_0 (keys: {f.files}); expected arr_0 = uint8 images "
-                                 "(N, H, W, 3) and optionally arr_1 = labels")
-            x = f["arr_0"]
-            y = f["arr_1"] if "arr_1" in f.files else None
+        x, y = _read_adm_npz(path)
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
             raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {x.dtype} {x.shape}")
         if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
@@ -870,7 +869,7 @@ def load_low_res(path, n_max=100_000):
     elif os.path.isfile(path):
         if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
             raise ValueError(f"{path} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor an .npz")
-        images = [read(path)[None]]
+        images = [_read_native(path)[None]]
     elif os.path.isdir(path):
         classes = _class_folders(path)
         flat = sorted(f for f in os.listdir(path) if not f.startswith(".")
@@ -886,7 +885,7 @@ def load_low_res(path, n_max=100_000):
             items = [(os.path.join(path, f), None) for f in flat[:n_max]]
         if not items:
             raise ValueError(f"{path} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        images = [read(p)[None] for p, _ in items]
+        images = [_read_native(p)[None] for p, _ in items]
         if classes:
             labels = torch.tensor([k for _, k in items], dtype=torch.int64)
     else:

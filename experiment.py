@@ -278,8 +278,8 @@ def solvers(args):
             if name != "base":
                 z = cdm.downsample(real32, st.config["low_res"])
                 aug = st.config["augment"]
-                if aug["type"] == "noise":
-                    s = aug.get("sample_s", aug["T"] // 10)
+                if st.sample_s is not None:
+                    s = st.sample_s
                     z = renoise(z, s, aug, seed_k)
                     kwargs["s"] = torch.full((N,), s, dtype=torch.long)
                 kwargs["z"] = z
@@ -350,8 +350,7 @@ def guidance(args):
                 continue
             stages = cascades[name]
             ws = [w] + [w if mode == "all" else 0.0] * (len(stages) - 1)
-            aug = [st.config["augment"] for st in stages]
-            s = [a.get("sample_s", a["T"] // 10) if a["type"] == "noise" else None for a in aug]
+            s = [st.sample_s for st in stages]
             t0 = time.time()
             x = cdm.sample_cascade(stages, c, steps=[st.config["sample_steps"] for st in stages],
                                    sampler=[st.config.get("sampler", "ancestral") for st in stages],

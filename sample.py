@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import cdm
 import data
+import evaluate
 import safety
 from trainer import activation_bytes, distributed, grid_image, int_list, pick_device
 
@@ -261,12 +262,7 @@ def side_by_side(inputs, outputs, pairs_per_row=4):
 def consistency(outs):
     """Low-res consistency of each SR stage (outs[0]: the given images): PSNR in dB of its
     output, area-downsampled to its input's size, against its input (uint8 values)."""
-    result = []
-    for lo, hi in zip(outs[:-1], outs[1:]):
-        down = cdm.downsample(hi.double(), lo.shape[-1])
-        mse = (down - lo.double()).square().mean().item()
-        result.append(float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
-    return result
+    return [evaluate.psnr(cdm.downsample(hi.double(), lo.shape[-1]), lo) for lo, hi in zip(outs[:-1], outs[1:])]
 
 
 def chunk_generator(seed, chunk, device):
@@ -308,12 +304,8 @@ def run(args, rank, world, device):
     for st, k in zip(stages, steps):
         if not 1 <= k <= st.config["diffusion"]["T"]:
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")
-    def default_s(st):  # the stage's own choice at training time (older checkpoints: T/10)
-        aug = st.config["augment"]
-        return aug.get("sample_s", aug["T"] // 10) if aug["type"] == "noise" else None
-
     def s_per_stage(values):
-        s = per_stage(values, stages, default_s, "s")
+        s = per_stage(values, stages, lambda st: st.sample_s, "s")  # default: each stage's own
         for k, (st, s_k) in enumerate(zip(stages, s)):
             aug = st.config["augment"]
             if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
