@@ -984,7 +984,7 @@ def test_cuda_compiled_run_checkpoint_samples_like_eager(tmp_path):
     """A checkpoint written by a --compile run holds plain parameter names, loads into an eager
     model, and that model samples the images the compiled model samples (DDIM, same noise)."""
     run("train_base.py", *[a if a != "cpu" else "cuda" for a in TINY], "--res", "8", "--attn", "4",
-        "--compile", "--precision", "bf16", "--out", str(tmp_path / "base"))
+        "--compile", "--precision", "bf16", "--out", str(tmp_path / "base"), shell=True)   # compiles apart
     ckpt = cdm.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))
     assert not any("_orig_mod" in k for k in ckpt["model"]), list(ckpt["model"])[:3]
     stage = cdm.load_stage(str(tmp_path / "base" / "ckpt.pt"), "cuda")
@@ -1535,9 +1535,36 @@ TINY = ["--ch", "8", "--mult", "1,2", "--res_blocks", "1", "--heads", "1", "--ba
         "--log_every", "1", "--device", "cpu"]  # CPU behaviour, also on a machine with a GPU
 
 
-def run(script, *args, ok=True):
-    p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
-                       text=True, cwd=HERE, timeout=300)
+def run(script, *args, ok=True, shell=False):
+    """`python SCRIPT ARGS` from the repository, its exit status and output (.returncode, .stdout,
+    .stderr). By default in this process -- the script's main() under safety.run_script, as its
+    `__main__` block runs it, output captured, the folder locks it took released -- which spares
+    the suite two seconds of imports a call. shell=True: a process of its own, for what only a
+    real process shows (the exit status the shell sees, what reaches the terminal)."""
+    if shell:
+        p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True,
+                           text=True, cwd=HERE, timeout=300)
+    else:
+        import contextlib
+        import importlib
+        import types
+        module = importlib.import_module(script[:-3])
+        out, err, locks, cwd = io.StringIO(), io.StringIO(), set(safety._held_locks), os.getcwd()
+        code = 0
+        try:
+            os.chdir(HERE)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    safety.run_script(lambda: module.main(list(args)))
+                except SystemExit as e:          # what the interpreter makes of sys.exit(code)
+                    code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+        finally:
+            os.chdir(cwd)
+            for path in set(safety._held_locks) - locks:   # as the end of its process would
+                os.close(safety._held_locks.pop(path))
+        p = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if ok:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
@@ -1828,7 +1855,7 @@ def test_every_flag_is_checked_before_work_starts(script, flags, says, capsys):
 
 def test_bad_flags_exit_cleanly_from_the_shell(tmp_path):
     for script, flags in (("train_base.py", ["--batch_size", "0"]), ("sample.py", ["--n", "-3"])):
-        p = run(script, *flags, "--out", str(tmp_path / "never"), ok=False)
+        p = run(script, *flags, "--out", str(tmp_path / "never"), ok=False, shell=True)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
         assert not (tmp_path / "never").exists()
 
@@ -1857,7 +1884,7 @@ def test_example_random_on_the_gpu_makes_the_cpu_numbers():
 def test_scripts_train_on_gpu_in_bf16_compiled(tmp_path):
     out = tmp_path / "gpu"
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--device", "cuda", "--precision", "bf16",
-        "--compile", "--out", str(out))
+        "--compile", "--out", str(out), shell=True)
     assert cdm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
 
 
