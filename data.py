@@ -774,13 +774,28 @@ def _read_adm_npz(path):
         return f["arr_0"], (f["arr_1"] if "arr_1" in f.files else None)
 
 
+def _check_adm_images(path, x, channels):
+    """arr_0 must be uint8 (N, H, W, C) with C in `channels`; else one error saying how to fix it."""
+    if x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] in channels:
+        return
+    if x.ndim == 4 and x.shape[1] in channels and x.shape[-1] not in channels:
+        fix = "it looks channels-first (N, C, H, W): save np.transpose(x, (0, 2, 3, 1))"
+    elif np.issubdtype(x.dtype, np.floating):
+        fix = ("save uint8 values 0..255, e.g. np.clip(np.round(x * 255), 0, 255).astype(np.uint8) "
+               "for x in [0, 1] (data.to_uint8 for x in [-1, 1])")
+    elif x.dtype != np.uint8:
+        fix = "save uint8 values 0..255 (x.astype(np.uint8) if they lie in 0..255)"
+    else:
+        fix = f"give the images a last axis of {' or '.join(map(str, channels))} channels"
+    raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, {' or '.join(map(str, channels))}) images, "
+                     f"got {x.dtype} {x.shape}; {fix}")
+
+
 def _load_npz(path, res, n):
     """ADM-convention .npz: arr_0 uint8 (N, H, W, 3), arr_1 labels (optional: absent = one class)."""
     x, y = _read_adm_npz(path)
     y = np.zeros(len(x), dtype=np.int64) if y is None else y
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) RGB, got {x.dtype} {x.shape}; "
-                         f"convert images with to_uint8 and to NHWC before saving")
+    _check_adm_images(path, x, (3,))
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
         raise ValueError(f"{path}: arr_1 must hold {len(x)} non-negative integer labels, got "
                          f"{y.dtype} {y.shape}")
@@ -846,21 +861,24 @@ def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, 
     raise ValueError(f"unknown dataset source {source!r} ({why}); accepted: {ACCEPTED}")
 
 
-def load_low_res(path, n_max=100_000):
+def load_low_res(path, n_max=None):
     """Images to super-resolve (sample.py --low_res), at their own size -- nothing is resized,
     since an SR stage takes exactly the resolution it was trained on:
       an image file                    one image, no label
       a folder of images               its images in sorted order, no labels
       a folder of class sub-folders    their images, labelled by sub-folder name
-      an ADM .npz                      arr_0 uint8 (N, H, W, 3), arr_1 labels if present
+      an ADM .npz                      arr_0 uint8 (N, H, W, 3) (or 1, or (N, H, W): gray), arr_1
+                                       labels if present
     Returns (uint8 (N, 3, H, W), int64 labels (N,) or None, class names of the labels or None).
     Images are read as a person sees them (as_seen: EXIF orientation, 16-bit, transparency);
-    every image must be square and all of one size (one clear error otherwise)."""
+    every image must be square and all of one size (one clear error otherwise). n_max: read only the
+    first n_max (class sub-folders: taken in turn, so that they stay class-balanced)."""
     labels = names = None
     if os.path.isfile(path) and path.lower().endswith(".npz"):
         x, y = _read_adm_npz(path)
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {x.dtype} {x.shape}")
+        if x.dtype == np.uint8 and x.ndim == 3:             # (N, H, W): grayscale
+            x = x[..., None]
+        _check_adm_images(path, x, (1, 3))
         if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
             raise ValueError(f"{path}: arr_1 must hold {len(x)} integer labels, got {y.dtype} {y.shape}")
         x = torch.from_numpy(np.ascontiguousarray(x[:n_max])).permute(0, 3, 1, 2)

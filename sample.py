@@ -47,9 +47,11 @@ def parse_args(argv=None):
                    help="one checkpoint per stage, base first (default: the demo cascade)")
     # Under torchrun spell --n and --s as --num_samples and --aug_s: torchrun reads a bare --n or
     # --s after the script as an abbreviation of its own flags, and stops.
-    p.add_argument("--n", "--num_samples", dest="n", type=int, default=64, help="number of samples")
+    p.add_argument("--n", "--num_samples", dest="n", type=int, default=None,
+                   help="number of samples (default 64; with --low_res: upscale only the first n images)")
     p.add_argument("--classes", type=int_list, default=None,
-                   help="class labels to cycle through, e.g. 0,3 (default: all classes)")
+                   help="class labels to cycle through, e.g. 0,3 (default: all classes); with "
+                        "--low_res: one for every image, or one per image")
     p.add_argument("--sampler", type=name_list, default=None,
                    help=f"sampler per stage, one or one per stage, from {', '.join(cdm.SAMPLERS)} "
                         "(default: each checkpoint's, chosen in training; with --eta: ddim). "
@@ -116,7 +118,7 @@ def per_stage(values, stages, default, what):
 
 def check_args(args):
     """Every flag checked before the checkpoints are loaded: one clear line, no traceback."""
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise SystemExit(f"error: --n {args.n}: the number of samples must be at least 1")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch_size {args.batch_size}: must be at least 1")
@@ -213,9 +215,15 @@ def load_given(args, stages):
     first = stages[0]
     r, C = first.config["low_res"], first.channels
     try:
-        x, labels, names = data.load_low_res(args.low_res)
+        x, labels, names = data.load_low_res(args.low_res, args.n)
     except ValueError as e:
         raise SystemExit(f"error: --low_res {e}") from None
+    if args.n is not None and len(x) < args.n:
+        raise SystemExit(f"error: --n {args.n}, but --low_res {args.low_res} holds {len(x)} image(s): "
+                         f"give --n {len(x)} or less, or drop --n (every image is upscaled)")
+    if args.classes is not None and len(args.classes) not in (1, len(x)):
+        raise SystemExit(f"error: --classes gives {len(args.classes)} labels for {len(x)} image(s): give "
+                         "one class for all of them, or one per image")
     if x.shape[-1] != r:
         raise SystemExit(f"error: --low_res {args.low_res}: the images are {x.shape[-1]}x{x.shape[-1]}, but "
                          f"stage 1 is a {r}->{first.resolution} SR model and takes {r}x{r} images; "
@@ -282,6 +290,8 @@ def run(args, rank, world, device):
     if args.low_res is not None:                 # the inputs fix n and, maybe, the labels
         given, given_labels = load_given(args, stages)
         args.n = len(given)
+    elif args.n is None:
+        args.n = 64
     check_resources(args, stages, device)
     classes = args.classes if args.classes is not None else tuple(range(num_classes))
     bad = [k for k in classes if not 0 <= k < num_classes]

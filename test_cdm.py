@@ -1658,7 +1658,20 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
     run("sample.py", sr16, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "2", "--steps", "2",
         "--s_sweep", "0,10", "--out", str(tmp_path / "o3"), "--no_progress")
     assert np.load(tmp_path / "o3" / "samples_s10.npz")["arr_1"].tolist() == [2] * 6
+    gray = x8.permute(0, 2, 3, 1).numpy()[..., 0]                         # (N, H, W): grayscale
+    np.savez(tmp_path / "in8" / "gray.npz", gray)
+    run("sample.py", sr16, "--low_res", str(tmp_path / "in8" / "gray.npz"), "--n", "4", "--classes", "0,1,0,1",
+        "--steps", "2", "--out", str(tmp_path / "o4"), "--no_progress")
+    st = np.load(tmp_path / "o4" / "stages.npz")                        # the first 4, as RGB
+    assert np.array_equal(st["stage_1"], np.repeat(gray[:4, ..., None], 3, axis=-1))
+    assert st["labels"].tolist() == [0, 1, 0, 1]
+    np.savez(tmp_path / "in8" / "nchw.npz", x8.numpy())
+    np.savez(tmp_path / "in8" / "float.npz", x8.permute(0, 2, 3, 1).numpy() / 255.0)
     bad = [
+        ([sr16, "--low_res", str(tmp_path / "in8" / "real.npz"), "--n", "7"], "holds 6 image(s): give --n 6 or less"),
+        ([sr16, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "1,2"], "2 labels for 6 image(s)"),
+        ([sr16, "--low_res", str(tmp_path / "in8" / "nchw.npz")], "channels-first (N, C, H, W): save np.transpose"),
+        ([sr16, "--low_res", str(tmp_path / "in8" / "float.npz")], "got float64 (6, 8, 8, 3); save uint8 values"),
         ([sr16, "--low_res", str(tmp_path / "in8" / "flat")], "has no labels and the model is class-conditional"),
         ([sr32, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "0"], "takes 16x16 images"),
         ([str(d / "base" / "ckpt.pt"), "--low_res", str(tmp_path / "in8" / "flat")], "give the SR stage(s) only"),
