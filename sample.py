@@ -360,12 +360,15 @@ def run(args, rank, world, device):
         return [torch.cat([mine[j][k] for j in range(len(starts))]) for k in range(len(mine[0]))]
 
     to_nhwc = lambda u8: data.to_rgb(u8).permute(0, 2, 3, 1).numpy()  # gray -> R=G=B
+    for flag in ("s", "s_sweep"):                # every value checked before the first is sampled
+        if getattr(args, flag) is not None and not any(st.config["augment"]["type"] == "noise" for st in stages):
+            raise SystemExit(f"error: --{flag}: no stage of this cascade is noise-augmented (a blur-"
+                             f"augmented stage takes no s): drop --{flag}")
+    plans = [s_per_stage(args.s)] if args.s_sweep is None else [s_per_stage([v]) for v in args.s_sweep]
     if args.s_sweep is not None:
-        if not any(st.config["augment"]["type"] == "noise" for st in stages):
-            raise SystemExit("error: --s_sweep needs a noise-augmented stage in the cascade")
-        for v in args.s_sweep:
+        for v, s_v in zip(args.s_sweep, plans):
             t0 = time.time()
-            outs = generate(s_per_stage([v]))
+            outs = generate(s_v)
             if outs is None:
                 continue
             path = os.path.join(args.out, f"samples_s{v}.npz")
@@ -378,7 +381,7 @@ def run(args, rank, world, device):
             print(f"s = {v}: sampled {args.n} images in {time.time() - t0:.1f} s; wrote {path}{extra}")
         return
     t0 = time.time()
-    outs = generate(s_per_stage(args.s))
+    outs = generate(plans[0])
     secs = time.time() - t0
     if outs is None:                                      # not rank 0: rank 0 writes
         return

@@ -1672,6 +1672,7 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
         ([sr16, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "1,2"], "2 labels for 6 image(s)"),
         ([sr16, "--low_res", str(tmp_path / "in8" / "nchw.npz")], "channels-first (N, C, H, W): save np.transpose"),
         ([sr16, "--low_res", str(tmp_path / "in8" / "float.npz")], "got float64 (6, 8, 8, 3); save uint8 values"),
+        ([sr16, "--low_res", str(tmp_path / "in8" / "real.npz"), "--s_sweep", "0,999"], "needs s in 0..20, got 999"),
         ([sr16, "--low_res", str(tmp_path / "in8" / "flat")], "has no labels and the model is class-conditional"),
         ([sr32, "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "0"], "takes 16x16 images"),
         ([str(d / "base" / "ckpt.pt"), "--low_res", str(tmp_path / "in8" / "flat")], "give the SR stage(s) only"),
@@ -1694,7 +1695,12 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
             sample.main([*argv, "--out", str(tmp_path / "bad"), "--no_progress"])
         text = str(e.value)
         assert text.startswith("error:") and "\n" not in text and message in text, (argv, text)
-    assert not (tmp_path / "bad" / "samples.npz").exists()
+    assert not (tmp_path / "bad" / "samples.npz").exists() and not (tmp_path / "bad" / "samples_s0.npz").exists()
+    write_low_res_inputs(tmp_path / "in16", 16)                    # sr32 alone: blur, so no s
+    for flag in ("--s", "--s_sweep"):
+        with pytest.raises(SystemExit, match=f"^error: {flag}: no stage of this cascade is noise-augmented"):
+            sample.main([sr32, "--low_res", str(tmp_path / "in16" / "real.npz"), flag, "5", "--out",
+                         str(tmp_path / "bad"), "--no_progress"])
 
 
 def test_the_demos_16_to_32_stage_keeps_held_out_real_images(tmp_path):
