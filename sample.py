@@ -261,10 +261,7 @@ def side_by_side(inputs, outputs, pairs_per_row=4):
                         align_corners=False).clamp(-1, 1)
     out = data.to_float(data.to_rgb(outputs))
     tiles = torch.stack([big, out], dim=1).flatten(0, 1)       # input, output, input, output, ...
-    per_row = 2 * min(pairs_per_row, len(inputs))
-    pad = -len(tiles) % per_row                                 # the last row filled with black
-    tiles = torch.cat([tiles, -torch.ones(pad, *tiles.shape[1:])])
-    return list(tiles.split(per_row))
+    return list(tiles.split(2 * pairs_per_row))              # grid_image fills the last row up
 
 
 def consistency(outs):
@@ -387,9 +384,9 @@ def run(args, rank, world, device):
         return
 
     # The four files are written together: all of them or, on a full disk or an error, none.
-    grid, panel = grid_image(grid_rows(outs[-1], c_all, classes)), min(args.n, 8)
-    if given is not None:                         # each input, enlarged, beside its output
-        grid = grid_image(side_by_side(outs[0], outs[-1]))
+    panel = min(args.n, 8)
+    grid = grid_image(grid_rows(outs[-1], c_all, classes) if given is None     # a row per class
+                      else side_by_side(outs[0], outs[-1]))    # each input, enlarged, beside its output
     stages_png = grid_image([data.to_float(o[:panel]) for o in outs])  # each sample at every stage
     out = lambda name: os.path.join(args.out, name)
     stages_arrays = {"labels": c_all.numpy(), "data": np.array(str(stages[0].config.get("data", "shapes"))),

@@ -1609,6 +1609,11 @@ def test_scripts_train_and_sample_a_cascade(tiny_cascade):
             "--no_progress")
     a, b = (np.load(d / "sweep" / f"samples_s{v}.npz")["arr_0"] for v in (0, 15))
     assert a.shape == b.shape == (3, 16, 16, 3) and not np.array_equal(a, b)
+    # n not a multiple of the classes: grid.png has 8 to a row, the last row filled up with black
+    run("sample.py", "--device", "cpu", ck[0], "--n", "10", "--steps", "2", "--out", str(d / "ten"), "--no_progress")
+    grid = np.asarray(Image.open(d / "ten" / "grid.png"))
+    assert grid.shape == (2 * 64, 8 * 64, 3)                      # 8x8 samples shown at 64 px
+    assert grid[64:, 2 * 64:].max() == 0 and grid[64:, :2 * 64].max() > 0
 
 
 # --- super-resolving given images, and classifier-free guidance (issue 23) ---------------------

@@ -483,12 +483,15 @@ def ema_update(ema, model, decay):
 def grid_image(rows, min_tile=64):
     """rows: list of (B, C, H, W) float tensors in [-1, 1] (C = 1 or 3), one grid row each -> a PIL
     image. Every image is enlarged with nearest-neighbour (so low-res pixels stay visible) to the
-    largest H, and to at least min_tile pixels, so low-res inputs and high-res outputs line up."""
+    largest H, and to at least min_tile pixels, so low-res inputs and high-res outputs line up. A row
+    shorter than the longest is filled up with black."""
     from PIL import Image
     H = max(r.shape[-1] for r in rows)
     H = H * math.ceil(min_tile / H)
+    B = max(len(r) for r in rows)
     rows = [torch.nn.functional.interpolate(data.to_rgb(r.float().cpu()), size=(H, H), mode="nearest")
             for r in rows]
+    rows = [torch.cat([r, -torch.ones(B - len(r), *r.shape[1:])]) for r in rows]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, B*H)
     return Image.fromarray(data.to_uint8(grid).permute(1, 2, 0).numpy())
 
