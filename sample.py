@@ -198,14 +198,16 @@ def main(argv=None):
 
 def grid_rows(images, labels, classes, per_row_max=32, rows_max=100):
     """The rows of grid.png: the samples of each class in a row of their own (at most per_row_max
-    samples each, for the first rows_max classes asked for; all of them for n not a multiple of the
-    classes, 8 to a row), as float images."""
-    if len(images) % len(classes):
-        order = torch.argsort(labels, stable=True)[:8 * rows_max]
-        per_row = 8
+    samples each, for the first rows_max classes asked for) when every class has as many; else all
+    of them sorted by class, 8 to a row. As float images."""
+    keys = list(dict.fromkeys(classes))
+    counts = {int((labels == k).sum()) for k in keys}
+    if len(counts) == 1 and len(keys) * min(counts) == len(labels):
+        per_row = min(per_row_max, min(counts))
+        order = torch.cat([torch.nonzero(labels == k)[:per_row, 0] for k in keys[:rows_max]])
     else:
-        per_row = min(per_row_max, len(images) // len(classes))
-        order = torch.cat([torch.nonzero(labels == k)[:per_row, 0] for k in dict.fromkeys(classes)][:rows_max])
+        per_row = 8
+        order = torch.argsort(labels, stable=True)[:8 * rows_max]
     return list(data.to_float(images[order]).split(per_row))
 
 
