@@ -1847,7 +1847,7 @@ def test_scripts_give_clear_errors(tiny_cascade, tmp_path):
     assert p.returncode != 0 and "must divide" in p.stderr
     p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--ch", "16", "--out", str(d / "base"),
             "--resume", ok=False)
-    assert p.returncode != 0 and "different model" in p.stderr
+    assert p.returncode != 0 and "different model config (model model_channels: 8 in the checkpoint, 16 now)" in p.stderr
 
 
 BAD_FLAGS = [  # (script, flags, what the error line must say)

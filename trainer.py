@@ -611,8 +611,14 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             raise SystemExit(f"error: --resume: {e}") from None
         changed = [k for k in ("model", "diffusion", "augment", "flip") if ckpt["config"].get(k) != config[k]]
         if changed:
+            old, new = ckpt["config"].get(changed[0]), config[changed[0]]
+            if isinstance(old, dict) and isinstance(new, dict):     # name what differs
+                keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                what = "; ".join(f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in keys[:3])
+            else:
+                what = f"{old!r} in the checkpoint, {new!r} now"
             raise SystemExit(f"error: {ckpt_path} was trained with a different {' and '.join(changed)} "
-                             "config; resume with the same flags, or start a new --out")
+                             f"config ({changed[0]} {what}); resume with the same flags, or start a new --out")
         if ckpt["args"].get("batch_size") != B:
             raise SystemExit(f"error: {ckpt_path} was trained with --batch_size "
                              f"{ckpt['args'].get('batch_size')}; resume with the same global batch")
