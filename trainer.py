@@ -113,6 +113,16 @@ def apply_speed(model, speed):
     return cdm.set_fast_path(model, channels_last=layout, low_precision_norm=speed["norm_precision"] == "bf16")
 
 
+class PresetAttention(tuple):
+    """--attn's default: the preset's attention resolutions and the --res they belong to. With
+    another --res they stay at the same levels of the U-Net (check_args scales them)."""
+
+    def __new__(cls, attn, res):
+        self = super().__new__(cls, attn)
+        self.res = res
+        return self
+
+
 def add_common_args(p, d):
     """Flags shared by both scripts; `d` is the chosen preset (every default comes from it)."""
     g = p.add_argument_group("data")
@@ -131,8 +141,9 @@ def add_common_args(p, d):
     g.add_argument("--ch", type=int, default=d["ch"], help="base channel count")
     g.add_argument("--mult", type=int_list, default=d["mult"], help="channel multiplier per level")
     g.add_argument("--res_blocks", type=int, default=d["res_blocks"], help="residual blocks per level")
-    g.add_argument("--attn", type=int_list, default=d["attn"],
-                   help="resolutions with self-attention, e.g. 16,8 ('' for none)")
+    g.add_argument("--attn", type=int_list, default=PresetAttention(d["attn"], d["res"]),
+                   help="resolutions with self-attention, e.g. 16,8 ('' for none); default: the "
+                        "preset's levels, which move with --res (the demo base's 4 is 8 at --res 16)")
     g.add_argument("--heads", type=int, default=d["heads"], help="attention heads")
     g.add_argument("--dropout", type=float, default=d["dropout"], help="dropout in residual blocks")
     g.add_argument("--skip_rescale", dest="skip_rescale", action="store_true", default=d["skip_rescale"],
@@ -243,6 +254,13 @@ def check_args(args):
         fail(f"--res {args.res} cannot be halved {len(args.mult) - 1} times (one per --mult level "
              f"after the first): use a multiple of {2 ** (len(args.mult) - 1)} or fewer levels")
     levels = [args.res >> level for level in range(len(args.mult))]
+    if isinstance(args.attn, PresetAttention):    # the preset's levels, at this --res
+        scaled = tuple(a * args.res // args.attn.res for a in args.attn)
+        if set(scaled) - set(levels) or any(a * args.res % args.attn.res for a in args.attn):
+            fail(f"--attn: the preset's attention at {','.join(map(str, args.attn))} pixels of its "
+                 f"--res {args.attn.res} is at no level of this model ({', '.join(map(str, levels))} "
+                 "pixels): give --attn ('' for none)")
+        args.attn = scaled
     if set(args.attn) - set(levels):
         fail(f"--attn {','.join(map(str, args.attn))}: this model's levels are at "
              f"{', '.join(map(str, levels))} pixels; attention can go only at those ('' for none)")
