@@ -861,7 +861,7 @@ def load_dataset(source, res, split="train", *, n=None, seed=0, download=False, 
     raise ValueError(f"unknown dataset source {source!r} ({why}); accepted: {ACCEPTED}")
 
 
-def load_low_res(path, n_max=None):
+def load_low_res(path, n_max=None, check_size=None):
     """Images to super-resolve (sample.py --low_res), at their own size -- nothing is resized,
     since an SR stage takes exactly the resolution it was trained on:
       an image file                    one image, no label
@@ -872,22 +872,35 @@ def load_low_res(path, n_max=None):
     Returns (uint8 (N, 3, H, W), int64 labels (N,) or None, class names of the labels or None).
     Images are read as a person sees them (as_seen: EXIF orientation, 16-bit, transparency);
     every image must be square and all of one size (one clear error otherwise). n_max: read only the
-    first n_max (class sub-folders: taken in turn, so that they stay class-balanced)."""
+    first n_max (class sub-folders: taken in turn, so that they stay class-balanced). check_size:
+    called with the first image's size before any other is read, so that a folder of the wrong
+    size is refused at once, not after reading all of it."""
     labels = names = None
+
+    def square(size, what):
+        H, W = size
+        if H != W:
+            raise ValueError(f"{what}: the images are {W}x{H}, not square; crop them to a square first")
+        if check_size is not None:
+            check_size(H)
+
     if os.path.isfile(path) and path.lower().endswith(".npz"):
         x, y = _read_adm_npz(path)
         if x.dtype == np.uint8 and x.ndim == 3:             # (N, H, W): grayscale
             x = x[..., None]
         _check_adm_images(path, x, (1, 3))
+        if not len(x):
+            raise ValueError(f"{path} holds no images")
         if y is not None and (y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer)):
             raise ValueError(f"{path}: arr_1 must hold {len(x)} integer labels, got {y.dtype} {y.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(x[:n_max])).permute(0, 3, 1, 2)
+        square(x.shape[1:3], path)
+        x = to_rgb(torch.from_numpy(np.ascontiguousarray(x[:n_max])).permute(0, 3, 1, 2))
         labels = torch.from_numpy(y[:n_max].astype(np.int64)) if y is not None else None
-        images = [to_rgb(x)]
-    elif os.path.isfile(path):
+        return x.contiguous(), labels, names
+    if os.path.isfile(path):
         if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
             raise ValueError(f"{path} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor an .npz")
-        images = [_read_native(path)[None]]
+        items = [(path, None)]
     elif os.path.isdir(path):
         classes = _class_folders(path)
         flat = sorted(f for f in os.listdir(path) if not f.startswith(".")
@@ -899,26 +912,24 @@ def load_low_res(path, n_max=None):
         if classes:
             items, names = _folder_items(path, n_max)
             names = list(names)
+            labels = torch.tensor([k for _, k in items], dtype=torch.int64)
         else:
             items = [(os.path.join(path, f), None) for f in flat[:n_max]]
         if not items:
             raise ValueError(f"{path} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        images = [_read_native(p)[None] for p, _ in items]
-        if classes:
-            labels = torch.tensor([k for _, k in items], dtype=torch.int64)
     else:
         raise ValueError(f"{path}: no such file or folder")
-    sizes = sorted({tuple(x.shape[-2:]) for x in images})
-    if len(sizes) > 1:
-        raise ValueError(f"{path}: the images have different sizes ({', '.join(f'{w}x{h}' for h, w in sizes[:4])}); "
-                         "an SR stage takes one resolution: resize them first")
-    x = torch.cat(images)
-    if not len(x):
-        raise ValueError(f"{path} holds no images")
-    H, W = x.shape[-2:]
-    if H != W:
-        raise ValueError(f"{path}: the images are {W}x{H}, not square; crop them to a square first")
-    return x.contiguous(), labels, names
+    images = []
+    for p, _ in items:                                   # each checked as it is read
+        image = _read_native(p)[None]
+        if not images:
+            square(image.shape[-2:], path if len(items) == 1 else p)
+        elif image.shape[-2:] != images[0].shape[-2:]:
+            (h, w), (h0, w0) = image.shape[-2:], images[0].shape[-2:]
+            raise ValueError(f"{path}: the images have different sizes ({p} is {w}x{h}, {items[0][0]} "
+                             f"{w0}x{h0}); an SR stage takes one resolution: resize them first")
+        images.append(image)
+    return torch.cat(images).contiguous(), labels, names
 
 
 def _read_native(path):

@@ -216,8 +216,13 @@ def load_given(args, stages):
     the first SR stage: its input size, its channels, its classes."""
     first = stages[0]
     r, C = first.config["low_res"], first.channels
+    def check_size(size):                         # on the first image, before the others are read
+        if size != r:
+            raise SystemExit(f"error: --low_res {args.low_res}: the images are {size}x{size}, but stage 1 "
+                             f"is a {r}->{first.resolution} SR model and takes {r}x{r} images; resize "
+                             f"them to {r}x{r} first (area/box filter, as its training pairs were made)")
     try:
-        x, labels, names = data.load_low_res(args.low_res, args.n)
+        x, labels, names = data.load_low_res(args.low_res, args.n, check_size)
     except ValueError as e:
         raise SystemExit(f"error: --low_res {e}") from None
     if args.n is not None and len(x) < args.n:
@@ -226,10 +231,6 @@ def load_given(args, stages):
     if args.classes is not None and len(args.classes) not in (1, len(x)):
         raise SystemExit(f"error: --classes gives {len(args.classes)} labels for {len(x)} image(s): give "
                          "one class for all of them, or one per image")
-    if x.shape[-1] != r:
-        raise SystemExit(f"error: --low_res {args.low_res}: the images are {x.shape[-1]}x{x.shape[-1]}, but "
-                         f"stage 1 is a {r}->{first.resolution} SR model and takes {r}x{r} images; "
-                         f"resize them to {r}x{r} first (area/box filter, as its training pairs were made)")
     if C == 1:
         x = data.keep_gray_as_one_channel(x)
         if x.shape[1] != 1:

@@ -1708,6 +1708,30 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
                          str(tmp_path / "bad"), "--no_progress"])
 
 
+def test_low_res_folders_are_refused_at_their_first_wrong_image(tmp_path, monkeypatch):
+    """data.load_low_res checks each image as it reads it: a folder of the wrong size is refused
+    after one image (check_size sees the first), of mixed sizes at the first odd one, by name."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        _save(folder / f"{i}.png", np.full((8 if i != 3 else 12, 8 if i != 3 else 12, 3), 40 * i))
+    reads = []
+    real = data._read_native
+    monkeypatch.setattr(data, "_read_native", lambda p: reads.append(p) or real(p))
+    def wrong(size):
+        raise ValueError(f"{size}x{size} is not 16x16")
+    with pytest.raises(ValueError, match="8x8 is not 16x16"):
+        data.load_low_res(str(folder), check_size=wrong)
+    assert len(reads) == 1
+    reads.clear()
+    with pytest.raises(ValueError, match=r"different sizes \(.*3.png is 12x12, .*0.png 8x8\)"):
+        data.load_low_res(str(folder), check_size=lambda size: None)
+    assert len(reads) == 4
+    x, labels, names = data.load_low_res(str(folder), n_max=3)
+    assert x.shape == (3, 3, 8, 8) and labels is None and names is None
+    assert x[:, 0, 0, 0].tolist() == [0, 40, 80]                    # sorted order
+
+
 def test_the_demos_16_to_32_stage_keeps_held_out_real_images(tmp_path):
     """The demo's 16->32 stage, trained by the README's command (`train_sr.py --preset demo32`,
     all 220 steps; --out, --device cpu and --no_progress added), upscales a folder of 64 held-out real 16x16 images (the
