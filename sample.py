@@ -12,9 +12,10 @@ rebuilt from the files alone; stages that do not fit together are refused with a
   python sample.py ... --guidance 2,0,0                      # classifier-free guidance, base only
 
 --low_res PATH (an image, a folder of images or of class sub-folders, or an ADM .npz) runs the given
-SR stage(s) alone on those images, non-truncated at each stage's s (or --s / --s_sweep); grid.png
-then shows each input, enlarged by bicubic interpolation, beside its output, and each stage's
-low-res consistency (PSNR of its output, area-downsampled, against its input) is printed.
+SR stage(s) alone on those images (--n: the first n only), non-truncated at each stage's s (or
+--s / --s_sweep); grid.png then shows each input, enlarged by bicubic interpolation, beside its
+output, and each stage's low-res consistency (PSNR of its output, area-downsampled, against its
+input) is printed.
 
 Writes to --out: grid.png (final images, one row per class), stages.png (each sample at every stage
 of the cascade), samples.npz (final images in the ADM convention: arr_0 uint8 NHWC, arr_1 labels)
