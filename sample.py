@@ -257,9 +257,12 @@ def load_given(args, stages):
     return x.contiguous(), labels
 
 
-def side_by_side(inputs, outputs, pairs_per_row=4):
+def side_by_side(inputs, outputs, max_pairs=64):
     """grid.png for --low_res: each input enlarged to the output size by bicubic interpolation,
-    then its output; pairs_per_row pairs to a row. Float images in [-1, 1]."""
+    then its output, for the first max_pairs images (the .npz files hold them all); 4 pairs to a
+    row, 8 from 32 images on. Float images in [-1, 1]."""
+    inputs, outputs = inputs[:max_pairs], outputs[:max_pairs]
+    pairs_per_row = 4 if len(inputs) < 32 else 8
     res = outputs.shape[-1]
     big = F.interpolate(data.to_float(data.to_rgb(inputs)), size=(res, res), mode="bicubic",
                         align_corners=False).clamp(-1, 1)

@@ -1670,6 +1670,12 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
     st = np.load(tmp_path / "o4" / "stages.npz")                        # the first 4, as RGB
     assert np.array_equal(st["stage_1"], np.repeat(gray[:4, ..., None], 3, axis=-1))
     assert st["labels"].tolist() == [0, 1, 0, 1]
+    many = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "in8" / "many.npz", many, np.arange(70) % 8)
+    run("sample.py", sr16, "--low_res", str(tmp_path / "in8" / "many.npz"), "--steps", "1", "--out",
+        str(tmp_path / "o5"), "--no_progress")
+    assert len(np.load(tmp_path / "o5" / "samples.npz")["arr_0"]) == 70          # every image
+    assert Image.open(tmp_path / "o5" / "grid.png").size == (16 * 64, 8 * 64)      # the first 64 shown
     np.savez(tmp_path / "in8" / "nchw.npz", x8.numpy())
     np.savez(tmp_path / "in8" / "float.npz", x8.permute(0, 2, 3, 1).numpy() / 255.0)
     bad = [
