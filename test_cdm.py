@@ -1740,11 +1740,11 @@ def test_low_res_folders_are_refused_at_their_first_wrong_image(tmp_path, monkey
 
 def test_the_demos_16_to_32_stage_keeps_held_out_real_images(tmp_path):
     """The demo's 16->32 stage, trained by the README's command (`train_sr.py --preset demo32`,
-    all 220 steps; --out, --device cpu and --no_progress added), upscales a folder of 64 held-out real 16x16 images (the
-    shapes test split, 8 classes as sub-folders) to outputs that area-downsample back to their
-    inputs at >= 25 dB low-res consistency (33 dB measured on 256 images). Against the wrong inputs
-    -- each output beside another image's input -- the same outputs score ~15 dB: a stage that
-    ignored its input could not pass. About 70 s of the suite on 2 cores."""
+    all 220 steps; --out, --device cpu and --no_progress added), upscales a folder of 64 held-out
+    real 16x16 images (the shapes test split, 8 classes as sub-folders) to outputs that
+    area-downsample back to their inputs at >= 25 dB low-res consistency (33 dB measured on 256
+    images). Against the wrong inputs -- each output beside another image's input -- the same
+    outputs score ~15 dB: a stage that ignored its input could not pass. About 70 s on 2 cores."""
     out = tmp_path / "sr32"
     run("train_sr.py", "--preset", "demo32", "--out", str(out), "--device", "cpu", "--no_progress")
     x16, y16 = write_low_res_inputs(tmp_path / "in16", 16, n=64, names=data.class_names_for("shapes"))
@@ -1877,7 +1877,7 @@ def test_scripts_give_clear_errors(tiny_cascade, tmp_path):
     assert p.returncode != 0 and "must divide" in p.stderr
     p = run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--ch", "16", "--out", str(d / "base"),
             "--resume", ok=False)
-    assert p.returncode != 0 and "different model config (model model_channels: 8 in the checkpoint, 16 now)" in p.stderr
+    assert p.returncode != 0 and "different model config (model_channels: 8 in the checkpoint, 16 now)" in p.stderr
 
 
 BAD_FLAGS = [  # (script, flags, what the error line must say)

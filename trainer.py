@@ -636,7 +636,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             else:
                 what = f"{old!r} in the checkpoint, {new!r} now"
             raise SystemExit(f"error: {ckpt_path} was trained with a different {' and '.join(changed)} "
-                             f"config ({changed[0]} {what}); resume with the same flags, or start a new --out")
+                             f"config ({what}); resume with the same flags, or start a new --out")
         if ckpt["args"].get("batch_size") != B:
             raise SystemExit(f"error: {ckpt_path} was trained with --batch_size "
                              f"{ckpt['args'].get('batch_size')}; resume with the same global batch")
