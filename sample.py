@@ -197,18 +197,26 @@ def main(argv=None):
         run(args, rank, world, device)
 
 
-def grid_rows(images, labels, classes, per_row_max=32, rows_max=100):
+def grid_rows(images, labels, classes, per_row_max=32, rows_max=100, max_pixels=64 * 2 ** 20):
     """The rows of grid.png: the samples of each class in a row of their own (at most per_row_max
     samples each, for the first rows_max classes asked for) when every class has as many; else all
-    of them sorted by class, 8 to a row. As float images."""
+    of them sorted by class, 8 to a row. As float images. A preview: at most max_pixels (64 MP)
+    of tiles (grid_image shows each at least 64 pixels wide), so 50,000 ImageNet samples at 256
+    px make a 16 x 50 grid, not one of 32 x 100 (210 MP)."""
     keys = list(dict.fromkeys(classes))
     counts = {int((labels == k).sum()) for k in keys}
-    if len(counts) == 1 and len(keys) * min(counts) == len(labels):
-        per_row = min(per_row_max, min(counts))
-        order = torch.cat([torch.nonzero(labels == k)[:per_row, 0] for k in keys[:rows_max]])
+    by_class = len(counts) == 1 and len(keys) * min(counts) == len(labels)
+    per_row = min(per_row_max, min(counts)) if by_class else 8
+    rows = min(rows_max, len(keys) if by_class else -(-len(labels) // 8))
+    while per_row * rows * max(images.shape[-1], 64) ** 2 > max_pixels and rows > 1:
+        if rows >= 2 * per_row or per_row <= 8:
+            rows //= 2
+        else:
+            per_row //= 2
+    if by_class:
+        order = torch.cat([torch.nonzero(labels == k)[:per_row, 0] for k in keys[:rows]])
     else:
-        per_row = 8
-        order = torch.argsort(labels, stable=True)[:8 * rows_max]
+        order = torch.argsort(labels, stable=True)[:per_row * rows]
     return list(data.to_float(images[order]).split(per_row))
 
 

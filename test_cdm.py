@@ -1714,6 +1714,20 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
                          str(tmp_path / "bad"), "--no_progress"])
 
 
+def test_the_class_grid_is_a_row_per_class_and_a_bounded_preview():
+    import sample
+    images = torch.arange(4000, dtype=torch.uint8).view(-1, 1, 1, 1).expand(4000, 3, 64, 64)
+    labels = torch.arange(4000) % 100                              # 40 samples of each of 100 classes
+    rows = sample.grid_rows(images, labels, tuple(range(100)))
+    assert [len(r) for r in rows] == [32] * 100                    # 13 MP: under the 64 MP cap
+    rows = sample.grid_rows(images, labels, tuple(range(100)), max_pixels=2 ** 20)
+    assert len(rows) * len(rows[0]) * 64 * 64 <= 2 ** 20 and len(rows) >= 8 and len(rows[0]) >= 8
+    for k, row in enumerate(rows):                                 # row k: class k's first samples
+        assert torch.equal(row[:, 0, 0, 0], data.to_float(images[k:k + 100 * len(row):100, 0, 0, 0]))
+    rows = sample.grid_rows(images[:10], labels[:10] % 3, tuple(range(3)))   # unequal: 8 to a row
+    assert [len(r) for r in rows] == [8, 2]
+
+
 def test_low_res_folders_are_refused_at_their_first_wrong_image(tmp_path, monkeypatch):
     """data.load_low_res checks each image as it reads it: a folder of the wrong size is refused
     after one image (check_size sees the first), of mixed sizes at the first odd one, by name."""
