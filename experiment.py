@@ -253,15 +253,24 @@ SOLVER_GRID = {
 }
 
 
-def solvers(args):
+def resumable(out, name):
+    """A study's results file OUT/name and what it holds already (a re-run skips the rows done),
+    and a log function stamping each line with the minutes since this call."""
     t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, args.json or "solvers.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}   # resumable: done rows kept
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
 
     def log(msg):
         print(f"[{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
+    return path, results, log
 
+
+def solvers(args):
+    path, results, log = resumable(args.out, args.json or "solvers.json")
     stages = {k: cdm.load_stage(os.path.join(args.runs, k, "ckpt.pt")) for k in ("base", "sr16", "sr32")}
     N = args.n
     c = torch.arange(N) % 8
@@ -320,13 +329,7 @@ P_UNCOND = 0.1
 
 
 def guidance(args):
-    t_start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "guidance.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}   # resumable: done rows kept
-
-    def log(msg):
-        print(f"[{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
+    path, results, log = resumable(args.out, "guidance.json")
     quick = args.quick
     runs = os.path.join(args.out, "runs_guidance")
     cascades = {}
