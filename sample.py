@@ -345,8 +345,9 @@ def run(args, rank, world, device):
         starts = list(range(0, args.n, args.batch_size))
         mine = {}
         for j in range(rank, len(starts), world):            # this process's chunks
-            c = c_all[starts[j]:starts[j] + args.batch_size].to(device)
-            low = None if given is None else data.to_float(given[starts[j]:starts[j] + args.batch_size].to(device))
+            chunk = slice(starts[j], starts[j] + args.batch_size)
+            c = c_all[chunk].to(device)
+            low = None if given is None else data.to_float(given[chunk].to(device))
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                     xs = cdm.sample_cascade(stages, c, steps=steps, sampler=sampler, s=s,
@@ -358,7 +359,7 @@ def run(args, rank, world, device):
                 raise SystemExit(f"error: {e}") from None
             mine[j] = [data.to_uint8(x.float()).cpu() for x in xs]
             if given is not None:                 # stage_1 of the files: the given images
-                mine[j].insert(0, given[starts[j]:starts[j] + args.batch_size])
+                mine[j].insert(0, given[chunk])
         if world > 1:
             import torch.distributed as dist
             print(f"process {rank} of {world}: sampled chunks {sorted(mine)} "
