@@ -350,7 +350,7 @@ def tune_settings_flags(s, precision):
     flags = [f"--precision {precision}", f"--channels_last {'on' if s['layout'] == 'channels_last' else 'off'}",
              f"--norm_precision {s['norm']}", f"--adam {s['adam']}"]
     if s.get("cudnn_benchmark"):
-        flags.append("--cudnn_benchmark")
+        flags.append("--cudnn_benchmark on")
     if s["compile"] != "eager":
         flags.append("--compile" + ("" if s["compile"] == "default" else f" --compile_mode {s['compile']}"))
     flags.append(f"--micro_batch {s['batch']}")

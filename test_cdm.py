@@ -940,6 +940,24 @@ def test_tune_searches_a_factor_at_a_time_and_prints_usable_flags(tmp_path):
     assert p.returncode != 0 and "unknown mode fastest" in p.stderr
 
 
+def test_tuned_flags_select_the_setting_they_name():
+    """The flags bench.py --tune prints for a setting -- every factor off its default, as on a GPU
+    where cudnn.benchmark, channels_last, bf16 norms, fused Adam and a compile mode win -- parse
+    in train_base.py to exactly that setting."""
+    import shlex
+    import bench
+    import train_base
+    s = dict(layout="channels_last", norm="bf16", cudnn_benchmark=True, adam="fused", batch=16,
+             compile="max-autotune-no-cudagraphs")
+    a = train_base.parse_args(shlex.split(bench.tune_settings_flags(s, "bf16")) + ["--preset", "imagenet32"])
+    assert (a.precision, a.channels_last, a.norm_precision, a.cudnn_benchmark, a.adam, a.micro_batch,
+            a.compile, a.compile_mode) == ("bf16", "on", "bf16", "on", "fused", 16, True, s["compile"])
+    plain = dict(s, layout="nchw", norm="fp32", cudnn_benchmark=False, adam="foreach", compile="eager")
+    a = train_base.parse_args(shlex.split(bench.tune_settings_flags(plain, "fp32")) + ["--preset", "imagenet32"])
+    assert (a.channels_last, a.norm_precision, a.cudnn_benchmark, a.adam, a.compile) == \
+        ("off", "fp32", None, "foreach", False)
+
+
 @needs_cuda
 def test_cuda_fast_paths_match_plain():
     """Each CUDA fast path alone -- channels_last, GroupNorm in bf16, fused Adam, cudnn.benchmark,
