@@ -587,22 +587,21 @@ def fmt(v, spec):
 
 def print_row(row, ceiling):
     """One line of the table."""
-    res = row
     name = f"{row['config']:7} {row['impl']:16} {row['precision']:4}"
-    if "error" in res:
-        print(f"{name} {'':>7} | {res['error']}", flush=True)
+    if "error" in row:
+        print(f"{name} {'':>7} | {row['error']}", flush=True)
         return
     ceil = ceiling[row["precision"]]
     cols = []
     for phase, rate, rate_fmt in (("train", "train_img_s", "11.1f"), ("sample", "sample_nfe_s", "12.2f")):
-        if f"{phase}_error" in res:
-            cols.append(f"failed: {res[phase + '_error'][:28]:28}")
+        if f"{phase}_error" in row:
+            cols.append(f"failed: {row[phase + '_error'][:28]:28}")
             continue
-        gflop = res.get(f"{phase}_gflop_s", float("nan"))
-        extra = f"{fmt(res.get('sample_img_s'), '6.0f')} " if phase == "sample" else ""
-        cols.append(f"{fmt(res.get(rate), rate_fmt)} {extra}{fmt(gflop, '8.0f')} "
-                    f"{fmt(gflop / ceil * 100, '5.0f')} {fmt(res.get(phase + '_mib'), '8.0f')}")
-    print(f"{name} {res['params'] / 1e6:6.2f}M | " + " | ".join(cols), flush=True)
+        gflop = row.get(f"{phase}_gflop_s", float("nan"))
+        extra = f"{fmt(row.get('sample_img_s'), '6.0f')} " if phase == "sample" else ""
+        cols.append(f"{fmt(row.get(rate), rate_fmt)} {extra}{fmt(gflop, '8.0f')} "
+                    f"{fmt(gflop / ceil * 100, '5.0f')} {fmt(row.get(phase + '_mib'), '8.0f')}")
+    print(f"{name} {row['params'] / 1e6:6.2f}M | " + " | ".join(cols), flush=True)
 
 
 def main(argv=None):
@@ -614,12 +613,9 @@ def main(argv=None):
         tune_child(json.loads(args._tune))
         return
     device = trainer.pick_device(args.device)
+    print(f"torch {torch.__version__} on {device} ({device_name(device)})")
     if args.tune:
-        print(f"torch {torch.__version__} on {device} ({device_name(device)})")
         return tune(args, device)
-    print(f"torch {torch.__version__} on {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-             else f" ({torch.get_num_threads()} threads)"))
     ceiling = {p: matmul_ceiling(device, torch.float32 if p == "fp32" else torch.bfloat16)
                for p in args.precision.split(",")}
     print("matmul ceiling: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in ceiling.items()))
