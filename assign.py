@@ -25,16 +25,21 @@ import functools
 import json
 import os
 import re
+import secrets
+import select
 import shutil
-import subprocess
 import sys
 import tempfile
+import threading
 import time
-import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import safety
+try:                                    # the grader's own dependencies, checked in main()
+    import numpy as np
+    import torch  # noqa: F401
+    MISSING = None
+except ImportError as e:
+    MISSING = e.name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = "cdm.py"            # every unit is a function (or two) of the paper's file
@@ -298,27 +303,6 @@ def mutated_source(source, function, old, new):
     return replace_functions(source, {function: text})
 
 
-def spliced_source(student, reference, unit):
-    """What one unit is graded on: the student's file with every *other* unit's functions taken
-    from the reference. A file that does not parse keeps only this unit's functions, cut out of
-    it by their indentation, in the reference file (so that a syntax error elsewhere costs only
-    the units it is in)."""
-    mine = set(UNIT_BY_NAME[unit].functions)
-    try:
-        others = {f: function_text(reference, f) for u in UNITS for f in u.functions if f not in mine}
-        have = function_nodes(student)
-        return replace_functions(student, {f: t for f, t in others.items() if f in have})
-    except SyntaxError:
-        pass
-    cut = {}
-    for f in mine:
-        text = _cut_by_indentation(student, f)
-        if text is None:
-            raise ValueError(f"{f} cannot be found in the student's {SOURCE}")
-        cut[f] = text
-    return replace_functions(reference, cut)
-
-
 def _cut_by_indentation(source, name):
     """A function's text found by its 'def' line (inside its 'class' line, for a method) and the
     lines indented deeper than it, for a file that does not parse."""
@@ -372,11 +356,14 @@ NOT_COPIED = {"assign.py", ".git", ".venv", "runs", "samples", "data", "__pycach
 
 def make(out, unit_names):
     """Write the students' copy to `out` (a new folder, built beside it and renamed into place)."""
+    import safety
     unknown = [u for u in unit_names if u not in UNIT_BY_NAME]
     if unknown:
         safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         safety.fail(f"--out {out} exists and is not empty: choose a new folder")
+    if os.path.exists(bundle_path(out)):
+        safety.fail(f"{bundle_path(out)} exists (the autograder of an earlier --out {out}): move it away first")
     parent = safety.writable_folder(os.path.dirname(os.path.abspath(out)), "--out")
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-cdm-assign-")
     try:
@@ -398,10 +385,74 @@ def make(out, unit_names):
             raise RuntimeError(f"the copy would contain reference lines: {leaked[:3]}")
         if os.path.isdir(out):
             os.rmdir(out)
+        bundle = gradescope_bundle(bundle_path(out), unit_names)
         os.replace(tmp, out)
+    except BaseException:
+        if "bundle" in locals():
+            os.remove(bundle)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --- Gradescope ------------------------------------------------------------------------------------
+# The packages grading needs, pinned to the versions the kit is tested with (requirements.txt
+# pins torch; numpy is the version this kit was last measured with).
+GRADER_PACKAGES = ("torch==2.13.0", "numpy==2.4.6")
+BUNDLE_FILES = ("assign.py", "grading.py", "sandbox.py", "safety.py", SOURCE)
+
+SETUP_SH = """#!/usr/bin/env bash
+# Gradescope runs this once, as root, when it builds the autograder's image.
+set -euo pipefail
+apt-get update && apt-get install -y python3 python3-pip
+pip3 install --break-system-packages {packages} 2>/dev/null || pip3 install {packages}
+"""
+
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Gradescope runs this, as root, for every submission: the student's files are in
+# $ROOT/submission, the kit in $ROOT/source, and the scores go to $ROOT/results/results.json.
+# The units graded are the ones this bundle was made for, never what a submission says.
+set -uo pipefail
+ROOT=${{AUTOGRADER_ROOT:-/autograder}}
+PYTHON=${{PYTHON:-python3}}
+chmod -R go-rwx "$ROOT/source"     # the reference solution: for the grader's eyes only
+mkdir -p "$ROOT/results"
+exec "$PYTHON" "$ROOT/source/assign.py" grade "$ROOT/submission" --units {units} \\
+    --results "$ROOT/results/results.json"
+"""
+
+
+def bundle_path(out):
+    """Where `make --out hw1` writes the autograder: hw1-autograder.zip, beside the copy."""
+    return os.path.abspath(out).rstrip(os.sep) + "-autograder.zip"
+
+
+def gradescope_bundle(path, unit_names):
+    """Write Gradescope's autograder zip: setup.sh (installing exactly what grading needs,
+    pinned), run_autograder (grading /autograder/submission into /autograder/results/results.json
+    on the units given here) and source/ (the kit: the reference and its cases). It holds the
+    reference solution: give it to Gradescope, never to students. Refuses to replace a file."""
+    import zipfile
+    import safety
+    if os.path.exists(path):
+        safety.fail(f"{path} exists: move it away, or choose another --out")
+    units = ",".join(u.name for u in UNITS if u.name in unit_names)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, text in (("setup.sh", SETUP_SH.format(packages=" ".join(GRADER_PACKAGES))),
+                               ("run_autograder", RUN_AUTOGRADER.format(units=units))):
+                info = zipfile.ZipInfo(name)
+                info.external_attr = 0o755 << 16
+                z.writestr(info, text)
+            for name in BUNDLE_FILES:
+                z.write(os.path.join(HERE, name), f"source/{name}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def leaks(folder, reference, unit_names):
@@ -441,63 +492,280 @@ def assignment_md(unit_names):
 
 
 # --- grade ----------------------------------------------------------------------------------------
-def grade_unit(folder, unit, timeout):
-    """Run one unit's tests in a scratch copy of `folder`: the student's files, cdm.py spliced
-    (spliced_source), and this repository's test_cdm.py. Returns (passed, total, output)."""
-    reference = open(os.path.join(HERE, SOURCE), encoding="utf-8").read()
-    with tempfile.TemporaryDirectory(prefix="cdm-grade-") as scratch:
-        for name in os.listdir(folder):
-            src = os.path.join(folder, name)
-            if name in NOT_COPIED or name in ("results.json",) or name.startswith(".tmp-"):
-                continue
-            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(scratch, name))
-        shutil.copy2(os.path.join(HERE, "test_cdm.py"), os.path.join(scratch, "test_cdm.py"))
-        for helper in ("safety.py",):                     # what the tests import beside cdm
-            if not os.path.exists(os.path.join(scratch, helper)):
-                shutil.copy2(os.path.join(HERE, helper), os.path.join(scratch, helper))
-        total = len(unit.tests)
-        try:
-            student = open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace").read()
-            code = spliced_source(student, reference, unit.name)
-        except (OSError, ValueError) as e:
-            return 0, total, f"not graded: {e}"
-        with open(os.path.join(scratch, SOURCE), "w", encoding="utf-8") as f:
-            f.write(code)
-        report = os.path.join(scratch, "report.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", report,
-               *[f"test_cdm.py::{t}" for t in unit.tests]]
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-        try:
-            p = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return 0, total, f"timed out after {timeout} s (an endless loop?)"
-        output = (p.stdout + p.stderr)[-3000:]
-        if not os.path.exists(report):
-            return 0, total, output
-        cases = ET.parse(report).getroot().iter("testcase")
-        results = {}                                       # test function -> all its cases passed
-        for case in cases:
-            fn = case.get("name").split("[")[0]
-            ok = not any(child.tag in ("failure", "error", "skipped") for child in case)
-            results[fn] = results.get(fn, True) and ok
-        passed = sum(results.get(t, False) for t in unit.tests)
-        return passed, total, output
+# How a unit is graded (grading.py): the kit draws secret inputs, runs them through the reference
+# here and through the student's cdm.py in a confined process (sandbox.py), and compares what came
+# back. The verdict forms in this process; the student's code only ever returns numbers.
+KIT_FILES = (SOURCE, "grading.py", "sandbox.py")
 
 
-def assigned_units(folder):
-    """The units a copy was made with (its assignment.json), or all of them."""
+class GraderError(Exception):
+    """The grader itself cannot grade here: reported in one line, and no scores are written."""
+
+
+def graded_source(student, unit):
+    """What one unit is graded on: the student's file as it is, or, when it does not parse, this
+    unit's functions cut out of it by their indentation and put into the *blank* copy (every
+    unit a stub: no reference body), so that a syntax error elsewhere costs only the units it is
+    in. The other units' functions are never the reference's: where this unit's reference calls
+    them, the grader answers those calls (grading.ORACLES)."""
     try:
-        with open(os.path.join(folder, ASSIGNED), encoding="utf-8") as f:
-            return [n for n in json.load(f)["units"] if n in UNIT_BY_NAME]
-    except (OSError, ValueError, KeyError, TypeError):
-        return list(UNIT_BY_NAME)
+        ast.parse(student)
+        return student
+    except (SyntaxError, ValueError):
+        pass
+    blank = stubbed_source(_reference_text(), set(UNIT_BY_NAME))
+    cut = {}
+    for f in UNIT_BY_NAME[unit].functions:
+        text = _cut_by_indentation(student, f)
+        if text is None:
+            raise ValueError(f"{f} cannot be found in the student's {SOURCE}")
+        cut[f] = text
+    return replace_functions(blank, cut)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_text():
+    with open(os.path.join(HERE, SOURCE), encoding="utf-8") as f:
+        return f.read()
+
+
+def _round_trip(value):
+    """What the student's process receives: the value through the wire and back."""
+    import grading
+    return grading.decode(json.loads(json.dumps(grading.encode(value))), _reference_diffusion)
+
+
+def _reference_diffusion(betas, variance, lambda_vlb, timesteps, prediction):
+    import cdm
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or not 2 <= len(betas) <= 100_001:
+        raise ValueError("a diffusion of 1 to 100,000 steps")
+    return cdm.GaussianDiffusion(betas, variance, float(lambda_vlb), timesteps=np.asarray(timesteps),
+                                 prediction=prediction)
+
+
+def unit_cases(unit, seed):
+    """(inputs, expected outputs) of a unit's cases for `seed`: the inputs as the student's
+    process will see them, the outputs the reference gives on them."""
+    import cdm
+    import grading
+    inputs = _round_trip(grading.prepare(cdm, unit.name, np.random.default_rng(seed)))
+    return inputs, [grading.apply(cdm, unit.name, _round_trip(inp)) for inp in inputs]
+
+
+def check_in_process(source, unit, seed=0):
+    """Grade `source` on one unit in this process, with the same cases, oracles and comparison
+    as `grade` but none of its containment: for the kit's own tests of wrong answers (trusted
+    code only). Returns (cases agreeing, cases, first difference)."""
+    import cdm
+    import grading
+    module = _module_from(source)
+
+    def oracle(name):
+        owner, _, leaf = name.rpartition(".")
+        fn = getattr(getattr(cdm, owner) if owner else cdm, leaf)
+
+        def call(*args, **kwargs):
+            args = [_round_trip(a) if type(a).__name__ == "GaussianDiffusion" else a for a in args]
+            return fn(*args, **kwargs)
+        return call
+    grading.install(module, grading.ORACLES.get(unit.name, ()), oracle)
+    inputs, expected = unit_cases(unit, seed)
+    passed, first = 0, ""
+    for k, (inp, want) in enumerate(zip(inputs, expected)):
+        try:
+            diff = grading.compare(want, _round_trip(grading.apply(module, unit.name, inp)))
+        except Exception as e:
+            diff = f"{type(e).__name__}: {e}"
+        passed += not diff
+        first = first or (diff and f"case {k + 1}: {diff}")
+    return passed, len(inputs), first
+
+
+def _module_from(source):
+    import types
+    module = types.ModuleType("cdm")
+    module.__file__ = os.path.join(HERE, SOURCE)
+    saved = sys.modules.get("cdm")
+    sys.modules["cdm"] = module
+    try:
+        exec(compile(source, SOURCE, "exec"), module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["cdm"] = saved
+    return module
+
+
+def _deadline_read(fd, n, deadline):
+    data = b""
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, min(n - len(data), 1 << 20))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _deadline_write(fd, data, deadline):
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [fd], [], left)[1]:
+            raise TimeoutError
+        view = view[os.write(fd, view[:1 << 16]):]
+
+
+class Session:
+    """One grading: a private scratch root, the sandbox layers this machine offers, and the
+    confined processes of the units (one slot, i.e. one user id when root, per unit at once)."""
+
+    def __init__(self, jobs):
+        import sandbox
+        self.layers = sandbox.protections()
+        self.root = tempfile.mkdtemp(prefix="cdm-grade-")
+        os.chmod(self.root, 0o711)                     # its units' users may enter, not list it
+        self.slots = list(range(jobs))
+        self.lock = threading.Lock()
+
+    def close(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def run(self, unit_name, source, cases, timeout):
+        """Run `cases` of a unit on `source` in a confined process. Returns ({case: output},
+        {case: error text}, what it printed, how it ended)."""
+        import grading
+        import sandbox
+        with self.lock:
+            slot = self.slots.pop()
+        scratch = tempfile.mkdtemp(dir=self.root, prefix=f"{unit_name}-")
+        try:
+            with open(os.path.join(scratch, SOURCE), "w", encoding="utf-8") as f:
+                f.write(source)
+            shutil.copy2(os.path.join(HERE, "grading.py"), os.path.join(scratch, "grading.py"))
+            to_r, to_w = os.pipe()
+            from_r, from_w = os.pipe()
+            box = sandbox.Sandbox(scratch, [sys.executable, "-I", "-B", os.path.join(scratch, "grading.py"),
+                                            "worker", str(to_r), str(from_w)],
+                                  slot=slot, pass_fds=(to_r, from_w), hidden=[HERE], layers=self.layers,
+                                  cleanup=self.root, cpu_seconds=max(timeout, 10) + 5)
+            results, errors, ended = {}, {}, "finished"
+            try:
+                box.start()
+                os.close(to_r)
+                os.close(from_w)
+                deadline = time.monotonic() + timeout
+                os.set_blocking(to_w, False)
+                job = json.dumps(grading.encode({"unit": unit_name, "cases": cases})).encode()
+                _deadline_write(to_w, len(job).to_bytes(8, "little") + job, deadline)
+                while True:
+                    msg = grading.read_message(lambda n: _deadline_read(from_r, n, deadline), _reference_diffusion)
+                    kind = msg.get("type") if isinstance(msg, dict) else None
+                    if kind == "done":
+                        break
+                    if kind in ("result", "error") and isinstance(msg.get("k"), int):
+                        (results if kind == "result" else errors).setdefault(msg["k"], msg.get("value", msg.get("error")))
+                    elif kind in ("oracle", "vjp"):
+                        import cdm
+                        try:
+                            reply = {"type": "answer", "value": grading.answer(cdm, unit_name, msg)}
+                        except Exception as e:
+                            reply = {"type": "refused", "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                        data = json.dumps(grading.encode(reply)).encode()
+                        _deadline_write(to_w, len(data).to_bytes(8, "little") + data, deadline)
+                    else:
+                        raise grading.WireError("an unknown message")
+            except TimeoutError:
+                ended = f"timed out after {timeout} s (an endless loop?)"
+            except EOFError:
+                ended = "its process ended before answering every case"
+            except (grading.WireError, OSError, KeyError) as e:
+                ended = f"its process broke the grading protocol ({e})"
+            finally:
+                box.stop()
+                code = box.wait()
+                for fd in (to_w, from_r):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                if code == 126:
+                    raise GraderError("the grader could not start a confined process here "
+                                      "(Landlock or namespaces refused): see docs/teaching.md")
+            try:
+                with open(os.path.join(scratch, "output.txt"), "rb") as f:
+                    f.seek(max(0, os.path.getsize(f.name) - 4000))
+                    printed = f.read().decode("utf-8", "replace")
+            except OSError:
+                printed = ""
+            return results, errors, printed, ended
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            with self.lock:
+                self.slots.append(slot)
+
+    def canary(self):
+        """Prove that a confined process starts here, loads torch and numpy, runs a module and
+        answers, before anyone is graded; report what it could reach. A copy with every unit
+        blank (no reference body) is graded on the first unit: every case must come back as an
+        error, none missing."""
+        unit = UNITS[0]
+        blank = stubbed_source(_reference_text(), set(UNIT_BY_NAME))
+        inputs, _ = unit_cases(unit, 0)
+        probe = ("\nimport os as _os, socket as _socket\n"
+                 f"for _p in ({os.path.join(HERE, SOURCE)!r}, {os.path.join(HERE, 'assign.py')!r}):\n"
+                 "    try:\n        open(_p).read(1); print('CANARY read', _p)\n    except OSError:\n        pass\n"
+                 f"try:\n    open({os.path.join(HERE, '.canary-write')!r}, 'w').close(); print('CANARY wrote the kit')\n"
+                 "except OSError:\n    pass\n"
+                 "try:\n    _s = _socket.create_connection(('127.0.0.1', 9), timeout=1); print('CANARY network')\n"
+                 "except OSError as _e:\n    print('CANARY network' if isinstance(_e, ConnectionRefusedError) else '')\n")
+        results, errors, printed, ended = self.run(unit.name, blank + probe, inputs, 120)
+        try:
+            os.remove(os.path.join(HERE, ".canary-write"))
+        except OSError:
+            pass
+        if ended != "finished" or len(errors) != len(inputs) or results:
+            raise GraderError(f"a confined process could not run the blank copy here ({ended}; "
+                              f"{len(errors)} of {len(inputs)} cases answered): {printed.strip()[-300:]}")
+        return {"reference readable": f"CANARY read {os.path.join(HERE, SOURCE)}" in printed,
+                "kit writable": "CANARY wrote the kit" in printed, "network": "CANARY network" in printed}
+
+
+def describe_protections(layers, reach):
+    on = [k for k in ("user", "landlock", "namespaces", "limits", "supervisor") if layers.get(k)]
+    names = {"user": "a separate user", "landlock": "Landlock", "namespaces": "user/PID/network namespaces",
+             "limits": "resource limits", "supervisor": "a supervisor that ends every process it starts"}
+    text = "student code ran confined by " + ", ".join(names[k] for k in on)
+    gaps = [k for k, v in reach.items() if v]
+    return text + ("; WARNING, it could still reach: " + ", ".join(gaps) if gaps else
+                   "; it could not read the reference, write to the kit, or open a connection")
+
+
+def preflight(folder, units):
+    """Everything the grader needs, checked before anyone is graded: raises GraderError."""
+    for name in KIT_FILES:
+        path = os.path.join(HERE, name)
+        if not os.access(path, os.R_OK):
+            raise GraderError(f"the kit's {path} is missing or unreadable: reinstall the kit")
+    if not sys.platform.startswith("linux"):
+        raise GraderError("grading runs student code confined by Linux features: grade on Linux "
+                          "(Gradescope's containers are)")
+    for unit in units:                                   # the reference passes its own cases
+        try:
+            unit_cases(unit, 0)
+        except Exception as e:
+            raise GraderError(f"the kit's reference fails its own cases for {unit.name} "
+                              f"({type(e).__name__}: {e}): a broken install?") from None
 
 
 def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
     """Grade the units of the copy in `folder` (those it was made with, unless named); print
-    the table; write results.json."""
-    if not os.path.isfile(os.path.join(folder, SOURCE)):
-        safety.fail(f"{folder} holds no {SOURCE}: give the folder `assign.py make` wrote")
+    the table; write results.json. Nothing is written when the grader cannot grade."""
+    import safety
+    if not os.path.isdir(folder):
+        safety.fail(f"{folder} is not a folder: give the folder `assign.py make` wrote")
     unit_names = unit_names or assigned_units(folder)
     unknown = [u for u in unit_names if u not in UNIT_BY_NAME]
     if unknown:
@@ -505,27 +773,120 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
     units = [u for u in UNITS if u.name in unit_names]
     results_path = results_path or os.path.join(folder, "results.json")
     safety.writable_file(results_path, "--results", overwrite=True)
+    jobs = max(1, jobs or min(2, os.cpu_count() or 1))
     t0 = time.time()
-    with ThreadPoolExecutor(jobs or min(4, os.cpu_count() or 1)) as pool:
-        graded = list(pool.map(lambda u: grade_unit(folder, u, timeout), units))
-    tests, lines = [], [f"{'unit':<16} {'tests passed':>12} {'points':>8}"]
+    session = None
+    try:
+        preflight(folder, units)
+        session = Session(jobs)
+        reach = session.canary()
+        protection = describe_protections(session.layers, reach)
+        try:
+            with open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace") as f:
+                student = f.read()
+        except OSError as e:
+            student = None
+            missing = f"no {SOURCE} to grade ({safety.describe(e)})"
+        seed = secrets.randbits(63)
+        graded = [None] * len(units)
+
+        def one(k):
+            unit = units[k]
+            if student is None:
+                graded[k] = (0, 1, missing)
+                return
+            inputs, expected = unit_cases(unit, seed + k)
+            try:
+                source = graded_source(student, unit.name)
+            except ValueError as e:
+                graded[k] = (0, len(inputs), f"not graded: {e}")
+                return
+            results, errors, printed, ended = session.run(unit.name, source, inputs, timeout)
+            import grading
+            lines, passed = [], 0
+            for i, want in enumerate(expected):
+                if i in results:
+                    diff = grading.compare(want, results[i])
+                elif i in errors:
+                    diff = "raised " + str(errors[i]).strip().splitlines()[-1][:300]
+                else:
+                    diff = "no answer"
+                passed += not diff
+                if diff:
+                    lines.append(f"case {i + 1}: {diff}")
+            if ended != "finished":
+                lines.append(ended)
+            if -1 in errors:
+                lines.append(str(errors[-1])[-1500:])
+            if printed.strip() and passed < len(expected):
+                lines.append("it printed:\n" + printed[-1500:])
+            graded[k] = (passed, len(expected), "\n".join(lines))
+
+        failures = []
+
+        def guarded(k):
+            try:
+                one(k)
+            except GraderError as e:
+                failures.append(str(e))
+            except Exception as e:                      # a fault of the grader, not the student
+                failures.append(f"grading {units[k].name} failed inside the grader: {type(e).__name__}: {e}")
+        todo = list(range(len(units)))
+        threads = []
+        for _ in range(min(jobs, len(todo))):
+            def loop():
+                while True:
+                    with session.lock:
+                        if not todo:
+                            return
+                        k = todo.pop(0)
+                    guarded(k)
+            threads.append(threading.Thread(target=loop, daemon=True))
+            threads[-1].start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        if failures:
+            raise GraderError(failures[0])
+    except GraderError as e:
+        safety.fail(f"{e}; no scores were written")
+    finally:
+        if session is not None:
+            session.close()
+    tests, lines = [], [f"{'unit':<16} {'cases passed':>12} {'points':>8}"]
     for unit, (passed, total, output) in zip(units, graded):
         k = UNITS.index(unit) + 1
         score = round(unit.points * passed / total, 2)
         lines.append(f"{k:>2}. {unit.name:<14} {passed:>4} of {total:<4} {score:>5g} / {unit.points}")
         tests.append({"name": f"{k}. {unit.name} ({unit.section})", "score": score, "max_score": unit.points,
-                      "output": output if passed < total else f"{total} of {total} tests passed"})
+                      "output": output if passed < total else f"{total} of {total} cases agree with the reference"})
     total_score = round(sum(t["score"] for t in tests), 2)
     max_score = sum(u.points for u in units)
     lines.append(f"{'total':<16} {'':>12} {total_score:>5g} / {max_score}")
     print("\n".join(lines))
+    print(protection)
     safety.write_json(results_path, {"score": total_score, "execution_time": round(time.time() - t0, 1),
-                                     "tests": tests})
+                                     "output": protection, "tests": tests})
     print(f"wrote {results_path}")
     return tests
 
 
+def assigned_units(folder):
+    """The units a copy was made with (its assignment.json), or all of them. (On Gradescope the
+    list comes from the bundle, never from what a student uploads: see gradescope_bundle.)"""
+    try:
+        with open(os.path.join(folder, ASSIGNED), encoding="utf-8") as f:
+            return [n for n in json.load(f)["units"] if n in UNIT_BY_NAME]
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(UNIT_BY_NAME)
+
+
 def main(argv=None):
+    if MISSING:
+        raise SystemExit(f"error: the grader cannot run: the Python package {MISSING!r} is not installed "
+                         f"for {sys.executable}; install the kit's requirements first "
+                         "(pip install -r requirements.txt); nothing was graded or written")
+    import safety
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="write a copy for students with the chosen units blanked")
@@ -545,6 +906,7 @@ def main(argv=None):
         names = [u.strip() for u in a.units.split(",") if u.strip()]
         out = make(a.out, names)
         print(f"wrote {out}/ with {len(names)} unit{'s' if len(names) != 1 else ''} blanked; see {out}/ASSIGNMENT.md")
+        print(f"wrote {bundle_path(out)}: Gradescope's autograder (it holds the reference: not for students)")
     elif a.command == "grade":
         if a.timeout < 1:
             safety.fail("--timeout must be at least 1 second")
@@ -556,4 +918,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if MISSING:
+        main()
+    import safety
     safety.run_script(main)
