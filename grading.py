@@ -266,8 +266,10 @@ def prepare(ref, unit, rng):
         cases.append({"fn": "kernel", "sigma": torch.from_numpy(rng.uniform(0.2, 3.0, 7).astype(np.float32))})
         for _ in range(2):
             lo = float(rng.uniform(0.2, 1.0))
+            p, u = float(rng.uniform(0.2, 0.8)), rng.random((6, 2))
+            u[0, 0], u[1, 0] = p / 2, (1 + p) / 2          # one example blurred, one not, at least
             cases.append({"fn": "augment", "z": _t(rng, 6, 3, 5, 5), "sigma_range": (lo, lo + float(rng.uniform(0.1, 1))),
-                          "p": float(rng.uniform(0.2, 0.8)), "u": torch.from_numpy(rng.random((6, 2)).astype(np.float32))})
+                          "p": p, "u": torch.from_numpy(u.astype(np.float32))})
     elif unit == "handover":
         for truncated in (False, True):
             T = int(rng.integers(20, 400))
