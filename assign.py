@@ -28,6 +28,8 @@ import re
 import secrets
 import select
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -107,6 +109,39 @@ UNITS = [
          ("test_unet_conditioning_inputs_matter", "test_conditioning_closed_form"), 2),
 ]
 UNIT_BY_NAME = {u.name: u for u in UNITS}
+
+# --- an assignment graded on results: train and sample a cascade stage -------------------------
+# Not a function but a result: the student trains the demo's 8->16 noise-augmented SR stage with
+# their own cdm.py; the grader retrains it from the student's flags, inside the sandbox, within a
+# CPU budget, and measures the checkpoint with the kit's own code on held-out images it chooses.
+# Thresholds from the reference solution (docs/teaching.md, "The stage assignment"): 3 training
+# seeds x 3 sampling seeds, 256 images each, gave 29.75-30.06 dB, 99.6-100% and FID 0.43-0.79;
+# a quarter of the training steps gave 24.9 dB and FID 4.4-7.2.
+STAGE = "stage"
+STAGE_POINTS = 5
+STAGE_CPU_SECONDS = 300          # the reference trains in 128-135 CPU seconds (2 threads)
+STAGE_THRESHOLDS = {"consistency_db": 28.0, "accuracy": 0.95, "fid": 3.0}
+STAGE_SAMPLES = 256
+STAGE_FIGURES = ("figures/s_sweep.png", "figures/samplers.png")
+STAGE_FLAGS_FILE = "stage_flags.txt"
+# train_sr.py's flags a student may set (the rest is fixed by the grader: the preset, data, output,
+# device, seed); each is one the assignment is about: the model, its training and its sampling.
+STAGE_ALLOWED = {"--aug_schedule", "--aug_T", "--s_max", "--sample_s", "--ch", "--mult", "--res_blocks", "--attn",
+                 "--heads", "--dropout", "--skip_rescale", "--no_skip_rescale", "--schedule", "--T", "--variance",
+                 "--prediction", "--sampler", "--sample_steps", "--steps", "--batch_size", "--micro_batch", "--lr",
+                 "--warmup", "--lr_decay", "--grad_clip", "--ema", "--ema_warmup", "--no_ema_warmup"}
+STAGE_TASK = f"""Train the cascade's 8->16 super-resolution stage with Gaussian noise conditioning
+augmentation (CDM §3), using your own `cdm.py`, and sample it. Put the flags you choose for
+`train_sr.py` (the model, its training, its sampler; see `python train_sr.py --help`) on one line
+in `{STAGE_FLAGS_FILE}` (empty: the demo's defaults). The grader trains the stage again from those
+flags with your `cdm.py`, within {STAGE_CPU_SECONDS} CPU seconds, and scores the checkpoint on
+{STAGE_SAMPLES} held-out 8x8 images: low-res consistency >= {STAGE_THRESHOLDS['consistency_db']:g} dB,
+class accuracy >= {STAGE_THRESHOLDS['accuracy']:.0%} and FID <= {STAGE_THRESHOLDS['fid']:g} on the kit's
+classifier (one point each, one more for training within the budget). Add two figures, half a
+point each: `{STAGE_FIGURES[0]}` (low-res consistency or FID against the augmentation time s you
+sample at, `sample.py --low_res ... --s_sweep`) and `{STAGE_FIGURES[1]}` (the samplers compared at
+a few step counts). Check yourself: `python train_sr.py $(cat {STAGE_FLAGS_FILE})` trains it in about
+a minute and a half on 2 cores."""
 
 
 # --- wrong answers students write: each must fail its unit's tests (test_cdm.py proves it) -------
@@ -357,9 +392,9 @@ NOT_COPIED = {"assign.py", ".git", ".venv", "runs", "samples", "data", "__pycach
 def make(out, unit_names):
     """Write the students' copy to `out` (a new folder, built beside it and renamed into place)."""
     import safety
-    unknown = [u for u in unit_names if u not in UNIT_BY_NAME]
+    unknown = [u for u in unit_names if u not in UNIT_BY_NAME and u != STAGE]
     if unknown:
-        safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}")
+        safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}, {STAGE}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         safety.fail(f"--out {out} exists and is not empty: choose a new folder")
     if os.path.exists(bundle_path(out)):
@@ -379,7 +414,7 @@ def make(out, unit_names):
         with open(os.path.join(tmp, "ASSIGNMENT.md"), "w", encoding="utf-8") as f:
             f.write(assignment_md(unit_names))
         with open(os.path.join(tmp, ASSIGNED), "w", encoding="utf-8") as f:   # what grade grades
-            json.dump({"units": [u.name for u in UNITS if u.name in unit_names]}, f, indent=1)
+            json.dump({"units": [n for n in list(UNIT_BY_NAME) + [STAGE] if n in unit_names]}, f, indent=1)
         leaked = leaks(tmp, reference, unit_names)
         if leaked:
             raise RuntimeError(f"the copy would contain reference lines: {leaked[:3]}")
@@ -399,8 +434,9 @@ def make(out, unit_names):
 # --- Gradescope ------------------------------------------------------------------------------------
 # The packages grading needs, pinned to the versions the kit is tested with (requirements.txt
 # pins torch; numpy is the version this kit was last measured with).
-GRADER_PACKAGES = ("torch==2.13.0", "numpy==2.4.6")
-BUNDLE_FILES = ("assign.py", "grading.py", "sandbox.py", "safety.py", SOURCE)
+GRADER_PACKAGES = ("torch==2.13.0", "numpy==2.4.6", "pillow==13.0.0")
+BUNDLE_FILES = ("assign.py", "grading.py", "sandbox.py", "safety.py", SOURCE, "train_sr.py", "trainer.py", "data.py",
+                "evaluate.py", "sample.py")
 
 SETUP_SH = """#!/usr/bin/env bash
 # Gradescope runs this once, as root, when it builds the autograder's image.
@@ -437,7 +473,7 @@ def gradescope_bundle(path, unit_names):
     import safety
     if os.path.exists(path):
         safety.fail(f"{path} exists: move it away, or choose another --out")
-    units = ",".join(u.name for u in UNITS if u.name in unit_names)
+    units = ",".join(n for n in list(UNIT_BY_NAME) + [STAGE] if n in unit_names)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
@@ -482,13 +518,18 @@ def assignment_md(unit_names):
                     f"*{unit.section}.* Implement {where} in `cdm.py`: {unit.task}. The docstrings give "
                     f"the formulas; each stub raises `NotImplementedError` until you replace it.\n\n"
                     f"Check it:\n\n```bash\n{check_command(unit)}\n```\n")
+    if STAGE in unit_names:
+        rows.append(f"## Exercise {len(UNITS) + 1}: {STAGE} ({STAGE_POINTS} points)\n\n*CDM §3; the whole "
+                    f"pipeline.* {STAGE_TASK}\n")
     return ("# Assignment: Cascaded Diffusion Models, unit by unit\n\n"
             "Each exercise below is one piece of the paper in `cdm.py`, in the order the paper builds "
             "them: later exercises call earlier ones, so a later test can fail because of an earlier "
-            "unit. The grader does not work that way: it grades each exercise with the reference "
-            "version of all the others, so a mistake costs only the exercise it is in. The tests "
-            "named under each exercise are exactly the ones it is graded with. Set up as the "
-            "README says, then work through them in order.\n\n" + "\n".join(rows))
+            "unit. The grader does not work that way: where one exercise's function calls another's, "
+            "the grader answers that call with its own reference, so a mistake costs only the exercise "
+            "it is in. The tests named under each exercise check your work here; the grader checks the "
+            "same functions on fresh inputs it draws when it grades, so passing the tests is what to "
+            "aim for, not a guarantee. Hand in `cdm.py` (and, for the stage, its flags file and "
+            "figures). Set up as the README says, then work through them in order.\n\n" + "\n".join(rows))
 
 
 # --- grade ----------------------------------------------------------------------------------------
@@ -708,6 +749,43 @@ class Session:
             with self.lock:
                 self.slots.append(slot)
 
+    def command(self, name, files, argv, timeout, cpu_seconds, threads=1, collect=None):
+        """Run a command (argv, in a scratch folder holding `files`: {name: text}) confined like a
+        unit, for at most `timeout` seconds and `cpu_seconds` of CPU. collect(scratch) picks what
+        the grader keeps before the folder goes. Returns (exit status, what it printed, how it
+        ended)."""
+        import sandbox
+        with self.lock:
+            slot = self.slots.pop()
+        scratch = tempfile.mkdtemp(dir=self.root, prefix=f"{name}-")
+        try:
+            for rel, text in files.items():
+                with open(os.path.join(scratch, rel), "w", encoding="utf-8") as f:
+                    f.write(text)
+            box = sandbox.Sandbox(scratch, argv, slot=slot, hidden=[HERE], layers=self.layers, cleanup=self.root,
+                                  cpu_seconds=cpu_seconds, threads=threads)
+            box.start()
+            try:
+                code, ended = box.proc.wait(timeout), "finished"
+            except subprocess.TimeoutExpired:
+                code, ended = None, f"timed out after {timeout} s"
+            finally:
+                box.stop()
+                box.wait()
+            try:
+                with open(os.path.join(scratch, "output.txt"), "rb") as f:
+                    f.seek(max(0, os.path.getsize(f.name) - 4000))
+                    printed = f.read().decode("utf-8", "replace")
+            except OSError:
+                printed = ""
+            if collect is not None:
+                collect(scratch)
+            return code, printed, ended
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            with self.lock:
+                self.slots.append(slot)
+
     def canary(self):
         """Prove that a confined process starts here, loads torch and numpy, runs a module and
         answers, before anyone is graded; report what it could reach. A copy with every unit
@@ -735,6 +813,198 @@ class Session:
                 "kit writable": "CANARY wrote the kit" in printed, "network": "CANARY network" in printed}
 
 
+def check_stage_flags(text):
+    """The student's flags for train_sr.py, from their flags file: (flags, "") when every one is
+    a flag the stage assignment lets them set and train_sr.py accepts them, else (None, why)."""
+    import contextlib
+    import io
+    import shlex
+    import train_sr
+    try:
+        flags = shlex.split(text, comments=True)
+    except ValueError as e:
+        return None, f"{STAGE_FLAGS_FILE} cannot be read as flags ({e})"
+    named = []
+    for token in flags:
+        if token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                named.append(token.split("=")[0])
+    refused = [n for n in named if n not in STAGE_ALLOWED]
+    if refused:
+        return None, (f"{STAGE_FLAGS_FILE}: {', '.join(refused)} may not be set here (the grader fixes the preset, "
+                      f"data, output, device and seed); allowed: {', '.join(sorted(STAGE_ALLOWED))}")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = train_sr.parse_args(flags + ["--preset", "demo16", "--out", "run", "--device", "cpu"])
+    except SystemExit:
+        return None, f"{STAGE_FLAGS_FILE}: train_sr.py refuses them: {err.getvalue().strip().splitlines()[-1][:300]}"
+    if args.sample_steps > 100 or args.T > 4000:
+        return None, f"{STAGE_FLAGS_FILE}: at most 100 sampling steps and T = 4000, for grading to finish"
+    return flags, ""
+
+
+def load_stage_checkpoint(path):
+    """The stage a student's run wrote, loaded by the kit's own code (weights only: no pickle)
+    after its configuration is checked to be the assignment's stage, of a size the grader can
+    sample: (stage, "") or (None, why)."""
+    import inspect
+    import cdm
+    if os.path.getsize(path) > 200 << 20:
+        return None, "its checkpoint is larger than 200 MB"
+    try:
+        ckpt = cdm.load_checkpoint(path)
+        cfg = ckpt["config"]
+        m, aug = cfg["model"], cfg["augment"]
+        known = set(inspect.signature(cdm.UNet.__init__).parameters) - {"self"}
+        checks = [(isinstance(m, dict) and set(m) <= known, "its model config has unknown entries"),
+                  (m.get("resolution") == 16 and m.get("low_res") == 8, "it is not an 8->16 stage"),
+                  (int(m.get("model_channels", 0)) <= 256 and int(m.get("num_res_blocks", 0)) <= 6
+                   and len(m.get("channel_mult", ())) <= 4, "its network is larger than the grader samples"),
+                  (isinstance(aug, dict) and aug.get("type") == "noise", "it was not trained with noise augmentation"),
+                  (int(cfg["diffusion"]["T"]) <= 4000 and int(cfg["sample_steps"]) <= 100
+                   and cfg.get("sampler", "ancestral") in cdm.SAMPLERS, "its diffusion or sampler settings are out of range")]
+        for ok, why in checks:
+            if not ok:
+                return None, why
+        return cdm.load_stage(path), ""
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        return None, f"its checkpoint cannot be used: {str(e)[:300]}"
+
+
+def score_stage(stage, seed, n=STAGE_SAMPLES, classifier_cache=None):
+    """The stage's quality on n held-out real images (the shapes test split) that the grader
+    picks: their 8x8 copies super-resolved by the stage with its own sampler, steps and s, through
+    the kit's own sampling code (sample.py --low_res's path) -> low-res consistency (dB), class
+    accuracy and FID on the kit's classifier, against the n real 16x16 images."""
+    import cdm
+    import data
+    import evaluate
+    import sample
+    test = data.load_dataset("shapes", 16, "test", seed=0)
+    pick = torch.from_numpy(np.random.default_rng(seed).choice(len(test.y), n, replace=False))
+    real, labels = test.x[pick].contiguous(), test.y[pick].clone()
+    given = data.to_uint8(cdm.downsample(data.to_float(real), 8))
+    outs = []
+    for j, start in enumerate(range(0, n, 64)):
+        chunk = slice(start, start + 64)
+        xs = cdm.sample_cascade([stage], labels[chunk], steps=[stage.config["sample_steps"]],
+                                sampler=[stage.config.get("sampler", "ancestral")], s=[stage.sample_s],
+                                truncated=False, eta=0.0, generator=sample.chunk_generator(seed, j, torch.device("cpu")),
+                                progress=False, guidance=[0.0], low_res=data.to_float(given[chunk]))
+        outs.append(data.to_uint8(xs[-1].float()))
+    out = torch.cat(outs)
+    if not torch.isfinite(out.float()).all():
+        raise ValueError("the stage's samples are not finite")
+    cache = classifier_cache or os.path.join(tempfile.mkdtemp(prefix="cdm-grade-classifier-"), "classifier.pt")
+    clf = evaluate.get_classifier("shapes", 16, cache, test.num_classes, seed=0)
+    f_out, _ = evaluate.embed_and_probs(clf, out)
+    f_real, _ = evaluate.embed_and_probs(clf, real)
+    return {"consistency_db": sample.consistency([given, out])[0],
+            "accuracy": (evaluate.predict(clf, out) == labels).float().mean().item(),
+            "fid": evaluate.fid(f_out, f_real)}
+
+
+def figure_readable(path):
+    """'' when `path` is a PNG a person can read (decodes, at least 200 x 150 pixels, not one
+    flat colour), else what is wrong with it."""
+    import warnings
+    from PIL import Image
+    if not os.path.isfile(path):
+        return "missing"
+    if os.path.getsize(path) > 20 << 20:
+        return "larger than 20 MB"
+    Image.MAX_IMAGE_PIXELS = 50_000_000
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with Image.open(path) as img:
+                if img.format != "PNG":
+                    return f"a {img.format} file, not a PNG"
+                img.load()
+                w, h = img.size
+                gray = np.asarray(img.convert("L"), dtype=np.float64)
+    except Exception as e:
+        return f"cannot be read as an image ({type(e).__name__})"
+    if w < 200 or h < 150:
+        return f"only {w} x {h} pixels"
+    if gray.std() < 2:
+        return "a single flat colour"
+    return ""
+
+
+STAGE_FILES = ("train_sr.py", "trainer.py", "data.py", "safety.py")
+
+
+def grade_stage(folder, session, seed, samples=STAGE_SAMPLES, cpu_seconds=STAGE_CPU_SECONDS, classifier_cache=None):
+    """The stage assignment: (points, out of, what was measured). Its flags file is checked, the
+    stage trained in the sandbox from those flags with the student's cdm.py (the kit's own
+    training scripts), its checkpoint scored by the kit's code here; the figures looked at."""
+    points, lines = 0.0, []
+    for fig in STAGE_FIGURES:
+        why = figure_readable(os.path.join(folder, fig))
+        points += 0.5 * (not why)
+        lines.append(f"{fig}: {why or 'present and readable'} ({0.5 * (not why):g} of 0.5)")
+    try:
+        with open(os.path.join(folder, STAGE_FLAGS_FILE), encoding="utf-8") as f:
+            text = f.read(4000)
+    except OSError:
+        text = ""
+        lines.append(f"no {STAGE_FLAGS_FILE}: the demo's defaults")
+    except UnicodeDecodeError:
+        return points, STAGE_POINTS, "\n".join(lines + [f"{STAGE_FLAGS_FILE} is not text"])
+    flags, why = check_stage_flags(text)
+    if flags is None:
+        return points, STAGE_POINTS, "\n".join(lines + [why])
+    try:
+        with open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace") as f:
+            student = f.read()
+    except OSError:
+        return points, STAGE_POINTS, "\n".join(lines + [f"no {SOURCE} to train with"])
+    files = {SOURCE: student}
+    for name in STAGE_FILES:
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            files[name] = f.read()
+    argv = ["--preset", "demo16", *flags, "--out", "run", "--device", "cpu", "--no_progress", "--seed", str(seed % 2 ** 31)]
+    launcher = ("import sys, runpy; sys.path.insert(0, '.'); sys.argv = ['train_sr.py'] + " + repr(argv)
+                + "; runpy.run_path('train_sr.py', run_name='__main__')")
+    kept = tempfile.mkdtemp(prefix="cdm-grade-stage-")
+    try:
+        def collect(scratch):
+            src = os.path.join(scratch, "run", "ckpt.pt")
+            if os.path.isfile(src) and not os.path.islink(src) and os.path.getsize(src) <= 200 << 20:
+                shutil.copyfile(src, os.path.join(kept, "ckpt.pt"))
+        t0 = time.time()
+        code, printed, ended = session.command(STAGE, files, [sys.executable, "-I", "-B", "-c", launcher],
+                                               timeout=cpu_seconds + 120, cpu_seconds=cpu_seconds, threads=2,
+                                               collect=collect)
+        if code != 0 or not os.path.isfile(os.path.join(kept, "ckpt.pt")):
+            why = ended if ended != "finished" else (
+                f"it used up its {cpu_seconds} CPU seconds" if code in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU,
+                                                                           128 + signal.SIGKILL) else f"training exited with status {code}")
+            return points, STAGE_POINTS, "\n".join(lines + [f"the stage did not train: {why}", printed[-1500:]])
+        stage, why = load_stage_checkpoint(os.path.join(kept, "ckpt.pt"))
+        if stage is None:
+            return points, STAGE_POINTS, "\n".join(lines + [f"the stage trained but {why}"])
+        points += 1
+        lines.append(f"trained within the budget of {cpu_seconds} CPU seconds ({time.time() - t0:.0f} s): 1 of 1")
+        try:
+            got = score_stage(stage, seed, samples, classifier_cache)
+        except (ValueError, RuntimeError) as e:
+            return points, STAGE_POINTS, "\n".join(lines + [f"its samples could not be scored: {e}"])
+        for key, what, better in (("consistency_db", "low-res consistency (dB)", "ge"), ("accuracy", "class accuracy", "ge"),
+                                  ("fid", "FID on the kit's classifier", "le")):
+            want = STAGE_THRESHOLDS[key]
+            ok = got[key] >= want if better == "ge" else got[key] <= want
+            points += ok
+            lines.append(f"{what}: {got[key]:.3g} ({'>=' if better == 'ge' else '<='} {want:g} needed): {int(ok)} of 1")
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+    return points, STAGE_POINTS, "\n".join(lines)
+
+
 def describe_protections(layers, reach):
     on = [k for k in ("user", "landlock", "namespaces", "limits", "supervisor") if layers.get(k)]
     names = {"user": "a separate user", "landlock": "Landlock", "namespaces": "user/PID/network namespaces",
@@ -745,9 +1015,9 @@ def describe_protections(layers, reach):
                    "; it could not read the reference, write to the kit, or open a connection")
 
 
-def preflight(folder, units):
+def preflight(folder, units, stage=False):
     """Everything the grader needs, checked before anyone is graded: raises GraderError."""
-    for name in KIT_FILES:
+    for name in KIT_FILES + ((*STAGE_FILES, "evaluate.py", "sample.py") if stage else ()):
         path = os.path.join(HERE, name)
         if not os.access(path, os.R_OK):
             raise GraderError(f"the kit's {path} is missing or unreadable: reinstall the kit")
@@ -769,9 +1039,9 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
     if not os.path.isdir(folder):
         safety.fail(f"{folder} is not a folder: give the folder `assign.py make` wrote")
     unit_names = unit_names or assigned_units(folder)
-    unknown = [u for u in unit_names if u not in UNIT_BY_NAME]
+    unknown = [u for u in unit_names if u not in UNIT_BY_NAME and u != STAGE]
     if unknown:
-        safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}")
+        safety.fail(f"--units: no unit {', '.join(unknown)}; the units are {', '.join(UNIT_BY_NAME)}, {STAGE}")
     units = [u for u in UNITS if u.name in unit_names]
     results_path = results_path or os.path.join(folder, "results.json")
     safety.writable_file(results_path, "--results", overwrite=True)
@@ -780,7 +1050,7 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
     t0 = time.time()
     session = None
     try:
-        preflight(folder, units)
+        preflight(folder, units, STAGE in unit_names)
         session = Session(jobs)
         reach = session.canary()
         protection = describe_protections(session.layers, reach)
@@ -851,6 +1121,8 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
                 t.join(0.2)
         if failures:
             raise GraderError(failures[0])
+        if STAGE in unit_names:                         # alone: its CPU time is the student's
+            stage = grade_stage(folder, session, seed)
     except GraderError as e:
         safety.fail(f"{e}; no scores were written")
     finally:
@@ -863,8 +1135,13 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
         lines.append(f"{k:>2}. {unit.name:<14} {passed:>4} of {total:<4} {score:>5g} / {unit.points}")
         tests.append({"name": f"{k}. {unit.name} ({unit.section})", "score": score, "max_score": unit.points,
                       "output": output if passed < total else f"{total} of {total} cases agree with the reference"})
+    if STAGE in unit_names:
+        passed, total, output = stage
+        lines.append(f"{len(UNITS) + 1:>2}. {STAGE:<14} {'':>12} {passed:>5g} / {total}")
+        tests.append({"name": f"{len(UNITS) + 1}. {STAGE} (train and sample the 8->16 stage)", "score": passed,
+                      "max_score": total, "output": output})
     total_score = round(sum(t["score"] for t in tests), 2)
-    max_score = sum(u.points for u in units)
+    max_score = sum(t["max_score"] for t in tests)
     lines.append(f"{'total':<16} {'':>12} {total_score:>5g} / {max_score}")
     print("\n".join(lines))
     print(protection)
@@ -879,7 +1156,7 @@ def assigned_units(folder):
     list comes from the bundle, never from what a student uploads: see gradescope_bundle.)"""
     try:
         with open(os.path.join(folder, ASSIGNED), encoding="utf-8") as f:
-            return [n for n in json.load(f)["units"] if n in UNIT_BY_NAME]
+            return [n for n in json.load(f)["units"] if n in UNIT_BY_NAME or n == STAGE]
     except (OSError, ValueError, KeyError, TypeError):
         return list(UNIT_BY_NAME)
 

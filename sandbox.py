@@ -353,12 +353,13 @@ class Sandbox:
 
     def __init__(self, scratch, argv, *, slot=0, pass_fds=(), cpu_seconds=300, memory_bytes=6 << 30,
                  file_bytes=256 << 20, processes=64, hidden=(), layers=None, cleanup=None,
-                 output="output.txt"):
+                 output="output.txt", threads=1):
         layers = protections() if layers is None else layers
         self.uid = BASE_UID + slot if layers["user"] else None
         self.cfg = {"scratch": scratch, "argv": list(argv), "uid": self.uid, "pass_fds": list(pass_fds),
                     "namespaces": bool(layers["namespaces"]), "landlock": bool(layers["landlock"]),
                     "read_paths": python_paths(hidden), "output": output, "cleanup": cleanup or scratch,
+                    "threads": int(threads),
                     "limits": {"cpu_seconds": int(cpu_seconds), "memory_bytes": int(memory_bytes),
                                "file_bytes": int(file_bytes), "processes": int(processes)}}
         self.proc = None
