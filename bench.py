@@ -321,8 +321,18 @@ def run_row(row):
 
 
 def matmul_ceiling(device, dtype):
-    """FLOP/s of one large matmul: what the hardware reaches on the friendliest possible work."""
-    n = 8192 if device.type == "cuda" else 2048
+    """FLOP/s of one large matmul: what the hardware reaches on the friendliest possible work.
+    On a CPU the size grows from 256 to 2048 only while one product takes under 0.05 s: without
+    native support for the dtype (bf16 on a CPU without AVX-512) one 2048 product takes ~20 s,
+    and the 20 of them took a --tune run past 15 minutes."""
+    n = 8192 if device.type == "cuda" else 256
+    while device.type != "cuda" and n < 2048:
+        a = torch.randn(n, n, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ a
+        if time.perf_counter() - t0 > 0.05:
+            break
+        n *= 2
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / min(timed(lambda: a @ b, device, 1, 3) for _ in range(5)) / 1e9
 
