@@ -839,8 +839,9 @@ def check_stage_flags(text):
     try:
         with contextlib.redirect_stderr(err):
             args = train_sr.parse_args(flags + ["--preset", "demo16", "--out", "run", "--device", "cpu"])
-    except SystemExit:
-        return None, f"{STAGE_FLAGS_FILE}: train_sr.py refuses them: {err.getvalue().strip().splitlines()[-1][:300]}"
+    except SystemExit as e:
+        said = (err.getvalue().strip() or str(e.code or "")).splitlines() or ["invalid flags"]
+        return None, f"{STAGE_FLAGS_FILE}: train_sr.py refuses them: {said[-1].removeprefix('error: ')[:300]}"
     if args.sample_steps > 100 or args.T > 4000:
         return None, f"{STAGE_FLAGS_FILE}: at most 100 sampling steps and T = 4000, for grading to finish"
     return flags, ""

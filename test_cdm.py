@@ -3205,7 +3205,7 @@ def test_make_then_grade_a_students_copy_end_to_end(tmp_path):
     (copy / "cdm.py").write_text(student)
     code = ("import sys; sys.modules['pytest'] = None; sys.argv[0] = 'assign.py'; "
             f"sys.path.insert(0, {HERE!r}); import assign, safety; "
-            f"safety.run_script(lambda: assign.main(['grade', {str(copy)!r}, '--timeout', '15']))")
+            f"safety.run_script(lambda: assign.main(['grade', {str(copy)!r}, '--timeout', '8']))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     got = graded_scores(copy / "results.json")
@@ -3271,6 +3271,10 @@ def posterior_coefficients(betas):
     _os.kill(_os.getpid(), _signal.SIGKILL)                              # kills its own process
 
 
+def gaussian_kernel3(sigma):
+    return _np.ones(2 ** 30)                                             # 8 GB: past its memory limit
+
+
 def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, u=None):
     try:
         print("LEAK", open(REFERENCE).read(200))                         # reads the reference
@@ -3334,7 +3338,7 @@ def test_cheats_score_zero_and_leave_nothing_behind(tmp_path):
     for name in ("schedules", "q_sample", "posterior", "blur"):
         assert got[name]["score"] == 0, (name, got[name]["output"])
     assert got["handover"]["score"] == 1, got["handover"]["output"]
-    assert "timed out" not in json.dumps(got)
+    assert "timed out" not in json.dumps(got) and "MemoryError" in got["blur"]["output"]
     time.sleep(0.5)
     assert _processes_with(token) == [] and _processes_with(str(scratch_tmp)) == []
     assert list(scratch_tmp.iterdir()) == []
@@ -3448,6 +3452,69 @@ def test_the_gradescope_bundle_grades_right_wrong_and_cheating_submissions(tmp_p
         assert sum(t["max_score"] for t in results["tests"]) == 2, name
         assert results["score"] == want, (name, results)
         assert (root / "source").stat().st_mode & 0o077 == 0
+
+
+def _png(path, w=300, h=200, flat=False, fmt="PNG"):
+    rng = np.random.default_rng(0)
+    pixels = np.full((h, w, 3), 128, np.uint8) if flat else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+def test_the_stage_assignments_flags_and_figures_are_checked(tmp_path):
+    """The flags a student may give train_sr.py are the model's, training's and sampling's only,
+    each refused in one line otherwise; a figure counts only as a readable PNG of some size."""
+    kit = pytest.importorskip("assign")
+    assert kit.check_stage_flags("") == ([], "")
+    assert kit.check_stage_flags("--steps 10 --lr 1e-3  # comments are fine\n") == (["--steps", "10", "--lr", "1e-3"], "")
+    for text, says in (("--out /etc", "--out may not be set"), ("--ou x", "--ou may not be set"),
+                       ("-h", "-h may not be set"), ("--data cifar10 --steps 5", "--data may not be set"),
+                       ("--seed 3", "--seed may not be set"), ("--steps -5", "train_sr.py refuses them"),
+                       ("--steps ten", "train_sr.py refuses them"), ("--sample_steps 1000", "at most 100 sampling steps"),
+                       ("--steps 'ten", "cannot be read as flags")):
+        flags, why = kit.check_stage_flags(text)
+        assert flags is None and says in why and "\n" not in why, (text, why)
+    _png(tmp_path / "ok.png")
+    _png(tmp_path / "small.png", 50, 50)
+    _png(tmp_path / "flat.png", flat=True)
+    _png(tmp_path / "photo.png", fmt="JPEG")
+    (tmp_path / "junk.png").write_bytes(os.urandom(2000))
+    assert kit.figure_readable(str(tmp_path / "ok.png")) == ""
+    for name, says in (("missing.png", "missing"), ("small.png", "only 50 x 50"), ("flat.png", "flat colour"),
+                       ("photo.png", "JPEG"), ("junk.png", "cannot be read")):
+        assert says in kit.figure_readable(str(tmp_path / name)), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grader confines student code with Linux features")
+def test_the_stage_assignment_is_trained_confined_and_scored(tmp_path, monkeypatch):
+    """The stage is trained in the sandbox from the student's flags with their cdm.py and scored
+    by the kit: a short run gets its point for training and its figures, and fails the quality
+    thresholds it does not meet; a run over its CPU budget and a cdm.py that cannot train get
+    nothing but their figures. (The reference's full run, 5 of 5, is measured in docs/teaching.md.)"""
+    kit = pytest.importorskip("assign")
+    folder = tmp_path / "hw"
+    _png(folder / "figures" / "s_sweep.png")
+    _png(folder / "figures" / "samplers.png")
+    (folder / "cdm.py").write_text(reference_source())
+    (folder / "stage_flags.txt").write_text("--steps 3 --batch_size 4 --sample_steps 2\n")
+    import evaluate                     # scoring runs here: an untrained classifier saves its training
+    monkeypatch.setattr(evaluate, "get_classifier", lambda source, res, cache, n, seed=0: evaluate.Classifier(n).eval())
+    session = kit.Session(1)
+    cache = tmp_path / "classifier.pt"
+    try:
+        points, total, out = kit.grade_stage(str(folder), session, seed=5, samples=16, classifier_cache=str(cache))
+        assert total == kit.STAGE_POINTS and "trained within the budget" in out, out
+        assert "low-res consistency (dB)" in out and "(>= 28 needed): 0 of 1" in out, out
+        assert 2 <= points < total
+        points, _, out = kit.grade_stage(str(folder), session, seed=5, samples=16, cpu_seconds=1,
+                                         classifier_cache=str(cache))
+        assert points == 1 and "did not train" in out, out
+        (folder / "cdm.py").write_text(kit.stubbed_source(reference_source(), {"q_sample"}))
+        points, _, out = kit.grade_stage(str(folder), session, seed=5, samples=16, classifier_cache=str(cache))
+        assert points == 1 and "training exited with status 1" in out and "exercise 2 (q_sample)" in out, out
+    finally:
+        session.close()
+    assert not os.path.exists(session.root)
 
 
 # ---- the notebook ----
