@@ -455,16 +455,19 @@ def oracle_stub(name, ask):
 
 def install(cdm, names, make):
     """Put make(name) in place of each qualified name's function in the module `cdm`, and in the
-    module's tables of functions (make_betas looks schedules up in SCHEDULES)."""
+    module's tables of functions (make_betas looks schedules up in SCHEDULES), wherever a function
+    of that name stands (a file may define one twice: the table holds the first)."""
     for name in names:
         owner, _, leaf = name.rpartition(".")
         holder = getattr(cdm, owner) if owner else cdm
-        old, new = getattr(holder, leaf, None), make(name)
+        new = make(name)
         setattr(holder, leaf, new)
-        for table in list(vars(cdm).values()):
-            if isinstance(table, dict) and old is not None:
+        if owner:
+            continue
+        for global_name, table in list(vars(cdm).items()):
+            if isinstance(table, dict) and not global_name.startswith("__"):
                 for key, value in list(table.items()):
-                    if value is old:
+                    if callable(value) and getattr(value, "__name__", None) == leaf and value is not new:
                         table[key] = new
 
 
