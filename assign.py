@@ -1053,8 +1053,14 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
     try:
         preflight(folder, units, STAGE in unit_names)
         session = Session(jobs)
+        if os.geteuid() == 0 and not (session.layers["user"] or session.layers["landlock"]):
+            raise GraderError("grading as root here would run student code as root: this machine has no "
+                              "Landlock, and Python is not readable by others for a separate user; grade as an "
+                              "ordinary user, or install Python where others can read it (docs/teaching.md)")
         reach = session.canary()
         protection = describe_protections(session.layers, reach)
+        if any(reach.values()):
+            print(f"warning: {protection}", file=sys.stderr)
         try:
             with open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace") as f:
                 student = f.read()

@@ -3205,7 +3205,7 @@ def test_make_then_grade_a_students_copy_end_to_end(tmp_path):
     (copy / "cdm.py").write_text(student)
     code = ("import sys; sys.modules['pytest'] = None; sys.argv[0] = 'assign.py'; "
             f"sys.path.insert(0, {HERE!r}); import assign, safety; "
-            f"safety.run_script(lambda: assign.main(['grade', {str(copy)!r}, '--timeout', '8']))")
+            f"safety.run_script(lambda: assign.main(['grade', {str(copy)!r}, '--timeout', '6']))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     got = graded_scores(copy / "results.json")
@@ -3423,7 +3423,7 @@ def test_the_gradescope_bundle_grades_right_wrong_and_cheating_submissions(tmp_p
     import zipfile
     kit = pytest.importorskip("assign")
     ref = reference_source()
-    assert kit_run("make", "--units", "schedules,posterior", "--out", tmp_path / "hw", timeout=120).returncode == 0
+    assert kit_run("make", "--units", "posterior", "--out", tmp_path / "hw", timeout=120).returncode == 0
     with zipfile.ZipFile(tmp_path / "hw-autograder.zip") as z:
         names = set(z.namelist())
         assert {"setup.sh", "run_autograder"} | {f"source/{n}" for n in kit.BUNDLE_FILES} <= names
@@ -3431,8 +3431,8 @@ def test_the_gradescope_bundle_grades_right_wrong_and_cheating_submissions(tmp_p
         assert "torch==2.13.0" in setup and "numpy==" in setup and "pytest" not in setup
     wrong, function, old, new = kit.WRONG_ANSWERS["posterior"][1]
     submissions = {
-        "right": (ref, 2),
-        "wrong": (kit.mutated_source(ref, function, old, new), 1),
+        "right": (ref, 1),
+        "wrong": (kit.mutated_source(ref, function, old, new), 0),
         "cheating": ((tmp_path / "hw" / "cdm.py").read_text() + CHEATS.replace("VICTIM", "'/nonexistent'")
                      .replace("REFERENCE", "'/nonexistent'").replace("TOKEN", "'1'"), 0),
     }
@@ -3444,12 +3444,12 @@ def test_the_gradescope_bundle_grades_right_wrong_and_cheating_submissions(tmp_p
             (root / script).chmod(0o755)
         (root / "submission").mkdir()
         (root / "submission" / "cdm.py").write_text(source)
-        (root / "submission" / "assignment.json").write_text('{"units": ["schedules"]}')
+        (root / "submission" / "assignment.json").write_text('{"units": ["schedules", "blur"]}')
         p = subprocess.run([str(root / "run_autograder")], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": sys.executable})
         assert p.returncode == 0, p.stdout + p.stderr
         results = json.loads((root / "results" / "results.json").read_text())
-        assert sum(t["max_score"] for t in results["tests"]) == 2, name
+        assert [t["name"].split(" ")[1] for t in results["tests"]] == ["posterior"], name
         assert results["score"] == want, (name, results)
         assert (root / "source").stat().st_mode & 0o077 == 0
 
