@@ -520,7 +520,7 @@ def assignment_md(unit_names):
                     f"Check it:\n\n```bash\n{check_command(unit)}\n```\n")
     if STAGE in unit_names:
         rows.append(f"## Exercise {len(UNITS) + 1}: {STAGE} ({STAGE_POINTS} points)\n\n*CDM §3; the whole "
-                    f"pipeline.* {STAGE_TASK}\n")
+                    f"pipeline.* {' '.join(STAGE_TASK.split())}\n")
     return ("# Assignment: Cascaded Diffusion Models, unit by unit\n\n"
             "Each exercise below is one piece of the paper in `cdm.py`, in the order the paper builds "
             "them: later exercises call earlier ones, so a later test can fail because of an earlier "
@@ -875,7 +875,7 @@ def load_stage_checkpoint(path):
         return None, f"its checkpoint cannot be used: {str(e)[:300]}"
 
 
-def score_stage(stage, seed, n=STAGE_SAMPLES, classifier_cache=None):
+def score_stage(stage, seed, classifier_cache, n=STAGE_SAMPLES):
     """The stage's quality on n held-out real images (the shapes test split) that the grader
     picks: their 8x8 copies super-resolved by the stage with its own sampler, steps and s, through
     the kit's own sampling code (sample.py --low_res's path) -> low-res consistency (dB), class
@@ -899,8 +899,7 @@ def score_stage(stage, seed, n=STAGE_SAMPLES, classifier_cache=None):
     out = torch.cat(outs)
     if not torch.isfinite(out.float()).all():
         raise ValueError("the stage's samples are not finite")
-    cache = classifier_cache or os.path.join(tempfile.mkdtemp(prefix="cdm-grade-classifier-"), "classifier.pt")
-    clf = evaluate.get_classifier("shapes", 16, cache, test.num_classes, seed=0)
+    clf = evaluate.get_classifier("shapes", 16, classifier_cache, test.num_classes, seed=0)
     f_out, _ = evaluate.embed_and_probs(clf, out)
     f_real, _ = evaluate.embed_and_probs(clf, real)
     return {"consistency_db": sample.consistency([given, out])[0],
@@ -992,7 +991,7 @@ def grade_stage(folder, session, seed, samples=STAGE_SAMPLES, cpu_seconds=STAGE_
         points += 1
         lines.append(f"trained within the budget of {cpu_seconds} CPU seconds ({time.time() - t0:.0f} s): 1 of 1")
         try:
-            got = score_stage(stage, seed, samples, classifier_cache)
+            got = score_stage(stage, seed, classifier_cache or os.path.join(kept, "classifier.pt"), samples)
         except (ValueError, RuntimeError) as e:
             return points, STAGE_POINTS, "\n".join(lines + [f"its samples could not be scored: {e}"])
         for key, what, better in (("consistency_db", "low-res consistency (dB)", "ge"), ("accuracy", "class accuracy", "ge"),
@@ -1192,7 +1191,9 @@ def main(argv=None):
     if a.command == "make":
         names = [u.strip() for u in a.units.split(",") if u.strip()]
         out = make(a.out, names)
-        print(f"wrote {out}/ with {len(names)} unit{'s' if len(names) != 1 else ''} blanked; see {out}/ASSIGNMENT.md")
+        blanked = len([n for n in names if n in UNIT_BY_NAME])
+        print(f"wrote {out}/ with {blanked} unit{'s' if blanked != 1 else ''} blanked"
+              f"{' and the stage assignment' if STAGE in names else ''}; see {out}/ASSIGNMENT.md")
         print(f"wrote {bundle_path(out)}: Gradescope's autograder (it holds the reference: not for students)")
     elif a.command == "grade":
         if a.timeout < 1:
@@ -1202,6 +1203,8 @@ def main(argv=None):
     else:
         for k, u in enumerate(UNITS, 1):
             print(f"{k:>2}. {u.name:<14} {u.section:<32} {', '.join(u.functions)}\n    tests: {', '.join(u.tests)}")
+        print(f"{len(UNITS) + 1:>2}. {STAGE:<14} {'CDM §3, graded on results':<32} train and sample the 8->16 stage "
+              f"({STAGE_POINTS} points)")
 
 
 if __name__ == "__main__":
