@@ -29,6 +29,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -537,6 +538,7 @@ def assignment_md(unit_names):
 # here and through the student's cdm.py in a confined process (sandbox.py), and compares what came
 # back. The verdict forms in this process; the student's code only ever returns numbers.
 KIT_FILES = (SOURCE, "grading.py", "sandbox.py")
+SOURCE_LIMIT = 5 << 20            # a student's cdm.py (the reference is 72 KB)
 
 
 class GraderError(Exception):
@@ -907,20 +909,43 @@ def score_stage(stage, seed, classifier_cache, n=STAGE_SAMPLES):
             "fid": evaluate.fid(f_out, f_real)}
 
 
+def read_submission(folder, name, limit):
+    """The bytes of a file a student handed in, read only if it is a regular file inside their
+    folder, not through a link (a cdm.py that is a link to /etc/shadow must not be read by a grader
+    running as root) and at most `limit` bytes. Raises ValueError saying which it is not."""
+    path = os.path.join(folder, name)
+    if os.path.realpath(os.path.dirname(path)) != os.path.join(os.path.realpath(folder), os.path.dirname(name)).rstrip("/"):
+        raise ValueError(f"{name} is not inside the submission (a linked folder)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ValueError(f"no {name}") from None
+    except OSError as e:
+        raise ValueError(f"{name} cannot be read ({'it is a link' if e.errno == 40 else e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{name} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{name} is larger than {limit:,} bytes")
+    return data
+
+
 def figure_readable(path):
     """'' when `path` is a PNG a person can read (decodes, at least 200 x 150 pixels, not one
     flat colour), else what is wrong with it."""
+    import io
     import warnings
     from PIL import Image
-    if not os.path.isfile(path):
-        return "missing"
-    if os.path.getsize(path) > 20 << 20:
-        return "larger than 20 MB"
+    try:
+        raw = read_submission(os.path.dirname(path), os.path.basename(path), 20 << 20)
+    except ValueError as e:
+        return "missing" if str(e).startswith("no ") else str(e)
     Image.MAX_IMAGE_PIXELS = 50_000_000
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(raw)) as img:
                 if img.format != "PNG":
                     return f"a {img.format} file, not a PNG"
                 img.load()
@@ -944,13 +969,16 @@ def grade_stage(folder, session, seed, samples=STAGE_SAMPLES, cpu_seconds=STAGE_
     training scripts), its checkpoint scored by the kit's code here; the figures looked at."""
     points, lines = 0.0, []
     for fig in STAGE_FIGURES:
-        why = figure_readable(os.path.join(folder, fig))
+        inside = os.path.realpath(os.path.join(folder, os.path.dirname(fig))) == os.path.join(
+            os.path.realpath(folder), os.path.dirname(fig))
+        why = figure_readable(os.path.join(folder, fig)) if inside else "not inside the submission (a linked folder)"
         points += 0.5 * (not why)
         lines.append(f"{fig}: {why or 'present and readable'} ({0.5 * (not why):g} of 0.5)")
     try:
-        with open(os.path.join(folder, STAGE_FLAGS_FILE), encoding="utf-8") as f:
-            text = f.read(4000)
-    except OSError:
+        text = read_submission(folder, STAGE_FLAGS_FILE, 4000).decode("utf-8")
+    except ValueError as e:
+        if not str(e).startswith("no "):
+            return points, STAGE_POINTS, "\n".join(lines + [str(e)])
         text = ""
         lines.append(f"no {STAGE_FLAGS_FILE}: the demo's defaults")
     except UnicodeDecodeError:
@@ -959,10 +987,9 @@ def grade_stage(folder, session, seed, samples=STAGE_SAMPLES, cpu_seconds=STAGE_
     if flags is None:
         return points, STAGE_POINTS, "\n".join(lines + [why])
     try:
-        with open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace") as f:
-            student = f.read()
-    except OSError:
-        return points, STAGE_POINTS, "\n".join(lines + [f"no {SOURCE} to train with"])
+        student = read_submission(folder, SOURCE, SOURCE_LIMIT).decode("utf-8", "replace")
+    except ValueError as e:
+        return points, STAGE_POINTS, "\n".join(lines + [f"nothing to train with: {e}"])
     files = {SOURCE: student}
     for name in STAGE_FILES:
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
@@ -1061,11 +1088,9 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
         if any(reach.values()):
             print(f"warning: {protection}", file=sys.stderr)
         try:
-            with open(os.path.join(folder, SOURCE), encoding="utf-8", errors="replace") as f:
-                student = f.read()
-        except OSError as e:
-            student = None
-            missing = f"no {SOURCE} to grade ({safety.describe(e)})"
+            student = read_submission(folder, SOURCE, SOURCE_LIMIT).decode("utf-8", "replace")
+        except ValueError as e:
+            student, missing = None, f"not graded: {e}"
         seed = secrets.randbits(63)
         graded = [None] * len(units)
 

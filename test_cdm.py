@@ -3454,6 +3454,22 @@ def test_the_gradescope_bundle_grades_right_wrong_and_cheating_submissions(tmp_p
         assert (root / "source").stat().st_mode & 0o077 == 0
 
 
+def test_the_grader_reads_only_regular_files_inside_a_submission(tmp_path):
+    """A grader running as root reads what a student hands in: a cdm.py that is a link (to
+    /etc/shadow, say), a folder that is a link, a FIFO or a huge file is refused by name."""
+    kit = pytest.importorskip("assign")
+    (tmp_path / "figures").symlink_to("/etc")
+    (tmp_path / "cdm.py").symlink_to("/etc/passwd")
+    os.mkfifo(tmp_path / "stage_flags.txt")
+    (tmp_path / "big.py").write_bytes(b"#" * 2000)
+    (tmp_path / "ok.txt").write_text("fine")
+    for name, says in (("cdm.py", "it is a link"), ("figures/passwd", "not inside the submission"),
+                       ("stage_flags.txt", "not a regular file"), ("big.py", "larger than"), ("none.py", "no none.py")):
+        with pytest.raises(ValueError, match=says):
+            kit.read_submission(str(tmp_path), name, 1000)
+    assert kit.read_submission(str(tmp_path), "ok.txt", 1000) == b"fine"
+
+
 def _png(path, w=300, h=200, flat=False, fmt="PNG"):
     rng = np.random.default_rng(0)
     pixels = np.full((h, w, 3), 128, np.uint8) if flat else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
