@@ -21,6 +21,7 @@ in Gradescope's autograder format.
 """
 import argparse
 import ast
+import contextlib
 import functools
 import json
 import os
@@ -663,6 +664,16 @@ def _deadline_write(fd, data, deadline):
         view = view[os.write(fd, view[:1 << 16]):]
 
 
+def _tail(path, n=4000):
+    """The last n bytes of a file, as text ('' if there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 class Session:
     """One grading: a private scratch root, the sandbox layers this machine offers, and the
     confined processes of the units (one slot, i.e. one user id when root, per unit at once)."""
@@ -678,15 +689,25 @@ class Session:
     def close(self):
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def scratch(self, name):
+        """A free slot and a new scratch folder for one confined process, both given back after."""
+        with self.lock:
+            slot = self.slots.pop()
+        folder = tempfile.mkdtemp(dir=self.root, prefix=f"{name}-")
+        try:
+            yield slot, folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            with self.lock:
+                self.slots.append(slot)
+
     def run(self, unit_name, source, cases, timeout):
         """Run `cases` of a unit on `source` in a confined process. Returns ({case: output},
         {case: error text}, what it printed, how it ended)."""
         import grading
         import sandbox
-        with self.lock:
-            slot = self.slots.pop()
-        scratch = tempfile.mkdtemp(dir=self.root, prefix=f"{unit_name}-")
-        try:
+        with self.scratch(unit_name) as (slot, scratch):
             with open(os.path.join(scratch, SOURCE), "w", encoding="utf-8") as f:
                 f.write(source)
             shutil.copy2(os.path.join(HERE, "grading.py"), os.path.join(scratch, "grading.py"))
@@ -730,26 +751,17 @@ class Session:
                 ended = f"its process broke the grading protocol ({e})"
             finally:
                 box.stop()
-                code = box.wait()
+                box.wait()
                 for fd in (to_w, from_r):
                     try:
                         os.close(fd)
                     except OSError:
                         pass
-                if code == 126:
-                    raise GraderError("the grader could not start a confined process here "
-                                      "(Landlock or namespaces refused): see docs/teaching.md")
-            try:
-                with open(os.path.join(scratch, "output.txt"), "rb") as f:
-                    f.seek(max(0, os.path.getsize(f.name) - 4000))
-                    printed = f.read().decode("utf-8", "replace")
-            except OSError:
-                printed = ""
-            return results, errors, printed, ended
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-            with self.lock:
-                self.slots.append(slot)
+                why = box.confinement()
+                if why:
+                    raise GraderError(f"the grader could not start a confined process here ({why}): "
+                                      "see docs/teaching.md")
+            return results, errors, _tail(os.path.join(scratch, "output.txt")), ended
 
     def command(self, name, files, argv, timeout, cpu_seconds, threads=1, collect=None):
         """Run a command (argv, in a scratch folder holding `files`: {name: text}) confined like a
@@ -757,10 +769,7 @@ class Session:
         the grader keeps before the folder goes. Returns (exit status, what it printed, how it
         ended)."""
         import sandbox
-        with self.lock:
-            slot = self.slots.pop()
-        scratch = tempfile.mkdtemp(dir=self.root, prefix=f"{name}-")
-        try:
+        with self.scratch(name) as (slot, scratch):
             for rel, text in files.items():
                 with open(os.path.join(scratch, rel), "w", encoding="utf-8") as f:
                     f.write(text)
@@ -774,19 +783,12 @@ class Session:
             finally:
                 box.stop()
                 box.wait()
-            try:
-                with open(os.path.join(scratch, "output.txt"), "rb") as f:
-                    f.seek(max(0, os.path.getsize(f.name) - 4000))
-                    printed = f.read().decode("utf-8", "replace")
-            except OSError:
-                printed = ""
+            why = box.confinement()
+            if why:
+                raise GraderError(f"the grader could not start a confined process here ({why}): see docs/teaching.md")
             if collect is not None:
                 collect(scratch)
-            return code, printed, ended
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-            with self.lock:
-                self.slots.append(slot)
+            return code, _tail(os.path.join(scratch, "output.txt")), ended
 
     def canary(self):
         """Prove that a confined process starts here, loads torch and numpy, runs a module and

@@ -232,19 +232,26 @@ def _middle(cfg, report_fd):
             _write("/proc/self/setgroups", "deny")
             _write("/proc/self/uid_map", f"{uid} {uid} 1")
             _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        # a pipe that closes by itself when the exec succeeds (O_CLOEXEC), or carries why not: the
+        # only word on confinement the supervisor takes, since an exit status the student can fake
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         child = os.fork()
         if child == 0:
             try:
                 os.close(report_fd)
+                os.close(ready_r)
                 _confine_and_exec(cfg)
-            except BaseException as e:                 # say why, where the grader reads output
-                try:
-                    with open(os.path.join(cfg["scratch"], cfg["output"]), "a") as f:
-                        f.write(f"sandbox: could not confine the process: {type(e).__name__}: {e}\n")
-                except OSError:
-                    pass
+            except BaseException as e:
+                os.write(ready_w, f"{type(e).__name__}: {e}".replace("\n", " ").encode()[:500])
             os._exit(126)
-        os.write(report_fd, f"{child}\n".encode())
+        os.close(ready_w)
+        why = b""
+        while True:
+            chunk = os.read(ready_r, 500)
+            if not chunk:
+                break
+            why += chunk
+        os.write(report_fd, f"{child}\n".encode() + (b"confined\n" if not why else b"not confined: " + why + b"\n"))
         os.close(report_fd)
         for fd in cfg["pass_fds"]:
             os.close(fd)
@@ -327,8 +334,17 @@ def supervise(cfg):
     os.close(w)
     for fd in cfg["pass_fds"]:
         os.close(fd)
-    pid1 = int((os.read(r, 64).decode() or "0").strip() or 0)
+    report = b""
+    while True:
+        chunk = os.read(r, 1024)
+        if not chunk:
+            break
+        report += chunk
     os.close(r)
+    lines = report.decode(errors="replace").splitlines()
+    pid1 = int(lines[0]) if lines and lines[0].isdigit() else 0
+    status_line = lines[1] if len(lines) > 1 else "not confined: the separate user or the namespaces were refused"
+    os.write(1, (status_line + "\n").encode())          # to the grader: the student cannot reach this pipe
     status, ended_by_grader, data = None, False, b"k"
     while status is None:
         ready, _, _ = select.select([0], [], [], 0.05)
@@ -371,9 +387,14 @@ class Sandbox:
                 for name in dirs + files:
                     os.chown(os.path.join(root, name), self.uid, self.uid)
         self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), "supervise",
-                                      json.dumps(self.cfg)], stdin=subprocess.PIPE,
+                                      json.dumps(self.cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      pass_fds=self.cfg["pass_fds"], start_new_session=True, close_fds=True)
         return self
+
+    def confinement(self):
+        """After wait(): '' if the student's process started confined, else why it did not."""
+        line = self.proc.stdout.readline().decode(errors="replace").strip()
+        return "" if line == "confined" else (line or "not confined: the supervisor said nothing")
 
     def stop(self):
         """End the unit's whole process tree now (idempotent)."""

@@ -3267,6 +3267,10 @@ def cosine_schedule(T, offset=0.008, max_beta=0.999):
     return _np.zeros(T + 1)
 
 
+def linear_schedule(T, beta_1=1e-4, beta_T=0.02):
+    _os._exit(126)                            # the status of a sandbox that could not start
+
+
 def posterior_coefficients(betas):
     _os.kill(_os.getpid(), _signal.SIGKILL)                              # kills its own process
 
@@ -3468,6 +3472,19 @@ def test_the_grader_reads_only_regular_files_inside_a_submission(tmp_path):
         with pytest.raises(ValueError, match=says):
             kit.read_submission(str(tmp_path), name, 1000)
     assert kit.read_submission(str(tmp_path), "ok.txt", 1000) == b"fine"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the grader confines student code with Linux features")
+def test_a_sandbox_that_cannot_confine_says_so_by_a_channel_the_student_cannot_reach(tmp_path):
+    """Whether the student's process started confined comes from the supervisor's own pipe, not
+    from an exit status the student could fake: a process that ran and exited 126 was confined; a
+    scratch folder that cannot be entered leaves it unconfined, and the grader is told why."""
+    import sandbox
+    ran = sandbox.Sandbox(str(tmp_path), [sys.executable, "-I", "-c", "import os; os._exit(126)"]).start()
+    assert ran.wait() == 126 and ran.confinement() == ""
+    broken = sandbox.Sandbox(str(tmp_path / "missing"), [sys.executable, "-I", "-c", "print('ran')"]).start()
+    broken.wait()
+    assert broken.confinement().startswith("not confined: FileNotFoundError")
 
 
 def _png(path, w=300, h=200, flat=False, fmt="PNG"):
