@@ -216,6 +216,17 @@ def _confine_and_exec(cfg):
     os.execve(cfg["argv"][0], cfg["argv"], env)
 
 
+def _read_to_end(fd):
+    """Everything a pipe carries until its writers close it; the fd is closed after."""
+    data = b""
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            os.close(fd)
+            return data
+        data += chunk
+
+
 def _middle(cfg, report_fd):
     """The supervisor's child: become the sandbox user, make the namespaces, fork the student's
     first process (PID 1 of the new PID namespace), tell the supervisor its pid, wait for it."""
@@ -245,12 +256,7 @@ def _middle(cfg, report_fd):
                 os.write(ready_w, f"{type(e).__name__}: {e}".replace("\n", " ").encode()[:500])
             os._exit(126)
         os.close(ready_w)
-        why = b""
-        while True:
-            chunk = os.read(ready_r, 500)
-            if not chunk:
-                break
-            why += chunk
+        why = _read_to_end(ready_r)
         os.write(report_fd, f"{child}\n".encode() + (b"confined\n" if not why else b"not confined: " + why + b"\n"))
         os.close(report_fd)
         for fd in cfg["pass_fds"]:
@@ -334,13 +340,7 @@ def supervise(cfg):
     os.close(w)
     for fd in cfg["pass_fds"]:
         os.close(fd)
-    report = b""
-    while True:
-        chunk = os.read(r, 1024)
-        if not chunk:
-            break
-        report += chunk
-    os.close(r)
+    report = _read_to_end(r)
     lines = report.decode(errors="replace").splitlines()
     pid1 = int(lines[0]) if lines and lines[0].isdigit() else 0
     status_line = lines[1] if len(lines) > 1 else "not confined: the separate user or the namespaces were refused"

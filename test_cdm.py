@@ -3150,6 +3150,26 @@ def test_a_stub_scores_zero_on_its_unit_and_a_syntax_error_costs_only_its_units(
         assert kit.check_in_process(graded, unit)[0] == kit.check_in_process(ref, unit)[1], unit.name
 
 
+def test_the_grader_answers_only_the_calls_a_units_reference_makes():
+    """A unit cannot be had from another unit's oracle: while q_sample is graded the grader
+    answers no call at all, so a q_sample that hands its work to noise_augment (which the grader
+    would answer for the noise_augment unit) scores 0; a request for a function outside the
+    unit's list is refused."""
+    kit = pytest.importorskip("assign")
+    import grading
+    ref = reference_source()
+    cheat = kit.replace_functions(kit.stubbed_source(ref, {"q_sample", "noise_augment"}), {
+        "GaussianDiffusion.q_sample": "    def q_sample(self, x0, t, eps):\n        return noise_augment(x0, t, self, eps)\n"})
+    unit = kit.UNIT_BY_NAME["q_sample"]
+    assert kit.check_in_process(cheat, unit)[0] == 0
+    d = cdm.GaussianDiffusion(cdm.cosine_schedule(10))
+    asked = {"type": "oracle", "fn": "noise_augment", "args": [torch.zeros(1, 3, 2, 2), torch.zeros(1, dtype=torch.long), d],
+             "kwargs": {}}
+    with pytest.raises(PermissionError, match="not answered while grading q_sample"):
+        grading.answer(cdm, "q_sample", asked)
+    assert torch.equal(grading.answer(cdm, "handover", asked), torch.zeros(1, 3, 2, 2))
+
+
 def kit_run(*args, timeout=600, env=None, cwd=None):
     """assign.py in its own process, as a teacher runs it."""
     return subprocess.run([sys.executable, os.path.join(HERE, "assign.py"), *map(str, args)], capture_output=True,
