@@ -43,6 +43,7 @@ Vocabulary (the paper's symbols, used everywhere in this project):
 Index convention (a common source of off-by-one bugs): every schedule array here has length T + 1
 and is indexed by the paper's t, with entry 0 describing the clean data (abar_0 = 1, beta_0 = 0).
 """
+import inspect
 import math
 import os
 import tempfile
@@ -1250,9 +1251,16 @@ def save_checkpoint(obj, path):
     atomic_write(path, write)
 
 
+CHECKPOINT_FORMAT = 1    # written into every checkpoint; a file of a larger number is refused
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load with weights_only=True: a checkpoint holds tensors and plain values only, so a
     hostile file cannot run code. Every failure says what is wrong with which file."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpt.pt")
+        raise FileNotFoundError(f"checkpoint {path!r} is a folder" + (f": give {inside!r}, the checkpoint in it"
+                                                                      if os.path.isfile(inside) else ", not a checkpoint file"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
@@ -1263,6 +1271,10 @@ def load_checkpoint(path, map_location="cpu"):
                          f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path!r} is not a cdm checkpoint (no 'config'/'model' entries)")
+    version = ckpt.get("format", 1)                      # checkpoints before formats were numbered: 1
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} was written by a newer version of this code (checkpoint format "
+                         f"{version}; this one reads up to {CHECKPOINT_FORMAT}): update the repository to use it")
     return ckpt
 
 
@@ -1271,6 +1283,11 @@ def load_stage(path, device="cpu", ema=True):
     diffusion and augmentation configuration all come from the file."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg["model"]) - known)
+    if unknown:
+        raise ValueError(f"{path!r} asks for model options this version does not know ({', '.join(unknown)}): "
+                         "it was written by another version of this code; update the repository to use it")
     model = model_from_config(cfg["model"])
     weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     try:
@@ -1278,4 +1295,9 @@ def load_stage(path, device="cpu", ema=True):
     except RuntimeError as e:
         raise ValueError(f"the weights in {path!r} do not match its own model config: "
                          f"{str(e).splitlines()[0]}") from None
+    bad = [name for name, w in model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if bad:
+        raise ValueError(f"the {'EMA ' if weights is ckpt.get('ema') else ''}weights in {path!r} are not finite "
+                         f"(NaN or inf in {len(bad)} tensors, first {bad[0]}): the run diverged before this "
+                         "save; sample an earlier checkpoint (--keep_every) or retrain with a lower --lr")
     return Stage(set_fast_path(model.to(device)).eval(), diffusion_from_config(cfg["diffusion"]), cfg)

@@ -414,8 +414,15 @@ def _load_cifar10(root, split, download, md5):
 
 
 def _class_folders(root):
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-                  and not d.startswith(".") and d not in SKIPPED_FOLDERS)
+    """The class sub-folders of an image folder, sorted. An entry that is a link leading nowhere
+    (broken, or a loop) is refused by name: skipping it would train on fewer classes, silently."""
+    names = sorted(d for d in os.listdir(root) if not d.startswith(".") and d not in SKIPPED_FOLDERS)
+    for d in names:
+        path = os.path.join(root, d)
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ValueError(f"{path} is a link that leads nowhere (broken, or a loop): fix it, or move it "
+                             "out of the image folder")
+    return [d for d in names if os.path.isdir(os.path.join(root, d))]
 
 
 HOLDOUT = 10  # image folders: every 10th image of each class is held out as the "test" split

@@ -357,6 +357,11 @@ def run(args, rank, world, device):
                                             guidance=guidance, low_res=low)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
+            for k, x in enumerate(xs):             # to_uint8 would turn NaN into black, silently
+                if not torch.isfinite(x).all():
+                    raise SystemExit(f"error: stage {k + 1} ({args.checkpoints[k]}) sampled non-finite values "
+                                     f"(NaN or inf) in chunk {j + 1}; nothing was written. With --precision bf16 "
+                                     "try fp32; otherwise sample an earlier checkpoint")
             mine[j] = [data.to_uint8(x.float()).cpu() for x in xs]
             if given is not None:                 # stage_1 of the files: the given images
                 mine[j].insert(0, given[chunk])

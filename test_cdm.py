@@ -2567,6 +2567,56 @@ def relabelled_checkpoint(src, dst, class_names, data_name):
     return str(dst)
 
 
+def test_nothing_is_sampled_silently_wrong_from_a_bad_or_foreign_checkpoint(tiny_cascade, tmp_path, monkeypatch):
+    """A checkpoint whose weights are NaN (it sampled all-black images and exited 0), one of a
+    newer checkpoint format, one asking for a model option this version does not know, a run
+    folder given as a checkpoint, and a stage that samples non-finite values: each one line,
+    naming the file or the stage, and no file written."""
+    base = torch.load(tiny_cascade / "base" / "ckpt.pt", weights_only=True)
+    assert base["format"] == cdm.CHECKPOINT_FORMAT
+    cases = {}
+    nan = copy.deepcopy(base)
+    for key in ("model", "ema"):
+        nan[key][next(iter(nan[key]))].fill_(float("nan"))
+    cases["nan.pt"] = (nan, "are not finite (NaN or inf")
+    newer = dict(base, format=cdm.CHECKPOINT_FORMAT + 1)
+    cases["newer.pt"] = (newer, f"checkpoint format {cdm.CHECKPOINT_FORMAT + 1}; this one reads up to")
+    option = copy.deepcopy(base)
+    option["config"]["model"]["flash_norm"] = True
+    cases["option.pt"] = (option, "model options this version does not know (flash_norm)")
+    for name, (ckpt, says) in cases.items():
+        torch.save(ckpt, tmp_path / name)
+        p = run("sample.py", str(tmp_path / name), "--out", str(tmp_path / name[:-3]), "--no_progress", ok=False)
+        assert p.returncode == 1 and says in p.stderr and p.stderr.count("\n") == 1, (name, p.stderr)
+        assert not (tmp_path / name[:-3]).exists() or not safety.visible_entries(str(tmp_path / name[:-3]))
+    p = run("sample.py", str(tiny_cascade / "base"), "--out", str(tmp_path / "folder"), ok=False)
+    assert p.returncode == 1 and "is a folder: give" in p.stderr and "ckpt.pt" in p.stderr
+    real = cdm.sample_cascade
+    monkeypatch.setattr(cdm, "sample_cascade", lambda *a, **k: [x * float("nan") for x in real(*a, **k)])
+    p = run("sample.py", str(tiny_cascade / "base" / "ckpt.pt"), "--out", str(tmp_path / "nanout"), "--n", "4",
+            "--no_progress", ok=False)
+    assert p.returncode == 1 and "stage 1" in p.stderr and "non-finite" in p.stderr, p.stderr
+    assert not (tmp_path / "nanout" / "samples.npz").exists()
+
+
+def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
+    """A class folder that is a broken link or a link loop was skipped: the model trained on
+    fewer classes than the folder holds, and no one was told."""
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(root / c / f"{k}.png")
+    assert len(data.load_dataset(str(root), 8).class_names) == 2
+    (root / "c").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"imgs/c is a link that leads nowhere"):
+        data.load_dataset(str(root), 8)
+    (root / "c").unlink()
+    (root / "d").symlink_to(root / "d")
+    with pytest.raises(ValueError, match=r"imgs/d is a link that leads nowhere \(broken, or a loop\)"):
+        data.load_dataset(str(root), 8)
+
+
 def test_a_cascade_of_stages_trained_on_different_data_is_refused(tiny_cascade, tmp_path):
     import sample
     sr = relabelled_checkpoint(tiny_cascade / "sr16" / "ckpt.pt", tmp_path / "sr.pt",
