@@ -313,9 +313,28 @@ def _area_resize(x, res, chunk=1024):
                       for i in range(0, len(x), chunk)])
 
 
+def _to_srgb(img):
+    """The image's colours converted from its embedded ICC profile (Adobe RGB, Display P3, a
+    camera's CMYK, ...) to sRGB, as a colour-managed viewer shows them; alpha kept. A profile that
+    cannot be read is ignored, as viewers ignore it."""
+    import io as _io
+    from PIL import Image, ImageCms
+    alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else None
+    base = img.convert("RGB" if img.mode == "RGBA" else "L" if img.mode == "LA" else img.mode)
+    try:
+        source = ImageCms.ImageCmsProfile(_io.BytesIO(img.info["icc_profile"]))
+        out = ImageCms.profileToProfile(base, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
 def as_seen(img):
     """A PIL image as RGB, the way a person sees it in an image viewer [choice, each a common
     surprise]:
+      * converted to sRGB from the colour profile embedded in it (Adobe RGB photographs, say);
       * turned upright by its EXIF orientation tag: phone cameras store the pixels as the sensor
         read them and only tag how to turn them;
       * 16-bit images (scans, microscopy, some PNGs) scaled to 8 bits, not clipped at 255, which
@@ -325,6 +344,8 @@ def as_seen(img):
     """
     from PIL import Image, ImageOps
     img = ImageOps.exif_transpose(img)
+    if img.info.get("icc_profile") and img.mode in ("RGB", "RGBA", "L", "LA", "CMYK"):
+        img = _to_srgb(img)
     if img.mode.startswith("I;16") or img.mode == "I":   # 16-bit gray; "I" read as 16-bit too
         a = np.asarray(img, dtype=np.float64) * (255 / 65535)
         img = Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), "L")

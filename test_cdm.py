@@ -2599,6 +2599,44 @@ def test_nothing_is_sampled_silently_wrong_from_a_bad_or_foreign_checkpoint(tiny
     assert not (tmp_path / "nanout" / "samples.npz").exists()
 
 
+def _adobe_rgb_icc():
+    """An ICC v2 matrix/TRC profile with Adobe RGB (1998)'s D50-adapted primaries and gamma
+    563/256: written here, as no such file ships with Pillow or this machine."""
+    import struct
+    fixed = lambda *v: b"".join(struct.pack(">i", round(x * 65536)) for x in v)
+    xyz = lambda *v: b"XYZ \0\0\0\0" + fixed(*v)
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 563) + b"\0\0"
+    tags = [(b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.60974, 0.31111, 0.01947)),
+            (b"gXYZ", xyz(0.20528, 0.62567, 0.06087)), (b"bXYZ", xyz(0.14919, 0.06322, 0.74457)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    table, body, offset = b"", b"", 128 + 4 + 12 * len(tags)
+    for sig, data_ in tags:
+        table += sig + struct.pack(">II", offset + len(body), len(data_))
+        body += data_
+    size = offset + len(body)
+    header = struct.pack(">II", size, 0) + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12) + b"acsp" \
+        + bytes(24) + struct.pack(">I", 0) + fixed(0.9642, 1.0, 0.8249) + bytes(48)
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def test_images_with_a_colour_profile_are_read_in_srgb(tmp_path):
+    """A photograph tagged Adobe RGB is converted to sRGB as a viewer shows it (it was read with
+    the profile ignored): checked against the closed form, the primaries' XYZ through sRGB's."""
+    rgb = np.array([[[30, 200, 30], [120, 120, 120], [200, 60, 150]]], np.uint8)
+    path = tmp_path / "adobe.png"
+    Image.fromarray(rgb).save(path, icc_profile=_adobe_rgb_icc())
+    got = np.asarray(data.as_seen(Image.open(path)), dtype=np.float64)
+    adobe = np.array([[0.60974, 0.20528, 0.14919], [0.31111, 0.62567, 0.06322], [0.01947, 0.06087, 0.74457]])
+    srgb = np.array([[0.4360747, 0.3850649, 0.1430804], [0.2225045, 0.7168786, 0.0606169],
+                     [0.0139322, 0.0971045, 0.7141733]])
+    lin = np.clip(np.linalg.solve(srgb, adobe @ ((rgb[0] / 255.0) ** (563 / 256)).T).T, 0, 1)
+    want = 255 * np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+    assert np.abs(got[0] - want).max() <= 3, (got[0], want)
+    assert np.abs(got[0] - rgb[0]).max() >= 20                  # the profile changed what is seen
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    assert np.array_equal(np.asarray(data.as_seen(Image.open(tmp_path / "plain.png"))), rgb)
+
+
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
     """A class folder that is a broken link or a link loop was skipped: the model trained on
     fewer classes than the folder holds, and no one was told."""
