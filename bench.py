@@ -622,6 +622,8 @@ def main(argv=None):
     if args._tune:
         tune_child(json.loads(args._tune))
         return
+    if args.json:                          # checked now, not after the whole benchmark
+        safety.writable_file(args.json, "--json", overwrite=True)
     device = trainer.pick_device(args.device)
     print(f"torch {torch.__version__} on {device} ({device_name(device)})")
     if args.tune:

@@ -2637,6 +2637,16 @@ def test_images_with_a_colour_profile_are_read_in_srgb(tmp_path):
     assert np.array_equal(np.asarray(data.as_seen(Image.open(tmp_path / "plain.png"))), rgb)
 
 
+def test_bench_checks_its_json_path_before_benchmarking(tmp_path):
+    """bench.py --json into a folder it cannot write failed after the whole benchmark, with a
+    traceback; now one line before any work (no row is printed)."""
+    (tmp_path / "file").write_text("")
+    for target, says in ((tmp_path / "file" / "out.json", "--json"), (tmp_path, "is a folder")):
+        p = run("bench.py", "--configs", "base8", "--device", "cpu", "--json", str(target), ok=False)
+        assert p.returncode == 1 and says in p.stderr and p.stderr.startswith("error:"), p.stderr
+        assert "img/s" not in p.stdout and "base8" not in p.stdout, p.stdout
+
+
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
     """A class folder that is a broken link or a link loop was skipped: the model trained on
     fewer classes than the folder holds, and no one was told."""
