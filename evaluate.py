@@ -280,10 +280,16 @@ def main(argv=None):
     x, y = read_samples(path)
     stages = os.path.join(os.path.dirname(path), "stages.npz")
     stages = stages if os.path.exists(stages) and not args.samples.endswith(".npz") else None
-    recorded = {}                            # what sample.py recorded of the cascade's data
-    if stages:
-        with np.load(stages) as f:
-            recorded = {k: f[k].tolist() for k in ("data", "class_names") if k in f.files}
+    recorded, consistency = {}, []           # what sample.py recorded of the cascade's data
+    if stages:                               # read whole now: a corrupt file is one line, before any work
+        try:
+            with np.load(stages) as f:
+                recorded = {k: f[k].tolist() for k in ("data", "class_names") if k in f.files}
+            consistency = lowres_consistency(stages)
+        except Exception as e:   # not a zip, truncated, pickled objects, stages of mismatched sizes ...
+            raise SystemExit(f"error: {stages}: cannot be read ({type(e).__name__}: {str(e)[:100]}); it should "
+                             f"be the stages.npz sample.py writes beside samples.npz: re-run sample.py, or "
+                             f"score samples.npz alone (--samples {path})") from None
     if args.data is None:
         args.data = recorded.get("data", "shapes")
     res = x.shape[-1]
@@ -344,7 +350,7 @@ def main(argv=None):
               f"top-1 {100 * out['cas_top1']:.1f}%, top-5 {100 * out['cas_top5']:.1f}%")
     if stages:
         out["lowres_psnr"] = []
-        for lo, hi, db in lowres_consistency(stages):
+        for lo, hi, db in consistency:
             out["lowres_psnr"].append(db)
             print(f"SR stage {lo}->{hi}: downsampled output vs its clean input: PSNR {db:.1f} dB")
     if args.json:

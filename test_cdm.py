@@ -2647,6 +2647,18 @@ def test_bench_checks_its_json_path_before_benchmarking(tmp_path):
         assert "img/s" not in p.stdout and "base8" not in p.stdout, p.stdout
 
 
+def test_evaluate_refuses_a_corrupt_stages_file_before_any_work(tmp_path):
+    """evaluate.py beside a truncated or foreign stages.npz ended in a traceback after training
+    its classifier; now one line naming the file, before the work."""
+    x = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    data.write_npz(str(tmp_path / "samples.npz"), x, np.arange(4) % 2)
+    for content in (b"PK\x03\x04 truncated", pickle.dumps({"a": 1})):
+        (tmp_path / "stages.npz").write_bytes(content)
+        p = run("evaluate.py", "--samples", str(tmp_path), "--classifier", str(tmp_path / "clf.pt"), ok=False)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1 and "stages.npz: cannot be read" in p.stderr, p.stderr
+        assert not (tmp_path / "clf.pt").exists()
+
+
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
     """A class folder that is a broken link or a link loop was skipped: the model trained on
     fewer classes than the folder holds, and no one was told."""
