@@ -261,10 +261,48 @@ def deferred_interrupts():
         raise KeyboardInterrupt
 
 
+class _ClosedOutputIsNoFailure:
+    """stdout or stderr that a closed reader (`python train_base.py | head`) cannot stop: from the
+    first write that fails with a broken pipe, the stream's descriptor goes to /dev/null and the
+    run goes on, its files saved, instead of dying mid-training."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _to_devnull(self):
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def run_script(main):
     """Run a script's main() as a shell user expects: Ctrl-C or SIGTERM stops it with one line
-    (its `finally:` blocks have removed the temporary files it was writing), and a failure of the
-    environment -- a full disk, a file it may not read, no memory -- is one error: line."""
+    (its `finally:` blocks have removed the temporary files it was writing), a failure of the
+    environment -- a full disk, a file it may not read, no memory -- is one error: line, and a
+    closed stdout (`| head`) is no reason to lose the run."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _ClosedOutputIsNoFailure):
+            setattr(sys, name, _ClosedOutputIsNoFailure(stream))
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)   # the default would skip every clean-up

@@ -2659,6 +2659,19 @@ def test_evaluate_refuses_a_corrupt_stages_file_before_any_work(tmp_path):
         assert not (tmp_path / "clf.pt").exists()
 
 
+def test_a_closed_stdout_does_not_lose_the_run(tmp_path):
+    """`python train_base.py | head`: once head has its lines and exits, the next print met a
+    broken pipe and the run died without its checkpoint (exit status 0 all the same); now the run
+    goes on and saves."""
+    import shlex
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, os.path.join(HERE, "train_base.py"), *TINY, "--steps", "30",
+                                            "--res", "8", "--attn", "4", "--out", str(tmp_path / "run")])
+    p = subprocess.run(f"{cmd} 2>&1 | head -c 20", shell=True, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and len(p.stdout) == 20
+    assert (tmp_path / "run" / "ckpt.pt").exists()
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) >= 30
+
+
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
     """A class folder that is a broken link or a link loop was skipped: the model trained on
     fewer classes than the folder holds, and no one was told."""
