@@ -481,29 +481,36 @@ def _folder_items(root, n, split=None):
     return (items[:n] if n is not None else items), classes
 
 
-def _read_image(path, resolutions):
-    """One image file -> {res: uint8 (3, res, res)}, as a person sees it (as_seen), centre-cropped
-    and area-resized per res. Images of more than MAX_IMAGE_PIXELS are refused before decoding:
-    a small file can unpack to gigabytes (a "decompression bomb")."""
+def open_as_seen(path, max_pixels=MAX_IMAGE_PIXELS, what="a scan too large"):
+    """One image file, decoded and as a person sees it (as_seen): the one guarded path every
+    image reader takes. Images of more than max_pixels are refused before decoding (a small file
+    can unpack to gigabytes: a "decompression bomb"); unreadable files are one ValueError."""
     import warnings
     from PIL import Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS // 2
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels // 2
             try:
                 with Image.open(path) as img:
+                    if img.width * img.height > max_pixels:
+                        raise Image.DecompressionBombError("too many pixels")
                     img.load()
-                    img = as_seen(img)
+                    return as_seen(img)
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
-        return {r: _center_crop_resize(img, r) for r in resolutions}
     except Image.DecompressionBombError:
-        raise ValueError(f"refusing image {path}: it has more than {MAX_IMAGE_PIXELS // 10**6} "
-                         f"megapixels (a decompression bomb, or a scan too large); shrink it or "
-                         f"remove it") from None
+        raise ValueError(f"refusing image {path}: it has more than {max_pixels // 10**6} megapixels "
+                         f"(a decompression bomb, or {what}); shrink it or remove it") from None
     except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError; bad PNG chunks: SyntaxError
         raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from None
+
+
+def _read_image(path, resolutions):
+    """One image file -> {res: uint8 (3, res, res)}, as a person sees it (open_as_seen),
+    centre-cropped and area-resized per res."""
+    img = open_as_seen(path)
+    return {r: _center_crop_resize(img, r) for r in resolutions}
 
 
 def _load_folder(root, res, n, split):
@@ -961,17 +968,8 @@ def load_low_res(path, n_max=None, check_size=None):
 
 
 def _read_native(path):
-    """One image file -> uint8 (3, H, W) at its own size, as a person sees it (as_seen)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS // 2:
-                raise ValueError(f"refusing image {path}: it has more than {MAX_IMAGE_PIXELS // 2 // 10**6} "
-                                 "megapixels; an SR stage takes small images")
-            img.load()
-            img = as_seen(img)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from None
+    """One image file -> uint8 (3, H, W) at its own size, as a person sees it (open_as_seen)."""
+    img = open_as_seen(path, MAX_IMAGE_PIXELS // 2, "too large for an SR stage, which takes small images")
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
