@@ -502,7 +502,9 @@ def open_as_seen(path, max_pixels=MAX_IMAGE_PIXELS, what="a scan too large"):
     except Image.DecompressionBombError:
         raise ValueError(f"refusing image {path}: it has more than {max_pixels // 10**6} megapixels "
                          f"(a decompression bomb, or {what}); shrink it or remove it") from None
-    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError; bad PNG chunks: SyntaxError
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL.UnidentifiedImageError is an OSError; bad PNG chunks: SyntaxError; a text chunk
+        # that unpacks past Pillow's limit: ValueError, whose message names no file
         raise ValueError(f"could not read image {path}: {e}; fix or delete the file") from None
 
 

@@ -2674,13 +2674,20 @@ def test_a_closed_stdout_does_not_lose_the_run(tmp_path):
 
 def test_a_decompression_bomb_given_to_low_res_is_one_line(tiny_cascade, tmp_path):
     """A 200-megapixel PNG of 24 KB given to sample.py --low_res ended in a traceback (Pillow's
-    own bomb error escaped the reader); every image reader now shares one guarded path."""
+    own bomb error escaped the reader), and a PNG whose text chunk unpacks past Pillow's limit
+    gave an error naming no file; every image reader now shares one guarded path."""
     Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")
     p = run("sample.py", str(tiny_cascade / "sr16" / "ckpt.pt"), "--low_res", str(tmp_path / "bomb.png"),
             "--out", str(tmp_path / "out"), "--no_progress", ok=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "decompression bomb" in p.stderr, p.stderr
     with pytest.raises(ValueError, match="decompression bomb"):
         data.open_as_seen(str(tmp_path / "bomb.png"))
+    from PIL import PngImagePlugin                  # a text chunk that unpacks past Pillow's limit
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (3 << 20), zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "text.png", pnginfo=info)
+    with pytest.raises(ValueError, match=r"could not read image .*text\.png: Decompressed data too large"):
+        data.open_as_seen(str(tmp_path / "text.png"))
 
 
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
