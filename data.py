@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 import tarfile
 import urllib.request
 from dataclasses import dataclass
@@ -606,6 +607,16 @@ def prepare_folder(root, resolutions, out, n=None, progress=True, workers=None, 
     safety.prepare_output_folder(partial, "--out")    # writable, locked by this process
     try:
         return _prepare_locked(items, classes, manifest, partial, out, check_room, progress, workers, chunk)
+    except (KeyboardInterrupt, OSError) as e:           # say where the work so far is, and how much
+        kept = sum(os.path.getsize(os.path.join(partial, f)) for f in safety.visible_entries(partial)
+                   if os.path.isfile(os.path.join(partial, f)))
+        where = (f"{partial} keeps the {safety.size(kept)} prepared so far: the same command resumes it, "
+                 f"or delete the folder")
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted: stopped before finishing; {where}", file=sys.stderr)
+            raise SystemExit(130) from None
+        hint = "free some space, then " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise ValueError(f"{safety.describe(e)}; {where} ({hint}run it again)") from None
     finally:
         safety.unlock_folder(partial)                   # (its lock file moves with the folder)
 

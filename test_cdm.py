@@ -2911,6 +2911,8 @@ def test_ctrl_c_while_loading_or_preparing_is_one_line(tmp_path):
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("interrupted"), err
+        if args[0] == "prepare":             # where the work so far is kept, how much, what to do
+            assert f"{tmp_path / 'p.partial'} keeps the" in err and "the same command resumes it" in err, err
 
 
 # --- images as a person sees them ---------------------------------------------------------------
@@ -3022,7 +3024,7 @@ def test_prepare_checks_and_reserves_the_disk_first(tmp_path, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(OSError, match="No space left"):                   # not SIGBUS, later
+    with pytest.raises(ValueError, match=r"No space left.*p\.partial keeps the .* prepared so far"):   # not SIGBUS, later
         data.prepare_folder(src, [8], str(tmp_path / "p"), progress=False, workers=1)
 
 
