@@ -2107,6 +2107,25 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(math.isfinite(v) for v in losses.values())
 
 
+def test_a_resume_that_cannot_continue_exactly_says_what_differs(tmp_path):
+    """Another precision, or dropout saved on one number of processes and resumed on another
+    (or on several), made a resumed run drift from the one it continues, without a word; now
+    it is refused naming what would differ, and --resume_inexact continues anyway."""
+    out = tmp_path / "run"
+    run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--dropout", "0.1", "--out", str(out))
+    args = [*TINY, "--res", "8", "--attn", "4", "--dropout", "0.1", "--steps", "5", "--out", str(out), "--resume"]
+    p = run("train_base.py", *args, "--precision", "bf16", ok=False)
+    assert p.returncode == 1 and "cannot continue" in p.stderr and "trained in fp32" in p.stderr, p.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["world"] == 1
+    ckpt["world"] = 2                                 # as if saved by torchrun on two processes
+    torch.save(ckpt, out / "ckpt.pt")
+    p = run("train_base.py", *args, ok=False)
+    assert p.returncode == 1 and "saved on 2 processes cannot be restored on 1" in p.stderr, p.stderr
+    p = run("train_base.py", *args, "--resume_inexact")
+    assert "resumed from" in p.stdout and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 5
+
+
 def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
     args = [*LONG, "--steps", "4"]
     run("train_base.py", *args, "--out", str(tmp_path / "whole"))

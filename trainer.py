@@ -215,6 +215,9 @@ def add_common_args(p, d):
                    help="also keep OUT/ckpt_STEP.pt every this many steps (0: only the last)")
     g.add_argument("--sample_every", type=int, default=0, help="steps between preview grids (0: end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--resume_inexact", action="store_true",
+                   help="with --resume: continue even where the run cannot continue exactly (another "
+                        "precision; dropout on another number of processes, or on several)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds one, deleting its checkpoints, log and "
                         "preview grids (without it, such an --out is refused)")
@@ -640,6 +643,11 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         if ckpt["args"].get("batch_size") != B:
             raise SystemExit(f"error: {ckpt_path} was trained with --batch_size "
                              f"{ckpt['args'].get('batch_size')}; resume with the same global batch")
+        inexact = resume_differences(ckpt, args, world, config)
+        if inexact and not args.resume_inexact:
+            raise SystemExit(f"error: --resume cannot continue {ckpt_path} exactly: {'; '.join(inexact)}; from "
+                             f"step {ckpt['step']} on it would differ from the run it continues: resume as it "
+                             "ran, or add --resume_inexact to continue anyway")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -691,7 +699,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             return
         state = {"format": cdm.CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
                  "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "args": vars_plain(args),
+                 "args": vars_plain(args), "world": world,
                  "rng": {"torch": torch.get_rng_state()}}
         try:
             cdm.save_checkpoint(state, ckpt_path)
@@ -889,6 +897,22 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         if main:
             print(f"weights on all {world} processes agree (largest difference {diff:.3g})")
     return model, ema
+
+
+def resume_differences(ckpt, args, world, config):
+    """What would make a resumed run differ from the run it continues: every random number of the
+    loop is a function of (seed, step, example) and so the same on any number of processes, but
+    dropout draws from each process's own generator, restored only when one process saved and one
+    resumes; and another precision rounds differently. [] when it continues exactly."""
+    out = []
+    saved_world = ckpt.get("world", 1)               # checkpoints before this was recorded: 1
+    if config["model"].get("dropout", 0) > 0 and (world > 1 or saved_world != world):
+        out.append(f"dropout draws per process, and its random numbers saved on {saved_world} process"
+                   f"{'es' if saved_world > 1 else ''} cannot be restored on {world}")
+    saved_precision = ckpt["args"].get("precision", "fp32")
+    if saved_precision != args.precision:
+        out.append(f"it was trained in {saved_precision}, and --precision is {args.precision} now")
+    return out
 
 
 def learning_rate(args, step):
