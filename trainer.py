@@ -697,8 +697,8 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         nonlocal saved_step
         if not main:
             return
-        state = {"format": cdm.CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+        state = {"format": cdm.CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
+                 "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "args": vars_plain(args), "world": world,
                  "rng": {"torch": torch.get_rng_state()}}
         try:
