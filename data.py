@@ -813,8 +813,45 @@ def load_size(source, res, split="train", n=None):
     return 0, 0
 
 
+def check_npz_headers(path):
+    """Read each array's header of an .npz before anything is loaded: a header whose shape does
+    not fit the bytes stored after it (a corrupt or crafted file: a few KB that claim terabytes),
+    or an array larger than the memory left, is one error naming the array, instead of an
+    out-of-memory hint about --batch_size. A file that is no zip is left to np.load to refuse."""
+    import zipfile
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            try:
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                    header = f.tell()
+            except (ValueError, OSError, zipfile.BadZipFile) as e:
+                raise ValueError(f"{path}: {name} cannot be read ({str(e)[:100]}); the file is corrupt: re-create it") from None
+            if dtype.hasobject:
+                continue                                  # np.load refuses pickled objects itself
+            need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            stored = info.file_size - header
+            if need != stored:
+                raise ValueError(f"{path}: {name}'s header says {dtype} {tuple(shape)} ({safety.size(need)}), but "
+                                 f"{safety.size(stored)} are stored: the file is corrupt or was crafted; re-create it")
+            have = safety.available_memory()
+            if have is not None and need > have:
+                raise ValueError(f"{path}: {name} is {safety.size(need)}, more than the {safety.size(have)} of memory "
+                                 "left: use a smaller file")
+
+
 def _read_adm_npz(path):
     """An ADM-convention .npz's arr_0 and its arr_1 (None where absent), or one clear error."""
+    check_npz_headers(path)
     with np.load(path) as f:
         if "arr_0" not in f.files:
             raise ValueError(f"{path} has no arr_0 (keys: {f.files}); expected arr_0 = uint8 images "

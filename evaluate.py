@@ -234,6 +234,10 @@ def read_samples(path):
         raise SystemExit(f"error: {path}: {why}; expected the samples sample.py writes (arr_0 uint8 "
                          "images N x H x H x 3, arr_1 N integer labels)")
     try:
+        data.check_npz_headers(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
         with np.load(path) as f:
             if "arr_0" not in f.files or "arr_1" not in f.files:
                 bad(f"it holds {', '.join(f.files) or 'no arrays'}, not arr_0 and arr_1")

@@ -2709,6 +2709,30 @@ def test_a_decompression_bomb_given_to_low_res_is_one_line(tiny_cascade, tmp_pat
         data.open_as_seen(str(tmp_path / "text.png"))
 
 
+def _lying_npz(path, shape):
+    """An .npz whose arr_0 header claims `shape` (uint8) but stores 16 bytes; arr_1 is fine."""
+    import zipfile
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(4, np.int64))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", head.getvalue() + bytes(16))
+        z.writestr("arr_1.npy", labels.getvalue())
+
+
+def test_an_npz_whose_header_lies_is_one_line_naming_it(tmp_path):
+    """A few-KB .npz whose arr_0 header claims 196 GB ended in 'out of memory: use a smaller
+    --batch_size' (or a traceback): the header is now read first and the file named."""
+    _lying_npz(tmp_path / "samples.npz", (10 ** 6, 256, 256, 3))
+    p = run("evaluate.py", "--samples", str(tmp_path / "samples.npz"), ok=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "arr_0's header says uint8 (1000000, 256, 256, 3) (196.6 GB), but 16 bytes are stored" in p.stderr
+    assert "batch_size" not in p.stderr
+    with pytest.raises(ValueError, match="header says"):
+        data.load_dataset(str(tmp_path / "samples.npz"), 8)
+
+
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
     """A class folder that is a broken link or a link loop was skipped: the model trained on
     fewer classes than the folder holds, and no one was told."""
