@@ -608,8 +608,7 @@ def check_in_process(source, unit, seed=0):
     module = _module_from(source)
 
     def oracle(name):
-        owner, _, leaf = name.rpartition(".")
-        fn = getattr(getattr(cdm, owner) if owner else cdm, leaf)
+        fn = getattr(*grading.owner_of(cdm, name))
 
         def call(*args, **kwargs):
             args = [_round_trip(a) if type(a).__name__ == "GaussianDiffusion" else a for a in args]
@@ -617,15 +616,15 @@ def check_in_process(source, unit, seed=0):
         return call
     grading.install(module, grading.ORACLES.get(unit.name, ()), oracle)
     inputs, expected = unit_cases(unit, seed)
-    passed, first = 0, ""
-    for k, (inp, want) in enumerate(zip(inputs, expected)):
+    results, errors = {}, {}
+    for k, inp in enumerate(inputs):
         try:
-            diff = grading.compare(want, _round_trip(grading.apply(module, unit.name, _round_trip(inp))))
+            results[k] = _round_trip(grading.apply(module, unit.name, _round_trip(inp)))
         except Exception as e:
-            diff = f"{type(e).__name__}: {e}"
-        passed += not diff
-        first = first or (diff and f"case {k + 1}: {diff}")
-    return passed, len(inputs), first
+            errors[k] = f"{type(e).__name__}: {e}"
+    diffs = grading.judge(expected, results, errors)
+    first = next((f"case {k + 1}: {d}" for k, d in enumerate(diffs) if d), "")
+    return diffs.count(""), len(inputs), first
 
 
 def _module_from(source):
@@ -672,6 +671,13 @@ def _tail(path, n=4000):
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def _require_confined(box):
+    """After a confined process ended: raise GraderError if it never started confined."""
+    why = box.confinement()
+    if why:
+        raise GraderError(f"the grader could not start a confined process here ({why}): see docs/teaching.md")
 
 
 class Session:
@@ -757,10 +763,7 @@ class Session:
                         os.close(fd)
                     except OSError:
                         pass
-                why = box.confinement()
-                if why:
-                    raise GraderError(f"the grader could not start a confined process here ({why}): "
-                                      "see docs/teaching.md")
+                _require_confined(box)
             return results, errors, _tail(os.path.join(scratch, "output.txt")), ended
 
     def command(self, name, files, argv, timeout, cpu_seconds, threads=1, collect=None):
@@ -783,9 +786,7 @@ class Session:
             finally:
                 box.stop()
                 box.wait()
-            why = box.confinement()
-            if why:
-                raise GraderError(f"the grader could not start a confined process here ({why}): see docs/teaching.md")
+            _require_confined(box)
             if collect is not None:
                 collect(scratch)
             return code, _tail(os.path.join(scratch, "output.txt")), ended
@@ -1044,8 +1045,9 @@ def describe_protections(layers, reach):
                    "; it could not read the reference, write to the kit, or open a connection")
 
 
-def preflight(folder, units, stage=False):
-    """Everything the grader needs, checked before anyone is graded: raises GraderError."""
+def preflight(folder, units, seed, stage=False):
+    """Everything the grader needs, checked before anyone is graded: raises GraderError. The
+    reference's outputs on this grading's cases are computed here (and kept: unit_cases)."""
     for name in KIT_FILES + ((*STAGE_FILES, "evaluate.py", "sample.py") if stage else ()):
         path = os.path.join(HERE, name)
         if not os.access(path, os.R_OK):
@@ -1053,9 +1055,9 @@ def preflight(folder, units, stage=False):
     if not sys.platform.startswith("linux"):
         raise GraderError("grading runs student code confined by Linux features: grade on Linux "
                           "(Gradescope's containers are)")
-    for unit in units:                                   # the reference passes its own cases
+    for k, unit in enumerate(units):                     # the reference passes its own cases
         try:
-            unit_cases(unit, 0)
+            unit_cases(unit, seed + k)
         except Exception as e:
             raise GraderError(f"the kit's reference fails its own cases for {unit.name} "
                               f"({type(e).__name__}: {e}): a broken install?") from None
@@ -1078,8 +1080,9 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
     torch.set_num_threads(1)              # the cores are the confined processes'; this one mostly waits
     t0 = time.time()
     session = None
+    seed = secrets.randbits(63)
     try:
-        preflight(folder, units, STAGE in unit_names)
+        preflight(folder, units, seed, STAGE in unit_names)
         session = Session(jobs)
         if os.geteuid() == 0 and not (session.layers["user"] or session.layers["landlock"]):
             raise GraderError("grading as root here would run student code as root: this machine has no "
@@ -1093,7 +1096,6 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
             student = read_submission(folder, SOURCE, SOURCE_LIMIT).decode("utf-8", "replace")
         except ValueError as e:
             student, missing = None, f"not graded: {e}"
-        seed = secrets.randbits(63)
         graded = [None] * len(units)
 
         def one(k):
@@ -1109,17 +1111,9 @@ def grade(folder, timeout=120, jobs=None, results_path=None, unit_names=None):
                 return
             results, errors, printed, ended = session.run(unit.name, source, inputs, timeout)
             import grading
-            lines, passed = [], 0
-            for i, want in enumerate(expected):
-                if i in results:
-                    diff = grading.compare(want, results[i])
-                elif i in errors:
-                    diff = "raised " + str(errors[i]).strip().splitlines()[-1][:300]
-                else:
-                    diff = "no answer"
-                passed += not diff
-                if diff:
-                    lines.append(f"case {i + 1}: {diff}")
+            diffs = grading.judge(expected, results, errors)
+            passed = diffs.count("")
+            lines = [f"case {i + 1}: {d}" for i, d in enumerate(diffs) if d]
             if ended != "finished":
                 lines.append(ended)
             if -1 in errors:

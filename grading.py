@@ -453,16 +453,22 @@ def oracle_stub(name, ask):
     return stub
 
 
+def owner_of(cdm, name):
+    """(the object holding `name`'s function, its own name) for a qualified name of cdm.py:
+    (cdm, "cosine_schedule"), (cdm.GaussianDiffusion, "q_sample")."""
+    owner, _, leaf = name.rpartition(".")
+    return (getattr(cdm, owner) if owner else cdm), leaf
+
+
 def install(cdm, names, make):
     """Put make(name) in place of each qualified name's function in the module `cdm`, and in the
     module's tables of functions (make_betas looks schedules up in SCHEDULES), wherever a function
     of that name stands (a file may define one twice: the table holds the first)."""
     for name in names:
-        owner, _, leaf = name.rpartition(".")
-        holder = getattr(cdm, owner) if owner else cdm
+        holder, leaf = owner_of(cdm, name)
         new = make(name)
         setattr(holder, leaf, new)
-        if owner:
+        if holder is not cdm:
             continue
         for global_name, table in list(vars(cdm).items()):
             if isinstance(table, dict) and not global_name.startswith("__"):
@@ -476,8 +482,7 @@ def answer(ref, unit, message):
     name = message.get("fn")
     if name not in ORACLES.get(unit, ()):
         raise PermissionError(f"{name} is not answered while grading {unit}")
-    owner, _, leaf = name.rpartition(".")
-    fn = getattr(getattr(ref, owner) if owner else ref, leaf)
+    fn = getattr(*owner_of(ref, name))
     args, kwargs = list(message["args"]), dict(message["kwargs"])
     _check_size(args, kwargs)
     if message["type"] == "oracle":
@@ -554,6 +559,20 @@ def compare(expected, got, rtol=1e-4):
             k = int(np.argmax(bad))
             return f"{key}: {int(bad.sum())} of {w.size} entries differ (e.g. {h[finite][k]:.6g}, expected {w[finite][k]:.6g})"
     return ""
+
+
+def judge(expected, results, errors):
+    """The verdict on each case: '' when what came back (results: {case: outputs}) agrees with the
+    reference's, else why not (it raised: errors {case: text}; no answer; or what differs)."""
+    out = []
+    for k, want in enumerate(expected):
+        if k in results:
+            out.append(compare(want, results[k]))
+        elif k in errors:
+            out.append("raised " + (str(errors[k]).strip().splitlines() or ["?"])[-1][:300])
+        else:
+            out.append("no answer")
+    return out
 
 
 # --- the student's side -----------------------------------------------------------------------

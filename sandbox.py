@@ -173,12 +173,6 @@ def python_paths(hidden):
     return out
 
 
-def exposes(paths, target):
-    """Whether `target` lies beneath one of `paths`."""
-    t = os.path.realpath(target)
-    return any(t == p or t.startswith(p.rstrip("/") + "/") for p in paths)
-
-
 # --- the confined process: set up in the supervisor's child, then exec ------------------------
 def _write(path, text):
     with open(path, "w") as f:
@@ -365,7 +359,7 @@ def supervise(cfg):
 # --- the grader's side ----------------------------------------------------------------------
 class Sandbox:
     """One unit's confined process: start(), then the caller talks to it over the pipes it
-    passed, then stop() (or let it exit) and wait(). Use as a context manager."""
+    passed, then stop() (or let it exit) and wait()."""
 
     def __init__(self, scratch, argv, *, slot=0, pass_fds=(), cpu_seconds=300, memory_bytes=6 << 30,
                  file_bytes=256 << 20, processes=64, hidden=(), layers=None, cleanup=None,
@@ -411,17 +405,6 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        self.wait()
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":
