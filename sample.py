@@ -26,6 +26,7 @@ The samples come in chunks of --batch_size, chunk j with noise from its own gene
 rank 0 gathers and writes them, so N processes write the same files as one (same device kind).
 """
 import argparse
+import dataclasses
 import os
 import time
 
@@ -38,6 +39,33 @@ import data
 import evaluate
 import safety
 from trainer import activation_bytes, distributed, grid_image, int_list, pick_device
+
+
+class FiniteWatch(torch.nn.Module):
+    """A stage's network, watched: remembers the first diffusion time t at which its output held a
+    NaN or an inf, so that a failed sample can say where it went wrong. The check stays on the
+    device (no synchronisation per step); it is read once, after sampling."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.null_class = getattr(model, "null_class", False)     # what GuidedModel asks of it
+        self.num_classes = getattr(model, "num_classes", None)
+        self.first_bad_t = None
+
+    def forward(self, x_t, t, **kwargs):
+        out = self.model(x_t, t, **kwargs)
+        bad = ~torch.isfinite(out).all()
+        t_max = t.max().to(torch.long)
+        if self.first_bad_t is None:
+            self.first_bad_t = torch.full((), -1, dtype=torch.long, device=out.device)
+        self.first_bad_t = torch.where(bad & (self.first_bad_t < 0), t_max, self.first_bad_t)
+        return out
+
+    def where(self):
+        """'; the network's output was first non-finite at t = ...', or '' if it never was."""
+        t = -1 if self.first_bad_t is None else int(self.first_bad_t)
+        return f"; the network's output was first non-finite at t = {t}" if t >= 0 else ""
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
@@ -348,20 +376,23 @@ def run(args, rank, world, device):
             chunk = slice(starts[j], starts[j] + args.batch_size)
             c = c_all[chunk].to(device)
             low = None if given is None else data.to_float(given[chunk].to(device))
+            watched = [dataclasses.replace(st, model=FiniteWatch(st.model)) for st in stages]
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                    xs = cdm.sample_cascade(stages, c, steps=steps, sampler=sampler, s=s,
+                    xs = cdm.sample_cascade(watched, c, steps=steps, sampler=sampler, s=s,
                                             truncated=args.truncated, eta=args.eta or 0.0,
                                             generator=chunk_generator(args.seed, j, device),
                                             progress=not args.no_progress and rank == 0,
                                             guidance=guidance, low_res=low)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
-            for k, x in enumerate(xs):             # to_uint8 would turn NaN into black, silently
-                if not torch.isfinite(x).all():
+            # to_uint8 would turn NaN into black and the samplers' clipping an inf into +-1, silently
+            for k, x in enumerate(xs):
+                if watched[k].model.where() or not torch.isfinite(x).all():
                     raise SystemExit(f"error: stage {k + 1} ({args.checkpoints[k]}) sampled non-finite values "
-                                     f"(NaN or inf) in chunk {j + 1}; nothing was written. With --precision bf16 "
-                                     "try fp32; otherwise sample an earlier checkpoint")
+                                     f"(NaN or inf) in chunk {j + 1}{watched[k].model.where()}; nothing was "
+                                     "written. With --precision bf16 try fp32; otherwise sample an earlier "
+                                     "checkpoint")
             mine[j] = [data.to_uint8(x.float()).cpu() for x in xs]
             if given is not None:                 # stage_1 of the files: the given images
                 mine[j].insert(0, given[chunk])

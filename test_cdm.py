@@ -2616,6 +2616,19 @@ def test_nothing_is_sampled_silently_wrong_from_a_bad_or_foreign_checkpoint(tiny
             "--no_progress", ok=False)
     assert p.returncode == 1 and "stage 1" in p.stderr and "non-finite" in p.stderr, p.stderr
     assert not (tmp_path / "nanout" / "samples.npz").exists()
+    monkeypatch.setattr(cdm, "sample_cascade", real)
+    # a network that overflows late in the chain: the error names the stage and the first such t
+    forward, seen = cdm.UNet.forward, []
+    def overflowing(self, x, t, **kw):
+        seen.append(int(t.max()))
+        return forward(self, x, t, **kw) * (float("inf") if int(t.max()) <= 300 else 1.0)
+    monkeypatch.setattr(cdm.UNet, "forward", overflowing)
+    p = run("sample.py", str(tiny_cascade / "base" / "ckpt.pt"), "--out", str(tmp_path / "infout"), "--n", "2",
+            "--no_progress", ok=False)
+    first = next(t for t in seen if t <= 300)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "stage 1" in p.stderr and f"first non-finite at t = {first};" in p.stderr, p.stderr
+    assert not (tmp_path / "infout" / "samples.npz").exists()
 
 
 def _adobe_rgb_icc():
