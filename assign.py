@@ -856,16 +856,15 @@ def load_stage_checkpoint(path):
     """The stage a student's run wrote, loaded by the kit's own code (weights only: no pickle)
     after its configuration is checked to be the assignment's stage, of a size the grader can
     sample: (stage, "") or (None, why)."""
-    import inspect
     import cdm
+    import safety
     if os.path.getsize(path) > 200 << 20:
         return None, "its checkpoint is larger than 200 MB"
     try:
-        ckpt = cdm.load_checkpoint(path)
+        ckpt = safety.load_checkpoint(path)
         cfg = ckpt["config"]
         m, aug = cfg["model"], cfg["augment"]
-        known = set(inspect.signature(cdm.UNet.__init__).parameters) - {"self"}
-        checks = [(isinstance(m, dict) and set(m) <= known, "its model config has unknown entries"),
+        checks = [(isinstance(m, dict), "its model config is not a table"),   # unknown entries: load_stage
                   (m.get("resolution") == 16 and m.get("low_res") == 8, "it is not an 8->16 stage"),
                   (int(m.get("model_channels", 0)) <= 256 and int(m.get("num_res_blocks", 0)) <= 6
                    and len(m.get("channel_mult", ())) <= 4, "its network is larger than the grader samples"),
@@ -875,7 +874,7 @@ def load_stage_checkpoint(path):
         for ok, why in checks:
             if not ok:
                 return None, why
-        return cdm.load_stage(path), ""
+        return safety.load_stage(path), ""
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
         return None, f"its checkpoint cannot be used: {str(e)[:300]}"
 

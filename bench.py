@@ -74,7 +74,7 @@ DEFAULT_CONFIGS = ["base8", "sr16", "sr32", "cifar"]
 # ---------------------------------------------------------------------------------------------
 
 def build_ours(cfg):
-    model = cdm.set_fast_path(cdm.model_from_config(cfg))
+    model = trainer.set_fast_path(cdm.model_from_config(cfg))
 
     def call(m, x, t, c, z, s):
         return m(x, t, c, z, s)
@@ -227,7 +227,7 @@ def make_step(row, impl):
         return {"error": f"cannot import {impl} ({e}); see --peers"}
     model = model.to(device)
     if impl == "cdm":
-        cdm.set_fast_path(model)                   # the memory layout depends on the device
+        trainer.set_fast_path(model)                   # the memory layout depends on the device
     net = torch.compile(model) if row["compile"] else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     B = row["batch_size"] if row["phase"] == "train" else row["sample_batch"]
@@ -381,7 +381,7 @@ def tune_child(spec):
 
     def measure(s):
         torch.backends.cudnn.benchmark = bool(s["cudnn_benchmark"])
-        cdm.set_fast_path(model, channels_last=s["layout"] == "channels_last",
+        trainer.set_fast_path(model, channels_last=s["layout"] == "channels_last",
                           low_precision_norm=s["norm"] == "bf16")
         net = model if s["compile"] == "eager" else torch.compile(model, mode=s["compile"])
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, **trainer.ADAM_KWARGS[s["adam"]])

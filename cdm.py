@@ -43,22 +43,13 @@ Vocabulary (the paper's symbols, used everywhere in this project):
 Index convention (a common source of off-by-one bugs): every schedule array here has length T + 1
 and is indexed by the paper's t, with entry 0 describing the clean data (abar_0 = 1, beta_0 = 0).
 """
-import inspect
 import math
-import os
-import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-try:
-    import fcntl                   # advisory file locks (POSIX); absent on Windows
-except ImportError:
-    fcntl = None
 
 try:
     from tqdm.auto import tqdm
@@ -686,35 +677,12 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm (Wu & He 2018) as in DDPM/ADM. Two speed options, both the same numbers up to
-    rounding, set by set_fast_path:
-    - fast: PyTorch's CPU kernel is 3-5x slower on channels_last tensors than on NCHW ones
-      (bench.py), so on the CPU we normalise an NCHW copy and hand back channels_last;
-    - low_precision: autocast runs GroupNorm in float32 (its statistics need the range), which
-      on a GPU doubles the memory traffic of every norm. With low_precision the norm runs in the
-      autocast dtype (bf16 has float32's range; PyTorch's CUDA kernel accumulates the mean and
-      variance in float32 either way) and hands bf16 to the next layer."""
-    fast = True
-    low_precision = False
-
-    def forward(self, x):
-        if self.fast and x.device.type == "cpu" and not x.is_contiguous():
-            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
-        if self.low_precision and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype),
-                                    self.bias.to(dtype), self.eps)
-        return super().forward(x)
-
-
 def group_norm(ch):
     """32 groups as in DDPM/ADM, fewer for the narrow CPU models (our choice)."""
     g = min(32, max(1, ch // 4))
     while ch % g:
         g -= 1
-    return GroupNorm(g, ch)
+    return nn.GroupNorm(g, ch)
 
 
 def zero_init(module):
@@ -934,39 +902,6 @@ def model_from_config(cfg):
     return UNet(**cfg)
 
 
-def set_fast_path(model, enabled=True, channels_last=None, low_precision_norm=False):
-    """The speed-ups (numbers in docs/speed.md, from bench.py):
-    - the fused attention kernel (`attention`) instead of the plain softmax(q k^T) v; on
-    - GroupNorm on an NCHW copy for channels_last tensors on the CPU (`GroupNorm`); on
-    - channels_last memory (NHWC). channels_last=None picks the layout measured faster
-      (channels_last_default): on CUDA for narrow models only, never on the CPU;
-    - low_precision_norm: GroupNorm in the autocast dtype (`GroupNorm`); off unless asked.
-    enabled=False gives the plain computation; test_fast_path_matches_plain checks that both
-    give the same outputs and gradients. bf16 autocast and torch.compile are separate choices,
-    made by the scripts' --precision and --compile flags. Call it after moving the model."""
-    for m in model.modules():
-        if isinstance(m, (GroupNorm, AttentionBlock)):
-            m.fast = enabled
-        if isinstance(m, GroupNorm):
-            m.low_precision = low_precision_norm
-    if channels_last is None:
-        channels_last = channels_last_default(model)
-    enabled = enabled and channels_last
-    return model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-
-
-def channels_last_default(model):
-    """The memory layout measured faster (one H200, torch 2.11, bf16 autocast, no compile; the
-    numbers are in docs/speed.md): on CUDA, channels_last for the CIFAR-sized U-Net of 64 base
-    channels (3,037 against 2,255 img/s), NCHW for the imagenet32 and imagenet64 presets of 256
-    (358 against 320, 148 against 131). Widths between were not measured; below 128 counts as
-    narrow. On CPUs NCHW: channels_last measured neutral (AVX-512) to 2-20% slower (AVX2).
-    `bench.py --tune` measures both on your GPU."""
-    if next(model.parameters()).device.type != "cuda":
-        return False
-    return getattr(model, "model_channels", 0) < 128
-
-
 # =============================================================================================
 # 5. Cascade sampling (CDM §3, Fig. 1): base -> SR -> SR ...
 # =============================================================================================
@@ -1146,158 +1081,21 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
 
 
 # =============================================================================================
-# 6. Checkpoints: tensors and plain values only, written atomically, rebuilding themselves
+# 6. Checkpoints: save the config and the tensors; load them back
 # =============================================================================================
 
-# Files are written so that nothing is ever half-written (our choice, for every script): each
-# output goes to a temporary file beside its target, is flushed to disk, and is renamed onto the
-# target only when complete -- a rename within a folder is atomic, so a reader sees the old file or
-# the new one, never a mixture, and a full disk or a crash leaves the old file intact. The writer
-# holds an advisory lock (flock) on its temporary file for as long as it exists, so that a later
-# run can tell the leftovers of a killed writer (SIGKILL skips every clean-up) from files being
-# written right now, and removes only the former (remove_stale_temporaries).
-TMP_PREFIX = ".tmp-cdm-"
+# A checkpoint is a dict of plain values and tensors, nothing else (so torch.load with
+# weights_only=True can read it, and a hostile file cannot run code):
+#   config  everything needed to rebuild the stage: model (UNet's arguments), diffusion,
+#           augment, resolution, low_res, classes, ...
+#   model   the network's weights (state_dict);  ema  their exponential moving average
+# plus what training needs to resume (optimizer state, step, random states). Writing it (atomically)
+# and reading it (with every check on the file) is safety.py's work; rebuilding is this:
 
-
-def _try_lock(fd):
-    """Take an exclusive advisory lock on an open file, without waiting: True if taken, False if
-    another process holds it, None where this platform or file system has no such locks."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
-
-
-def _default_mode(directory=False):
-    """The mode a new file (0o666) or folder (0o777) gets from the user's umask: what open() and
-    mkdir() would give, where mkstemp and mkdtemp give 0o600 and 0o700."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def atomic_write_many(writes):
-    """writes: {path: write}. Call each write(tmp) on a locked temporary file beside its path, flush
-    them all to disk, and only then rename each onto its path: if any write fails (a full disk, an
-    error, Ctrl-C), no target is touched and every temporary file is removed."""
-    done = []                                              # (fd, tmp, path), in order
-    try:
-        for path, write in writes.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
-            done.append((fd, tmp, path))
-            _try_lock(fd)
-            os.chmod(tmp, _default_mode())
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for _, tmp, path in done:
-            os.replace(tmp, path)
-    finally:
-        for fd, tmp, _ in done:
-            os.close(fd)
-            if os.path.exists(tmp):                        # not renamed: an error on the way
-                os.remove(tmp)
-
-
-def atomic_write(path, write):
-    """Call write(tmp) on a temporary file in path's folder, flush it to disk, then rename it onto
-    path: a crash mid-write leaves the previous file intact, never a half-written one."""
-    atomic_write_many({path: write})
-
-
-def remove_stale_temporaries(folder, min_age=10.0):
-    """Remove the temporary files (and folders) that killed writers left in `folder`: those whose
-    lock nobody holds. One younger than min_age seconds is kept, since its writer may have made it
-    an instant ago and not locked it yet. Returns how many were removed."""
-    import shutil
-    removed = 0
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX)]
-    except OSError:
-        return 0
-    for name in names:
-        path = os.path.join(folder, name)
-        is_dir = os.path.isdir(path)
-        try:                      # a temporary folder is locked through its .lock file
-            fd = os.open(os.path.join(path, ".lock") if is_dir else path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None             # a folder whose writer died before it made its .lock
-        except OSError:
-            continue
-        try:
-            if (fd is None or _try_lock(fd) is True) and time.time() - os.stat(path).st_mtime >= min_age:
-                shutil.rmtree(path) if is_dir else os.remove(path)
-                removed += 1
-        except OSError:
-            pass
-        finally:
-            if fd is not None:
-                os.close(fd)
-    return removed
-
-
-def save_checkpoint(obj, path):
-    """torch.save, atomically (see atomic_write)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: torch.save rejects some temporary names
-            torch.save(obj, f)
-    atomic_write(path, write)
-
-
-CHECKPOINT_FORMAT = 1    # written into every checkpoint; a file of a larger number is refused
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load with weights_only=True: a checkpoint holds tensors and plain values only, so a
-    hostile file cannot run code. Every failure says what is wrong with which file."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "ckpt.pt")
-        raise FileNotFoundError(f"checkpoint {path!r} is a folder" + (f": give {inside!r}, the checkpoint in it"
-                                                                      if os.path.isfile(inside) else ", not a checkpoint file"))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects ...
-        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupted, truncated, or holds "
-                         f"objects other than tensors and plain values ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not a cdm checkpoint (no 'config'/'model' entries)")
-    version = ckpt.get("format", 1)                      # checkpoints before formats were numbered: 1
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} was written by a newer version of this code (checkpoint format "
-                         f"{version}; this one reads up to {CHECKPOINT_FORMAT}): update the repository to use it")
-    return ckpt
-
-
-def load_stage(path, device="cpu", ema=True):
+def stage_from_checkpoint(ckpt, device="cpu", ema=True):
     """Rebuild a trained stage from its checkpoint alone: model (EMA weights by default),
     diffusion and augmentation configuration all come from the file."""
-    ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    known = set(inspect.signature(UNet.__init__).parameters) - {"self"}
-    unknown = sorted(set(cfg["model"]) - known)
-    if unknown:
-        raise ValueError(f"{path!r} asks for model options this version does not know ({', '.join(unknown)}): "
-                         "it was written by another version of this code; update the repository to use it")
     model = model_from_config(cfg["model"])
-    weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"the weights in {path!r} do not match its own model config: "
-                         f"{str(e).splitlines()[0]}") from None
-    bad = [name for name, w in model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()]
-    if bad:
-        raise ValueError(f"the {'EMA ' if weights is ckpt.get('ema') else ''}weights in {path!r} are not finite "
-                         f"(NaN or inf in {len(bad)} tensors, first {bad[0]}): the run diverged before this "
-                         "save; sample an earlier checkpoint (--keep_every) or retrain with a lower --lr")
-    return Stage(set_fast_path(model.to(device)).eval(), diffusion_from_config(cfg["diffusion"]), cfg)
+    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    return Stage(model.to(device).eval(), diffusion_from_config(cfg["diffusion"]), cfg)

@@ -244,7 +244,7 @@ def make_glyphs(n_per_class, res=32, seed=0):
 def write_glyphs(folder, n_per_class=700, res=32, seed=0):
     """Write make_glyphs as an image folder, one sub-folder per class (folder/<class>/NNNN.png,
     grayscale PNG): exactly what a user's own data looks like to --data. Built in a temporary
-    folder beside `folder` (locked while it is written, like cdm.atomic_write's files) and renamed
+    folder beside `folder` (locked while it is written, like safety.atomic_write's files) and renamed
     into place, so an interrupted run leaves nothing half written, and the next run removes what a
     killed one left; an existing non-empty folder is never touched."""
     from PIL import Image
@@ -253,14 +253,14 @@ def write_glyphs(folder, n_per_class=700, res=32, seed=0):
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise ValueError(f"{folder} already exists and is not empty; delete it or choose another folder")
     parent = safety.writable_folder(os.path.dirname(os.path.abspath(folder)), "the glyphs folder")
-    cdm.remove_stale_temporaries(parent)
+    safety.remove_stale_temporaries(parent)
     safety.check_disk(parent, 4096 * n_per_class * len(GLYPH_CLASSES), "the glyphs folder")  # a block per PNG
     x, y = make_glyphs(n_per_class, res, seed)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=cdm.TMP_PREFIX + "glyphs-")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=safety.TMP_PREFIX + "glyphs-")
     lock = os.open(os.path.join(tmp, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        cdm._try_lock(lock)
-        os.chmod(tmp, cdm._default_mode(directory=True))   # mkdtemp's 0o700 -> what mkdir gives
+        safety.try_lock(lock)
+        os.chmod(tmp, safety.default_mode(directory=True))   # mkdtemp's 0o700 -> what mkdir gives
         counts = [0] * len(GLYPH_CLASSES)
         for im, k in zip(x, y):
             d = os.path.join(tmp, GLYPH_CLASSES[k])
@@ -383,11 +383,11 @@ def _check_native(res, native, name):
 def save_npz(path, images_uint8_nhwc, labels=None):
     """Write images (and labels) in the ADM convention: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,).
     Atomic (temporary file + os.replace). labels=None writes arr_0 only (unconditional samples)."""
-    cdm.atomic_write(path, lambda tmp: write_npz(tmp, images_uint8_nhwc, labels))
+    safety.atomic_write(path, lambda tmp: write_npz(tmp, images_uint8_nhwc, labels))
 
 
 def write_npz(path, images_uint8_nhwc, labels=None):
-    """save_npz's file, written in place (for cdm.atomic_write and atomic_write_many)."""
+    """save_npz's file, written in place (for safety.atomic_write and atomic_write_many)."""
     images = np.asarray(images_uint8_nhwc)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"save_npz expects uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
@@ -410,10 +410,10 @@ def _load_cifar10(root, split, download, md5):
         if not download:
             raise FileNotFoundError(f"CIFAR-10 archive not found at {path}: put {CIFAR10_FILE} "
                                     f"there (from {CIFAR10_URL}) or pass --download")
-        cdm.remove_stale_temporaries(safety.writable_folder(root, "--data_root"))   # a killed download's
+        safety.remove_stale_temporaries(safety.writable_folder(root, "--data_root"))   # a killed download's
         print(f"downloading {CIFAR10_URL} -> {path}")
         try:
-            cdm.atomic_write(path, lambda tmp: urllib.request.urlretrieve(CIFAR10_URL, tmp))
+            safety.atomic_write(path, lambda tmp: urllib.request.urlretrieve(CIFAR10_URL, tmp))
         except OSError as e:  # includes urllib's URLError (no network, bad URL)
             raise OSError(f"downloading {CIFAR10_URL} failed ({e}); download it by hand and put it "
                           f"at {path}") from e

@@ -222,7 +222,7 @@ def get_classifier(source, res, cache, num_classes, seed=0):
         print(f"the classifier cache {cache} was made for other data or settings: retraining it")
     train = data.load_dataset(source, res, "train", seed=seed)
     clf = train_classifier(train, seed=seed, progress=True, flip=meta["flip"])
-    cdm.save_checkpoint({"state": clf.state_dict(), "meta": meta}, cache)
+    safety.save_checkpoint({"state": clf.state_dict(), "meta": meta}, cache)
     return clf
 
 

@@ -149,7 +149,7 @@ def main(argv=None):
         "sr32_none": train("train_sr.py", [*seed, *SR32, "--aug", "none"],
                            r("sr32_none"), args.quick, log),
     }
-    st = {k: cdm.load_stage(os.path.join(r(k), "ckpt.pt")) for k in wall}
+    st = {k: safety.load_stage(os.path.join(r(k), "ckpt.pt")) for k in wall}
     fid16 = Scorer(16, args.out, args.seed, 2048)
     fid32 = Scorer(32, args.out, args.seed, 2048)
     log("classifiers ready")
@@ -271,7 +271,7 @@ def resumable(out, name):
 
 def solvers(args):
     path, results, log = resumable(args.out, args.json or "solvers.json")
-    stages = {k: cdm.load_stage(os.path.join(args.runs, k, "ckpt.pt")) for k in ("base", "sr16", "sr32")}
+    stages = {k: safety.load_stage(os.path.join(args.runs, k, "ckpt.pt")) for k in ("base", "sr16", "sr32")}
     N = args.n
     c = torch.arange(N) % 8
     score = {res: Scorer(res, args.out, args.seed, 2048) for res in (8, 16, 32)}
@@ -339,7 +339,7 @@ def guidance(args):
         train("train_base.py", [*seed, *extra], r("base"), quick, log)
         train("train_sr.py", [*seed, *extra], r("sr16"), quick, log)
         train("train_sr.py", [*seed, *extra, "--preset", "demo32"], r("sr32"), quick, log)
-        cascades[name] = [cdm.load_stage(os.path.join(r(k), "ckpt.pt")) for k in ("base", "sr16", "sr32")]
+        cascades[name] = [safety.load_stage(os.path.join(r(k), "ckpt.pt")) for k in ("base", "sr16", "sr32")]
     N = 64 if quick else args.n
     score = Scorer(32, args.out, args.seed, 2048)
     log("classifier ready")

@@ -3,16 +3,17 @@
 The rules every script here follows (our choice; the paper has nothing to say about files):
   * a mistake gets one line, "error: ...", that says what is wrong and what to do, before any
     work starts wherever it can be known then -- never a traceback minutes into a run;
-  * every file is written atomically (cdm.atomic_write: the old file or the new one, never half of
+  * every file is written atomically (atomic_write: the old file or the new one, never half of
     one), with the mode the user's umask gives;
   * nothing a user made is replaced without being asked (--resume, --overwrite);
   * an output folder is proven writable by writing in it, and locked while a process writes there;
   * the disk and the memory the work needs are estimated and checked first, with the numbers.
 
-Layers: this file imports only cdm (for its atomic writes); data.py and everything above use it.
+Layers: this file imports only cdm (to rebuild checkpoints); data.py and everything above use it.
 """
 import contextlib
 import errno
+import inspect
 import json
 import math
 import os
@@ -21,6 +22,9 @@ import signal
 import sys
 import tempfile
 import threading
+import time
+
+import torch
 
 import cdm
 
@@ -49,6 +53,161 @@ def describe(e):
     return f"{what}: {e.filename}" if e.filename else what
 
 
+# --- atomic files ------------------------------------------------------------------------------
+# Files are written so that nothing is ever half-written (our choice, for every script): each
+# output goes to a temporary file beside its target, is flushed to disk, and is renamed onto the
+# target only when complete -- a rename within a folder is atomic, so a reader sees the old file or
+# the new one, never a mixture, and a full disk or a crash leaves the old file intact. The writer
+# holds an advisory lock (flock) on its temporary file for as long as it exists, so that a later
+# run can tell the leftovers of a killed writer (SIGKILL skips every clean-up) from files being
+# written right now, and removes only the former (remove_stale_temporaries).
+TMP_PREFIX = ".tmp-cdm-"
+
+
+def try_lock(fd):
+    """Take an exclusive advisory lock on an open file, without waiting: True if taken, False if
+    another process holds it, None where this platform or file system has no such locks."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def default_mode(directory=False):
+    """The mode a new file (0o666) or folder (0o777) gets from the user's umask: what open() and
+    mkdir() would give, where mkstemp and mkdtemp give 0o600 and 0o700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def atomic_write_many(writes):
+    """writes: {path: write}. Call each write(tmp) on a locked temporary file beside its path, flush
+    them all to disk, and only then rename each onto its path: if any write fails (a full disk, an
+    error, Ctrl-C), no target is touched and every temporary file is removed."""
+    done = []                                              # (fd, tmp, path), in order
+    try:
+        for path, write in writes.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
+            done.append((fd, tmp, path))
+            try_lock(fd)
+            os.chmod(tmp, default_mode())
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for _, tmp, path in done:
+            os.replace(tmp, path)
+    finally:
+        for fd, tmp, _ in done:
+            os.close(fd)
+            if os.path.exists(tmp):                        # not renamed: an error on the way
+                os.remove(tmp)
+
+
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary file in path's folder, flush it to disk, then rename it onto
+    path: a crash mid-write leaves the previous file intact, never a half-written one."""
+    atomic_write_many({path: write})
+
+
+def remove_stale_temporaries(folder, min_age=10.0):
+    """Remove the temporary files (and folders) that killed writers left in `folder`: those whose
+    lock nobody holds. One younger than min_age seconds is kept, since its writer may have made it
+    an instant ago and not locked it yet. Returns how many were removed."""
+    removed = 0
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        is_dir = os.path.isdir(path)
+        try:                      # a temporary folder is locked through its .lock file
+            fd = os.open(os.path.join(path, ".lock") if is_dir else path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None             # a folder whose writer died before it made its .lock
+        except OSError:
+            continue
+        try:
+            if (fd is None or try_lock(fd) is True) and time.time() - os.stat(path).st_mtime >= min_age:
+                shutil.rmtree(path) if is_dir else os.remove(path)
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: torch.save rejects some temporary names
+            torch.save(obj, f)
+    atomic_write(path, write)
+
+
+CHECKPOINT_FORMAT = 1    # written into every checkpoint; a file of a larger number is refused
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load with weights_only=True: a checkpoint holds tensors and plain values only, so a
+    hostile file cannot run code. Every failure says what is wrong with which file."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpt.pt")
+        raise FileNotFoundError(f"checkpoint {path!r} is a folder" + (f": give {inside!r}, the checkpoint in it"
+                                                                      if os.path.isfile(inside) else ", not a checkpoint file"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled objects ...
+        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupted, truncated, or holds "
+                         f"objects other than tensors and plain values ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path!r} is not a cdm checkpoint (no 'config'/'model' entries)")
+    version = ckpt.get("format", 1)                      # checkpoints before formats were numbered: 1
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} was written by a newer version of this code (checkpoint format "
+                         f"{version}; this one reads up to {CHECKPOINT_FORMAT}): update the repository to use it")
+    return ckpt
+
+
+
+def load_stage(path, device="cpu", ema=True):
+    """cdm.stage_from_checkpoint of the checkpoint at path, read by load_checkpoint, refusing in one
+    line a file this version cannot rebuild exactly: model options it does not know, weights that
+    do not fit the file's own config, or weights that are not finite (a diverged run)."""
+    ckpt = load_checkpoint(path)
+    known = set(inspect.signature(cdm.UNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(ckpt["config"]["model"]) - known)
+    if unknown:
+        raise ValueError(f"{path!r} asks for model options this version does not know ({', '.join(unknown)}): "
+                         "it was written by another version of this code; update the repository to use it")
+    try:
+        stage = cdm.stage_from_checkpoint(ckpt, device, ema)
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {path!r} do not match its own model config: "
+                         f"{str(e).splitlines()[0]}") from None
+    bad = [name for name, w in stage.model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if bad:
+        which = "EMA " if ema and ckpt.get("ema") is not None else ""
+        raise ValueError(f"the {which}weights in {path!r} are not finite "
+                         f"(NaN or inf in {len(bad)} tensors, first {bad[0]}): the run diverged before this "
+                         "save; sample an earlier checkpoint (--keep_every) or retrain with a lower --lr")
+    return stage
+
+
 # --- paths -------------------------------------------------------------------------------------
 def writable_folder(folder, flag="--out"):
     """Make `folder` and its parents if needed, and prove that files can be written in it by
@@ -59,7 +218,7 @@ def writable_folder(folder, flag="--out"):
         fail(f"{flag} {folder} is a file, not a folder: choose a folder")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=cdm.TMP_PREFIX)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -75,18 +234,18 @@ def writable_file(path, flag, overwrite=False):
     if os.path.isdir(path):
         fail(f"{flag} {path} is a folder: name a file")
     writable_folder(os.path.dirname(path) or ".", flag)
-    cdm.remove_stale_temporaries(os.path.dirname(path) or ".")
+    remove_stale_temporaries(os.path.dirname(path) or ".")
     if os.path.exists(path) and not overwrite:
         fail(f"{flag} {path} exists: add --overwrite to replace it, or choose another name")
     return path
 
 
 def write_text(path, text):
-    """text at path, atomically (cdm.atomic_write)."""
+    """text at path, atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    cdm.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def json_safe(obj):
@@ -108,7 +267,7 @@ def write_json(path, obj, allow_nan=False):
 
 def save_figure(fig, path, **kwargs):
     """A matplotlib figure as a PNG at path, atomically."""
-    cdm.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
 
 
 _held_locks = {}  # lock file -> its descriptor, for the locks this process holds
@@ -128,7 +287,7 @@ def lock_folder(folder, flag="--out"):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         fail(f"{flag} {folder}: cannot create its lock file ({describe(e)})")
-    taken = cdm._try_lock(fd)
+    taken = try_lock(fd)
     if taken is False:
         pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
@@ -150,7 +309,7 @@ def prepare_output_folder(folder, flag="--out"):
     """Writable, locked for this process, and cleared of the temporary files killed runs left."""
     writable_folder(folder, flag)
     lock_folder(folder, flag)
-    cdm.remove_stale_temporaries(folder)
+    remove_stale_temporaries(folder)
     return folder
 
 

@@ -778,10 +778,10 @@ def test_fast_path_matches_plain():
     change no output and no gradient beyond float32 rounding."""
     fast, inputs = perturbed_sr_unet()
     plain = copy.deepcopy(fast)
-    cdm.set_fast_path(fast, True, channels_last=True)
-    cdm.set_fast_path(plain, False)
+    trainer.set_fast_path(fast, True, channels_last=True)
+    trainer.set_fast_path(plain, False)
     assert fast.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert not any(m.fast for m in plain.modules() if isinstance(m, (cdm.GroupNorm, cdm.AttentionBlock)))
+    assert not any(m.fast for m in plain.modules() if isinstance(m, (trainer.FastGroupNorm, cdm.AttentionBlock)))
     out_f, grads_f = outputs_and_grads(fast, inputs)
     out_p, grads_p = outputs_and_grads(plain, inputs)
     assert out_p.abs().mean() > 0.1                              # a real, non-trivial output
@@ -802,7 +802,7 @@ def test_bf16_autocast_stays_close_to_fp32():
     """bf16 keeps 8 bits of mantissa: the outputs and gradients under autocast agree with fp32
     to a few percent of their scale, no more."""
     model, inputs = perturbed_sr_unet()
-    cdm.set_fast_path(model)
+    trainer.set_fast_path(model)
     out32, g32 = outputs_and_grads(model, inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out16, g16 = outputs_and_grads(model, inputs)
@@ -844,7 +844,7 @@ def test_low_precision_groupnorm_stays_close():
     """GroupNorm in the autocast dtype (set_fast_path(low_precision_norm=True)): a bf16 output,
     within bf16 rounding of the float32 norm; without autocast it is the float32 norm exactly."""
     torch.manual_seed(0)
-    gn = cdm.GroupNorm(4, 16)
+    gn = trainer.FastGroupNorm(4, 16)
     torch.nn.init.normal_(gn.weight)
     x = torch.randn(3, 16, 8, 8) * 5 + 2
     ref = gn(x)
@@ -854,9 +854,9 @@ def test_low_precision_groupnorm_stays_close():
         out = gn(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.02 * ref.abs().max()
-    model = cdm.set_fast_path(cdm.UNet(8, 16, (1,), 1, (), 2), low_precision_norm=True)
-    assert all(m.low_precision for m in model.modules() if isinstance(m, cdm.GroupNorm))
-    assert not cdm.channels_last_default(model)                         # CPU: NCHW
+    model = trainer.set_fast_path(cdm.UNet(8, 16, (1,), 1, (), 2), low_precision_norm=True)
+    assert all(m.low_precision for m in model.modules() if isinstance(m, trainer.FastGroupNorm))
+    assert not trainer.channels_last_default(model)                         # CPU: NCHW
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -867,8 +867,8 @@ def test_cuda_bf16_compile_matches_cpu():
     """The GPU path: channels_last + bf16 autocast + torch.compile on CUDA gives the CPU fp32
     numbers to bf16 accuracy, for outputs and gradients."""
     model, inputs = perturbed_sr_unet()
-    ref_out, ref_grads = outputs_and_grads(cdm.set_fast_path(copy.deepcopy(model)), inputs)
-    gpu = cdm.set_fast_path(model.cuda())
+    ref_out, ref_grads = outputs_and_grads(trainer.set_fast_path(copy.deepcopy(model)), inputs)
+    gpu = trainer.set_fast_path(model.cuda())
     compiled = torch.compile(gpu)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         gpu.zero_grad()
@@ -912,7 +912,7 @@ def test_speed_defaults_leave_the_cpu_path_alone():
         assert "measured" in line, f"CUDA_SPEED[{key!r}] does not say whether it was measured"
     model = trainer.apply_speed(cdm.UNet(8, 16, (1,), 1, (), 2), trainer.CPU_SPEED)
     assert model.input_conv.weight.is_contiguous()
-    assert not any(m.low_precision for m in model.modules() if isinstance(m, cdm.GroupNorm))
+    assert not any(m.low_precision for m in model.modules() if isinstance(m, trainer.FastGroupNorm))
 
 
 def test_tune_searches_a_factor_at_a_time_and_prints_usable_flags(tmp_path):
@@ -1003,9 +1003,9 @@ def test_cuda_compiled_run_checkpoint_samples_like_eager(tmp_path):
     model, and that model samples the images the compiled model samples (DDIM, same noise)."""
     run("train_base.py", *[a if a != "cpu" else "cuda" for a in TINY], "--res", "8", "--attn", "4",
         "--compile", "--precision", "bf16", "--out", str(tmp_path / "base"), shell=True)   # compiles apart
-    ckpt = cdm.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))
+    ckpt = safety.load_checkpoint(str(tmp_path / "base" / "ckpt.pt"))
     assert not any("_orig_mod" in k for k in ckpt["model"]), list(ckpt["model"])[:3]
-    stage = cdm.load_stage(str(tmp_path / "base" / "ckpt.pt"), "cuda")
+    stage = safety.load_stage(str(tmp_path / "base" / "ckpt.pt"), "cuda")
     compiled = torch.compile(stage.model)
     chain = stage.diffusion.sampling_chain("ddim", 5)
     c = torch.arange(8, device="cuda") % stage.config["num_classes"]
@@ -1037,11 +1037,11 @@ def test_checkpoint_rebuilds_an_identical_model(tmp_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path / "ckpt.pt"
-    cdm.save_checkpoint({"config": cfg, "model": model.state_dict(), "ema": model.state_dict()}, str(path))
+    safety.save_checkpoint({"config": cfg, "model": model.state_dict(), "ema": model.state_dict()}, str(path))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]   # no temporary file left behind
-    stage = cdm.load_stage(str(path))
+    stage = safety.load_stage(str(path))
     x, t, c = torch.randn(2, 3, 8, 8), torch.tensor([3, 60]), torch.tensor([0, 2])
-    assert torch.equal(stage.model(x, t, c=c), cdm.set_fast_path(model).eval()(x, t, c=c))
+    assert torch.equal(stage.model(x, t, c=c), trainer.set_fast_path(model).eval()(x, t, c=c))
     assert stage.diffusion.T == 100 and stage.diffusion.variance == "learned"
 
 
@@ -1049,22 +1049,22 @@ def test_checkpoint_errors(tmp_path):
     cfg = stage_config()
     model = cdm.model_from_config(cfg["model"])
     good = tmp_path / "good.pt"
-    cdm.save_checkpoint({"config": cfg, "model": model.state_dict()}, str(good))
+    safety.save_checkpoint({"config": cfg, "model": model.state_dict()}, str(good))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="corrupted, truncated"):
-        cdm.load_checkpoint(str(truncated))
+        safety.load_checkpoint(str(truncated))
     hostile = tmp_path / "hostile.pt"
     torch.save({"config": cfg, "model": {}, "payload": Spy()}, str(hostile))   # a pickled object
     with pytest.raises(ValueError, match="objects other than tensors"):
-        cdm.load_checkpoint(str(hostile))
+        safety.load_checkpoint(str(hostile))
     with pytest.raises(FileNotFoundError):
-        cdm.load_checkpoint(str(tmp_path / "missing.pt"))
+        safety.load_checkpoint(str(tmp_path / "missing.pt"))
     other = tmp_path / "other.pt"
-    cdm.save_checkpoint({"config": stage_config(model={**cfg["model"], "model_channels": 8}),
+    safety.save_checkpoint({"config": stage_config(model={**cfg["model"], "model_channels": 8}),
                          "model": model.state_dict()}, str(other))
     with pytest.raises(ValueError, match="do not match its own model config"):
-        cdm.load_stage(str(other))
+        safety.load_stage(str(other))
 
 
 # =============================================================================================
@@ -1237,7 +1237,7 @@ def test_flips_default_per_source_and_off_means_off(tmp_path):
         mirrored = torch.cat(seen)
         assert len(mirrored) == 64
         assert (mirrored.sum() == 0) if not on else (16 <= mirrored.sum() <= 48)
-        assert cdm.load_checkpoint(str(tmp_path / str(on) / "ckpt.pt"))["config"]["flip"] == on
+        assert safety.load_checkpoint(str(tmp_path / str(on) / "ckpt.pt"))["config"]["flip"] == on
 
 
 # --- CIFAR-10 (a tiny archive in the official format) ----------------------------------------
@@ -1711,10 +1711,10 @@ def test_sample_super_resolves_given_images(tiny_cascade, tmp_path):
     (tmp_path / "in8" / "classes" / "teapot").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in8" / "classes" / "teapot" / "t.png")
     bad.append(([sr16, "--low_res", str(tmp_path / "in8" / "classes")], "teapot name no class of this model"))
-    ck = cdm.load_checkpoint(sr16)                       # the same stage as a 1-channel (gray) model
+    ck = safety.load_checkpoint(sr16)                       # the same stage as a 1-channel (gray) model
     gray_cfg = {**ck["config"], "model": {**ck["config"]["model"], "in_channels": 1, "out_channels": 2}}
     gray = cdm.model_from_config(gray_cfg["model"])
-    cdm.save_checkpoint({"config": gray_cfg, "model": gray.state_dict(), "ema": gray.state_dict()},
+    safety.save_checkpoint({"config": gray_cfg, "model": gray.state_dict(), "ema": gray.state_dict()},
                         str(tmp_path / "gray.pt"))
     bad.append(([str(tmp_path / "gray.pt"), "--low_res", str(tmp_path / "in8" / "flat"), "--classes", "0"],
                 "the images have colour, but stage 1 is a 1-channel model"))
@@ -1840,8 +1840,8 @@ def test_p_uncond_drops_that_share_of_labels_and_keeps_the_rest(tiny_cascade, tm
         kept = dropped != 7
         assert torch.equal(dropped[kept], c[kept])
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--p_uncond", "0.2", "--out", str(tmp_path / "cfg"))
-    cfg = cdm.load_checkpoint(str(tmp_path / "cfg" / "ckpt.pt"))
-    plain = cdm.load_checkpoint(str(tiny_cascade / "base" / "ckpt.pt"))     # the same flags but p_uncond
+    cfg = safety.load_checkpoint(str(tmp_path / "cfg" / "ckpt.pt"))
+    plain = safety.load_checkpoint(str(tiny_cascade / "base" / "ckpt.pt"))     # the same flags but p_uncond
     assert cfg["config"]["model"]["null_class"] and cfg["config"]["p_uncond"] == 0.2
     assert cfg["model"]["class_embed.weight"].shape[0] == plain["model"]["class_embed.weight"].shape[0] + 1
     assert "null_class" not in plain["config"]["model"] and "p_uncond" not in plain["config"]  # as before
@@ -2036,7 +2036,7 @@ def test_scripts_train_on_gpu_in_bf16_compiled(tmp_path):
     out = tmp_path / "gpu"
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--device", "cuda", "--precision", "bf16",
         "--compile", "--out", str(out), shell=True)
-    assert cdm.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    assert safety.load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
 
 
 # ---- issue 4: distributed training, mixed precision, checkpoints that survive anything ----
@@ -2052,7 +2052,7 @@ def logged_losses(out):
 
 
 def checkpoint_of(out):
-    return cdm.load_checkpoint(str(out / "ckpt.pt"))
+    return safety.load_checkpoint(str(out / "ckpt.pt"))
 
 
 def start_and_wait(args, out, min_steps, timeout=120):
@@ -2580,9 +2580,9 @@ def test_evaluate_refuses_samples_of_another_dataset(tiny_cascade, tmp_path):
 
 
 def relabelled_checkpoint(src, dst, class_names, data_name):
-    ckpt = cdm.load_checkpoint(str(src))
+    ckpt = safety.load_checkpoint(str(src))
     ckpt["config"] = {**ckpt["config"], "class_names": class_names, "data": data_name}
-    cdm.save_checkpoint(ckpt, str(dst))
+    safety.save_checkpoint(ckpt, str(dst))
     return str(dst)
 
 
@@ -2592,14 +2592,14 @@ def test_nothing_is_sampled_silently_wrong_from_a_bad_or_foreign_checkpoint(tiny
     folder given as a checkpoint, and a stage that samples non-finite values: each one line,
     naming the file or the stage, and no file written."""
     base = torch.load(tiny_cascade / "base" / "ckpt.pt", weights_only=True)
-    assert base["format"] == cdm.CHECKPOINT_FORMAT
+    assert base["format"] == safety.CHECKPOINT_FORMAT
     cases = {}
     nan = copy.deepcopy(base)
     for key in ("model", "ema"):
         nan[key][next(iter(nan[key]))].fill_(float("nan"))
     cases["nan.pt"] = (nan, "are not finite (NaN or inf")
-    newer = dict(base, format=cdm.CHECKPOINT_FORMAT + 1)
-    cases["newer.pt"] = (newer, f"checkpoint format {cdm.CHECKPOINT_FORMAT + 1}; this one reads up to")
+    newer = dict(base, format=safety.CHECKPOINT_FORMAT + 1)
+    cases["newer.pt"] = (newer, f"checkpoint format {safety.CHECKPOINT_FORMAT + 1}; this one reads up to")
     option = copy.deepcopy(base)
     option["config"]["model"]["flash_norm"] = True
     cases["option.pt"] = (option, "model options this version does not know (flash_norm)")
@@ -2900,7 +2900,7 @@ def test_json_files_are_strict_json(tmp_path):
     safety.write_json(str(path), {"psnr": [31.5, float("inf")], "fid": float("nan"), "n": 3})
     strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the file"))
     assert strict == {"psnr": [31.5, None], "fid": None, "n": 3}
-    assert (path.stat().st_mode & 0o777) == cdm._default_mode()      # the umask's, not mkstemp's 0600
+    assert (path.stat().st_mode & 0o777) == safety.default_mode()      # the umask's, not mkstemp's 0600
 
 
 def test_a_diverged_run_before_its_first_save_says_so(tmp_path):
@@ -2912,9 +2912,9 @@ def test_a_diverged_run_before_its_first_save_says_so(tmp_path):
 
 def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(trained, tmp_path):
     import fcntl
-    stale = trained / (cdm.TMP_PREFIX + "killed")
+    stale = trained / (safety.TMP_PREFIX + "killed")
     stale.write_bytes(b"half a checkpoint")
-    live = trained / (cdm.TMP_PREFIX + "live")
+    live = trained / (safety.TMP_PREFIX + "live")
     live.write_bytes(b"being written")
     old = time.time() - 60
     for p in (stale, live):
@@ -2927,7 +2927,7 @@ def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(trained, tmp
     finally:
         os.close(holder)
     # data.py glyphs: its temporary folder from a killed run goes at the next run
-    leftover = tmp_path / (cdm.TMP_PREFIX + "glyphs-abc")
+    leftover = tmp_path / (safety.TMP_PREFIX + "glyphs-abc")
     (leftover / "0").mkdir(parents=True)
     os.utime(leftover, (old, old))
     data.main(["glyphs", str(tmp_path / "g"), "--n", "2", "--res", "8"])

@@ -17,6 +17,7 @@ import time
 import zlib
 
 import torch
+import torch.nn.functional as F
 
 import cdm
 import data
@@ -89,7 +90,7 @@ def preset_table(presets):
 # fastest: put its winners here. On the CPU every setting is the CPU path's (NCHW, autocast's
 # norm, foreach Adam), whatever this table says.
 CUDA_SPEED = {
-    "channels_last": "auto",   # measured on an H200: per model width, see cdm.channels_last_default
+    "channels_last": "auto",   # measured on an H200: per model width, see channels_last_default
     "norm_precision": "fp32",  # not measured on a GPU yet: autocast's float32
     "adam": "foreach",         # not measured on a GPU yet: foreach, PyTorch's default on CUDA
     "cudnn_benchmark": "off",  # not measured on a GPU yet: PyTorch's default
@@ -97,6 +98,61 @@ CUDA_SPEED = {
 CPU_SPEED = {"channels_last": "auto", "norm_precision": "fp32", "adam": "foreach", "cudnn_benchmark": "off"}
 ADAM_KWARGS = {"foreach": dict(foreach=True, fused=None), "fused": dict(foreach=None, fused=True)}
 COMPILE_MODES = ["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"]
+
+
+class FastGroupNorm(torch.nn.GroupNorm):
+    """cdm's GroupNorm with two speed options, both the same numbers up to rounding; set_fast_path
+    turns a model's nn.GroupNorm layers into these (same parameters, same state dict):
+    - fast: PyTorch's CPU kernel is 3-5x slower on channels_last tensors than on NCHW ones
+      (bench.py), so on the CPU we normalise an NCHW copy and hand back channels_last;
+    - low_precision: autocast runs GroupNorm in float32 (its statistics need the range), which
+      on a GPU doubles the memory traffic of every norm. With low_precision the norm runs in the
+      autocast dtype (bf16 has float32's range; PyTorch's CUDA kernel accumulates the mean and
+      variance in float32 either way) and hands bf16 to the next layer."""
+    fast = True
+    low_precision = False
+
+    def forward(self, x):
+        if self.fast and x.device.type == "cpu" and not x.is_contiguous():
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        if self.low_precision and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype),
+                                    self.bias.to(dtype), self.eps)
+        return super().forward(x)
+
+
+def set_fast_path(model, enabled=True, channels_last=None, low_precision_norm=False):
+    """The speed-ups (numbers in docs/speed.md, from bench.py):
+    - the fused attention kernel (`cdm.attention`) instead of the plain softmax(q k^T) v; on
+    - GroupNorm on an NCHW copy for channels_last tensors on the CPU (`FastGroupNorm`); on
+    - channels_last memory (NHWC). channels_last=None picks the layout measured faster
+      (channels_last_default): on CUDA for narrow models only, never on the CPU;
+    - low_precision_norm: GroupNorm in the autocast dtype (`FastGroupNorm`); off unless asked.
+    enabled=False gives the plain computation; test_fast_path_matches_plain checks that both
+    give the same outputs and gradients. bf16 autocast and torch.compile are separate choices,
+    made by the scripts' --precision and --compile flags. Call it after moving the model."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.__class__ = FastGroupNorm
+            m.low_precision = low_precision_norm
+        if isinstance(m, (FastGroupNorm, cdm.AttentionBlock)):
+            m.fast = enabled
+    if channels_last is None:
+        channels_last = channels_last_default(model)
+    enabled = enabled and channels_last
+    return model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+def channels_last_default(model):
+    """The memory layout measured faster (bench.py; the numbers are in docs/speed.md): on CUDA,
+    channels_last for narrow U-Nets (fewer than 128 base channels, as the CIFAR-sized one) and
+    NCHW for the wide ImageNet presets; on CPUs always NCHW. `bench.py --tune` measures both on
+    your GPU."""
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    return getattr(model, "model_channels", 0) < 128
 
 
 def speed_settings(args, device):
@@ -110,7 +166,7 @@ def apply_speed(model, speed):
     if speed["cudnn_benchmark"] == "on":
         torch.backends.cudnn.benchmark = True
     layout = {"auto": None, "on": True, "off": False}[speed["channels_last"]]
-    return cdm.set_fast_path(model, channels_last=layout, low_precision_norm=speed["norm_precision"] == "bf16")
+    return set_fast_path(model, channels_last=layout, low_precision_norm=speed["norm_precision"] == "bf16")
 
 
 class PresetAttention(tuple):
@@ -200,7 +256,7 @@ def add_common_args(p, d):
     g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode, with --compile")
     g.add_argument("--channels_last", choices=["auto", "on", "off"], default=None,
-                   help="NHWC memory; auto: the layout measured faster (cdm.channels_last_default)")
+                   help="NHWC memory; auto: the layout measured faster (channels_last_default)")
     g.add_argument("--norm_precision", choices=["fp32", "bf16"], default=None,
                    help="GroupNorm under --precision bf16: float32 as autocast does, or bf16")
     g.add_argument("--adam", choices=list(ADAM_KWARGS), default=None,
@@ -520,7 +576,7 @@ def grid_image(rows, min_tile=64):
 def save_grid(path, rows, min_tile=64):
     """grid_image(rows) written to path as a PNG, atomically."""
     image = grid_image(rows, min_tile)
-    cdm.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    safety.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def setup_distributed(device_name):
@@ -627,7 +683,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
     step = saved_step = 0                          # saved_step: that of the last good checkpoint
     if args.resume and os.path.exists(ckpt_path):
         try:
-            ckpt = cdm.load_checkpoint(ckpt_path)
+            ckpt = safety.load_checkpoint(ckpt_path)
         except ValueError as e:
             raise SystemExit(f"error: --resume: {e}") from None
         changed = [k for k in ("model", "diffusion", "augment", "flip") if ckpt["config"].get(k) != config[k]]
@@ -697,19 +753,19 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
         nonlocal saved_step
         if not main:
             return
-        state = {"format": cdm.CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
+        state = {"format": safety.CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
                  "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "args": vars_plain(args), "world": world,
                  "rng": {"torch": torch.get_rng_state()}}
         try:
-            cdm.save_checkpoint(state, ckpt_path)
+            safety.save_checkpoint(state, ckpt_path)
             saved_step = step
             if args.keep_every and step % args.keep_every == 0:
                 kept = os.path.join(args.out, f"ckpt_{step:07d}.pt")
-                cdm.save_checkpoint(state, kept)
+                safety.save_checkpoint(state, kept)
         except OSError as e:
             raise disk_error(e, f"the checkpoint of step {step}") from None
-        cdm.remove_stale_temporaries(args.out)    # what a run killed shortly before left
+        safety.remove_stale_temporaries(args.out)    # what a run killed shortly before left
 
     # A fixed batch of training images (one per class, cycling) whose classes and low-res copies
     # condition the preview grids.
