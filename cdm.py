@@ -22,11 +22,12 @@ It builds on:
 
 Read top to bottom:
   1. noise schedules                      (DDPM §4, iDDPM §3.2)
-  2. Gaussian diffusion: q, posterior, losses, samplers (DDPM, iDDPM, DDIM, DPM++, EDM)
+  2. Gaussian diffusion: q, posterior, losses, the denoiser and the samplers of DDPM and DDIM
   3. conditioning augmentation           (CDM §3: Gaussian noise; §3.1: Gaussian blur)
   4. the U-Net                            (DDPM App. B, iDDPM, ADM §3; CDM §3 for the SR inputs)
   5. cascade sampling                     (CDM §3, Fig. 1; §3.2, §3.3: the two handovers)
-  6. checkpoints that rebuild themselves
+  6. beyond the paper: ODE solvers (DPM++, EDM), their noise levels, classifier-free guidance
+  7. checkpoints: save the config and the tensors; load them back
 
 Vocabulary (the paper's symbols, used everywhere in this project):
   x0        a clean image at a stage's resolution, in [-1, 1], shape (B, 3, H, W)
@@ -154,39 +155,6 @@ def spaced_timesteps(T, K, include=()):
     if not 1 <= K <= T:
         raise ValueError(f"cannot take {K} sampling steps from a model with T = {T}; use 1..{T}")
     kept = set(np.round(np.linspace(1, T, K) if K > 1 else [T]).astype(int).tolist()) | {int(i) for i in include}
-    if min(kept) < 1 or max(kept) > T:
-        raise ValueError(f"steps to include must lie in 1..{T}, got {sorted(include)}")
-    return sorted(kept)
-
-
-def karras_timesteps(alphas_cumprod, K, include=(), sigma_max=80.0, rho=7.0):
-    """K steps of {1..T} at the noise levels of EDM Eq. (5), for the ODE samplers, plus `include`:
-
-        sigma_i = ( sigma_max^(1/rho) + i/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)) )^rho,  rho = 7
-
-    in the noise level sigma~_t = sqrt((1 - abar_t) / abar_t) of our discrete steps (see
-    GaussianDiffusion.sample), with sigma_max = min(80, sigma~_T) as in EDM and sigma_min = sigma~_1.
-    Each sigma_i is mapped to the step t whose sigma~_t is nearest in log (sigma~_t grows with t);
-    steps that round to the same t are moved apart, so the chain has K distinct steps. The chain
-    then starts at the t of sigma_max with x ~ N(0, I), not at T: for a cosine schedule
-    sigma~_T ~ 2e4, where one step down to sigma~ ~ 1 is more than Heun's trapezoid can take.
-    """
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    T, K = len(abar) - 1, int(K)
-    if not 1 <= K <= T:
-        raise ValueError(f"cannot take {K} sampling steps from a model with T = {T}; use 1..{T}")
-    log_sig = 0.5 * np.log((1 - abar[1:]) / abar[1:])                # log sigma~_t, t = 1..T
-    lo, hi = log_sig[0], min(math.log(sigma_max), log_sig[-1])
-    ramp = np.linspace(0, 1, K) if K > 1 else np.zeros(1)
-    sig = (math.exp(hi) ** (1 / rho) + ramp * (math.exp(lo) ** (1 / rho) - math.exp(hi) ** (1 / rho))) ** rho
-    t = np.clip(np.round(np.interp(np.log(sig), log_sig, np.arange(1, T + 1))).astype(int), 1, T)
-    t = np.sort(t)                                                   # ascending, may repeat
-    for k in range(1, K):                                            # distinct, from the bottom
-        t[k] = max(t[k], t[k - 1] + 1)
-    t[-1] = min(t[-1], T)                                            # pushed past T: from the top
-    for k in range(K - 2, -1, -1):
-        t[k] = min(t[k], t[k + 1] - 1)
-    kept = set(t.tolist()) | {int(i) for i in include}
     if min(kept) < 1 or max(kept) > T:
         raise ValueError(f"steps to include must lie in 1..{T}, got {sorted(include)}")
     return sorted(kept)
@@ -404,7 +372,7 @@ class GaussianDiffusion:
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p)) / math.log(2.0)
         return torch.where(t == 1, nll, kl)
 
-    # --- samplers -----------------------------------------------------------------------------
+    # --- sampling: the denoiser every sampler shares, and the choice of sampler ---------------
     def _index_of(self, s):
         where = np.nonzero(self.timesteps == s)[0]
         if len(where) == 0:
@@ -418,9 +386,13 @@ class GaussianDiffusion:
         return 2 * steps - (0 if stop_at else 1) if sampler == "heun" else steps
 
     def denoise(self, model, x_t, i, model_kwargs):
-        """(x0_hat, eps_hat) at index i of this chain, for the ODE samplers: x0_hat clipped to
-        [-1, 1] as in p_mean_variance, eps_hat the noise consistent with it,
-        eps_hat = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar). The learned variance is unused."""
+        """The denoiser the samplers share: (x0_hat, eps_hat) at index i of this chain, the
+        network told the training schedule's t. x0_hat is clipped to [-1, 1] (as in
+        p_mean_variance) and eps_hat is the noise consistent with the clipped x0_hat,
+
+            eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t),
+
+        not the one the raw prediction implies. The learned variance is unused."""
         t = torch.full((x_t.shape[0],), i, dtype=torch.long, device=x_t.device)
         out = model(x_t, torch.as_tensor(self.timesteps, device=x_t.device)[t], **model_kwargs)
         x0_hat = self.x0_and_eps(x_t, t, self.split_output(out.float())[0])[0].clamp(-1, 1)
@@ -430,138 +402,72 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample(self, model, shape, model_kwargs, *, sampler="ancestral", eta=0.0, stop_at=0,
                noise=None, generator=None, progress=False, desc="sampling"):
-        """Draw x_{stop_at} from x_T ~ N(0, I) down this (respaced) chain, with `sampler`:
+        """Draw x_{stop_at} from x_T ~ N(0, I) down this (respaced) chain with `sampler`, one of
 
-          ancestral  DDPM Alg. 2 with the model's variance (learned or fixed)      1 NFE / step
-          ddim       DDIM Eq. (12); eta = 0 deterministic, eta = 1 DDPM-like noise  1 NFE / step
-          dpm++2m    DPM-Solver++(2M), DPM++ Alg. 2: probability-flow ODE           1 NFE / step
-          dpm++2m-sde  its SDE variant (Lu 2023, diffusers; see the header), fresh noise  1 NFE / step
-          heun       EDM Alg. 1 (deterministic): probability-flow ODE   2 NFE / step (1 on the last)
+          ancestral    sample_ancestral: DDPM Alg. 2, the model's variance   1 NFE / step
+          ddim         sample_ddim: DDIM Eq. (12); eta = 0 deterministic     1 NFE / step
+          dpm++2m      sample_dpmpp_2m: DPM++ Alg. 2 (beyond the paper)      1 NFE / step
+          dpm++2m-sde  sample_dpmpp_2m_sde: its SDE variant (beyond)         1 NFE / step
+          heun         sample_heun: EDM Alg. 1 (beyond)          2 NFE / step (1 on the last)
 
         stop_at is a step of the *training* schedule (0: to the clean image); stopping early is
         truncated conditioning augmentation (CDM §3.2): the chain contains s (respace(include=[s]))
-        and every sampler lands exactly on it, handing over z_s. The ODE samplers use only the
-        network's x0_hat (clipped) and the eps consistent with it (denoise), never its variance.
-
-        Noise level and time (the ODE samplers): our networks know the *discrete* steps t of their
-        training schedule. The ODE's noise level at step t is sigma~_t = sqrt((1 - abar_t) / abar_t)
-        (EDM's sigma for x~ = x / sqrt(abar)), equivalently log-SNR lambda_t = -log sigma~_t (DPM++).
-        Both solvers evaluate the network only at points of the chain (Heun's corrector at the next
-        step's t), so no fractional t is ever needed. The chain's steps are whatever it was respaced
-        to: sampling_chain gives the ODE solvers EDM's noise levels (karras_timesteps, EDM Eq. (5))
-        and the others steps evenly spaced in t (spaced_timesteps, iDDPM §4).
-        """
+        and every sampler lands exactly on it, handing over z_s. Each sampler walks the chain's
+        indices i = T, T - 1, ..., from i to i - 1, and draws fresh N(0, I) noise when it needs
+        some (from `generator`)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         device = next(model.parameters()).device
         x = gaussian(shape, generator, device) if noise is None else noise.to(device)
         end = self._index_of(stop_at) if stop_at else 0
-        fresh = lambda: gaussian(shape, generator, device)    # N(0, I), drawn when a step asks
-        step = getattr(self, STEP_OF[sampler])
-        memory = {}                                            # what a multistep solver remembers
-        for i in tqdm(range(self.T, end, -1), desc=desc, disable=not progress, leave=False):
-            x = step(model, x, i, model_kwargs, fresh=fresh, eta=eta, memory=memory)
-        return x
+        steps = tqdm(range(self.T, end, -1), desc=desc, disable=not progress, leave=False)
+        fresh = lambda: gaussian(shape, generator, device)
+        if sampler == "ancestral":
+            return sample_ancestral(self, model, x, model_kwargs, steps, fresh)
+        if sampler == "ddim":
+            return sample_ddim(self, model, x, model_kwargs, steps, fresh, eta)
+        if sampler == "dpm++2m":
+            return sample_dpmpp_2m(self, model, x, model_kwargs, steps)
+        if sampler == "dpm++2m-sde":
+            return sample_dpmpp_2m_sde(self, model, x, model_kwargs, steps, fresh)
+        return sample_heun(self, model, x, model_kwargs, steps)
 
-    # --- one step of each sampler, from index i of this chain to i - 1 ------------------------
-    # Each takes the same arguments: x at index i, fresh() for new N(0, I) noise, eta (DDIM's),
-    # memory (a dict a multistep solver keeps between steps); each ignores what it does not use.
-    def ancestral_step(self, model, x, i, model_kwargs, fresh, **_):
-        """DDPM Alg. 2, line 4: x_{t-1} = mu_theta(x_t, t) + Sigma_theta(x_t, t)^{1/2} n, n ~ N(0, I),
-        with the model's variance (learned or fixed), and n = 0 on the last step (t = 1)."""
+
+# --- the samplers of the paper and its predecessors -------------------------------------------
+# Each takes the chain (a respaced GaussianDiffusion), the network and its conditioning, x at the
+# first index of `steps`, the indices i to step down from (to i - 1), and fresh() for new N(0, I)
+# noise where it needs it; it returns x at the index after the last.
+
+def sample_ancestral(chain, model, x, model_kwargs, steps, fresh):
+    """DDPM Algorithm 2, line 4, with the model's variance (learned or fixed):
+
+        x_{t-1} = mu_theta(x_t, t) + Sigma_theta(x_t, t)^{1/2} n,   n ~ N(0, I),
+
+    and n = 0 on the last step (t = 1)."""
+    for i in steps:
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        mean, logvar, _, _ = self.p_mean_variance(model, x, t, model_kwargs)
+        mean, logvar, _, _ = chain.p_mean_variance(model, x, t, model_kwargs)
         n = fresh() if i > 1 else torch.zeros_like(x)
-        return mean + torch.exp(0.5 * logvar) * n
+        x = mean + torch.exp(0.5 * logvar) * n
+    return x
 
-    def ddim_step(self, model, x, i, model_kwargs, fresh, eta=0.0, **_):
-        """DDIM Eq. (12) from t to t' = the step before it, with sigma from DDIM Eq. (16):
 
-            x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
-            sigma  = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'})
+def sample_ddim(chain, model, x, model_kwargs, steps, fresh, eta=0.0):
+    """DDIM Eq. (12) from t to t' = the step before it, with sigma from DDIM Eq. (16):
 
-        x0_hat is the clipped prediction of p_mean_variance, and eps_hat the noise consistent with
-        it, eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t). eta = 0: deterministic."""
-        j, abar = i - 1, self.alphas_cumprod
-        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        _, _, x0_hat, _ = self.p_mean_variance(model, x, t, model_kwargs)
+        x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma n,
+        sigma  = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'}),
+
+    (x0_hat, eps_hat) from the shared denoiser. eta = 0: deterministic; eta = 1: the DDPM
+    posterior's noise."""
+    abar, alpha = chain.alphas_cumprod, chain.sqrt_alphas_cumprod
+    for i in steps:
+        j = i - 1
+        x0_hat, eps_hat = chain.denoise(model, x, i, model_kwargs)
         n = fresh() if i > 1 else torch.zeros_like(x)
-        eps = (x - alpha[i] * x0_hat) / sigma[i]              # consistent with the clipping
         sig = eta * math.sqrt((1 - abar[j]) / (1 - abar[i]) * (1 - abar[i] / abar[j]))
-        return alpha[j] * x0_hat + math.sqrt(max(1 - abar[j] - sig ** 2, 0.0)) * eps + sig * n
-
-    def _dpmpp_2m_data_term(self, x0_hat, i, memory):
-        """DPM-Solver++(2M)'s h = lambda_{t'} - lambda_t (log-SNR, lambda = log(alpha / sigma)) and
-        its second-order data term D = (1 + 1/(2r)) x0_hat_t - 1/(2r) x0_hat_{previous step},
-        r = h_previous / h; D = x0_hat on the first step. Remembers (x0_hat, h) in `memory`."""
-        j = i - 1
-        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
-        h = math.log(alpha[j] / sigma[j]) - math.log(alpha[i] / sigma[i])
-        D = x0_hat
-        if memory.get("x0_hat") is not None:
-            r = memory["h"] / h
-            D = (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * memory["x0_hat"]
-        memory.update(x0_hat=x0_hat, h=h)
-        return h, D
-
-    def dpmpp_2m_step(self, model, x, i, model_kwargs, memory, **_):
-        """DPM-Solver++(2M), DPM++ Alg. 2: the probability-flow ODE in the data prediction x0_hat,
-
-            x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D
-
-        with h and D as in _dpmpp_2m_data_term. On the first step (D = x0_hat) this is DDIM with
-        eta = 0; on a last step to t' = 0 (sigma = 0, h = inf) it returns x0_hat: first order."""
-        x0_hat, _ = self.denoise(model, x, i, model_kwargs)
-        j = i - 1
-        if j == 0:
-            return x0_hat
-        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
-        h, D = self._dpmpp_2m_data_term(x0_hat, i, memory)
-        return (sigma[j] / sigma[i]) * x - alpha[j] * math.expm1(-h) * D
-
-    def dpmpp_2m_sde_step(self, model, x, i, model_kwargs, fresh, memory, **_):
-        """The SDE variant of DPM-Solver++(2M) (Lu 2023, diffusers; not in the DPM++ paper):
-
-            x_{t'} = (sigma_{t'} / sigma_t) e^{-h} x_t + alpha_{t'} (1 - e^{-2h}) D
-                     + sigma_{t'} sqrt(1 - e^{-2h}) n,   n ~ N(0, I)
-
-        On the first step this is DDPM's posterior with variance beta~ (DDIM with eta = 1); on a
-        last step to t' = 0 it returns x0_hat."""
-        x0_hat, _ = self.denoise(model, x, i, model_kwargs)
-        j = i - 1
-        if j == 0:
-            return x0_hat
-        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
-        h, D = self._dpmpp_2m_data_term(x0_hat, i, memory)
-        return (sigma[j] / sigma[i] * math.exp(-h)) * x - alpha[j] * math.expm1(-2 * h) * D \
-            + sigma[j] * math.sqrt(-math.expm1(-2 * h)) * fresh()
-
-    def heun_step(self, model, x, i, model_kwargs, **_):
-        """Heun's step, EDM Alg. 1 (deterministic), in x~ = x / alpha and sigma~ = sigma / alpha,
-        where the ODE is dx~/dsigma~ = eps_hat:
-
-            Euler:  x~' = x~ + (sigma~_{t'} - sigma~_t) eps_hat(x_t, t)           (= DDIM)
-            Heun:   x~' = x~ + (sigma~_{t'} - sigma~_t) (eps_hat_t + eps_hat_{t'}') / 2,
-
-        the second slope taken at the Euler point; skipped when sigma~_{t'} = 0. Written back in x
-        (x = alpha x~ = alpha x0_hat + sigma eps_hat) so that nothing is divided by alpha_T ~ 0:
-        x' = alpha_{t'} x0_hat_t + sigma_{t'} eps_hat_t for Euler, and for Heun, with
-        k = alpha_{t'} sigma_t / alpha_t,
-            x' = alpha_{t'} x0_hat_t + (sigma_{t'} + k)/2 eps_hat_t + (sigma_{t'} - k)/2 eps_hat'."""
-        j = i - 1
-        alpha, sigma = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
-        x0_hat, eps = self.denoise(model, x, i, model_kwargs)
-        x_euler = alpha[j] * x0_hat + sigma[j] * eps
-        if j == 0:
-            return x_euler
-        _, eps2 = self.denoise(model, x_euler, j, model_kwargs)
-        k = alpha[j] * sigma[i] / alpha[i]
-        return alpha[j] * x0_hat + (sigma[j] + k) / 2 * eps + (sigma[j] - k) / 2 * eps2
-
-
-STEP_OF = {"ancestral": "ancestral_step", "ddim": "ddim_step", "dpm++2m": "dpmpp_2m_step",
-           "dpm++2m-sde": "dpmpp_2m_sde_step", "heun": "heun_step"}   # GaussianDiffusion.sample
+        x = alpha[j] * x0_hat + math.sqrt(max(1 - abar[j] - sig ** 2, 0.0)) * eps_hat + sig * n
+    return x
 
 
 def gaussian(shape, generator, device):
@@ -981,44 +887,6 @@ def handover(z, aug, s, truncated, generator=None):
     return {"z": z, "s": s_k}
 
 
-class GuidedModel(nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"; not
-    used by CDM, whose point is a cascade that needs no guidance): the network run with the
-    class c and with the learned null class, in one batch of 2B, and the prediction
-
-        eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null)
-
-    w = 0 is the conditional model. For x0 or velocity prediction the same combination of the raw
-    predictions is the same guided eps (each is affine in eps at fixed x_t, with weights summing
-    to 1). A learned variance (iDDPM's v) is taken from the conditional pass (our choice; GLIDE's
-    released sampling code does the same). `channels`: how many output channels are the
-    prediction (the image's C)."""
-
-    def __init__(self, model, w, channels):
-        super().__init__()
-        if not getattr(model, "null_class", False):
-            raise ValueError("this model was trained without a null class (--p_uncond 0, the paper's "
-                             "setting), so it cannot be guided: train it with --p_uncond 0.1, or "
-                             "sample it with guidance 0")
-        self.model, self.w, self.channels = model, float(w), channels
-
-    def forward(self, x_t, t, c=None, **kwargs):
-        null = torch.full_like(c, self.model.num_classes)
-        double = lambda v: torch.cat([v, v]) if torch.is_tensor(v) else v
-        out = self.model(double(x_t), double(t), c=torch.cat([c, null]),
-                         **{k: double(v) for k, v in kwargs.items()})
-        cond, uncond = out.chunk(2)
-        C = self.channels
-        guided = (1 + self.w) * cond[:, :C] - self.w * uncond[:, :C]
-        return torch.cat([guided, cond[:, C:]], dim=1)
-
-
-def guided_model(model, w, channels):
-    """The model to sample with at guidance w: the model itself for w = 0 (exactly unguided),
-    else a GuidedModel (which refuses models without a null class)."""
-    return model if not w else GuidedModel(model, w, channels)
-
-
 @torch.no_grad()
 def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=False, eta=0.0,
                    generator=None, progress=True, guidance=None, low_res=None):
@@ -1081,7 +949,181 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
 
 
 # =============================================================================================
-# 6. Checkpoints: save the config and the tensors; load them back
+# 6. Beyond the paper: ODE solvers, their noise levels, and classifier-free guidance
+# =============================================================================================
+# CDM samples every stage with hundreds of ancestral steps. The solvers below, published after
+# it, reach similar samples in 10-50 network evaluations; guidance trades diversity for fidelity.
+# Our CPU demo uses them; the paper's own path is sample_ancestral, and --sampler ancestral.
+#
+# Noise level and time: our networks know the *discrete* steps t of their training schedule.
+# The ODE's noise level at step t is sigma~_t = sqrt((1 - abar_t) / abar_t) (EDM's sigma for
+# x~ = x / sqrt(abar)), equivalently the log-SNR lambda_t = -log sigma~_t (DPM++). Both solvers
+# evaluate the network only at points of the chain (Heun's corrector at the next step's t), so no
+# fractional t is ever needed. sampling_chain gives the ODE solvers EDM's noise levels
+# (karras_timesteps, EDM Eq. (5)) and the others steps evenly spaced in t (spaced_timesteps).
+
+def dpmpp_2m_data_term(x0_hat, x0_prev, h, h_prev):
+    """DPM-Solver++(2M)'s second-order data term (DPM++ Alg. 2), from this step's x0_hat and
+    log-SNR step h and the previous step's:
+
+        D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev,   r = h_prev / h;
+
+    D = x0_hat on the first step, which has no previous one (x0_prev None)."""
+    if x0_prev is None:
+        return x0_hat
+    r = h_prev / h
+    return (1 + 1 / (2 * r)) * x0_hat - 1 / (2 * r) * x0_prev
+
+
+def sample_dpmpp_2m(chain, model, x, model_kwargs, steps):
+    """DPM-Solver++(2M), DPM++ Alg. 2: the probability-flow ODE in the data prediction x0_hat,
+    from t to t' with the log-SNR lambda = log(alpha / sigma), alpha = sqrt(abar), sigma =
+    sqrt(1 - abar):
+
+        h = lambda_{t'} - lambda_t,   x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D
+
+    with D from dpmpp_2m_data_term. On the first step (D = x0_hat) this is DDIM with eta = 0; a
+    last step to t' = 0 (sigma = 0, h = inf) gives x0_hat: first order."""
+    alpha, sigma = chain.sqrt_alphas_cumprod, chain.sqrt_one_minus_alphas_cumprod
+    x0_prev = h_prev = None
+    for i in steps:
+        j = i - 1
+        x0_hat, _ = chain.denoise(model, x, i, model_kwargs)
+        if j == 0:
+            x = x0_hat
+        else:
+            h = math.log(alpha[j] / sigma[j]) - math.log(alpha[i] / sigma[i])
+            D = dpmpp_2m_data_term(x0_hat, x0_prev, h, h_prev)
+            x = (sigma[j] / sigma[i]) * x - alpha[j] * math.expm1(-h) * D
+            x0_prev, h_prev = x0_hat, h
+    return x
+
+
+def sample_dpmpp_2m_sde(chain, model, x, model_kwargs, steps, fresh):
+    """The SDE variant of DPM-Solver++(2M) (Lu 2023, in the diffusers library; not in the DPM++
+    paper), with h and D as in sample_dpmpp_2m:
+
+        x_{t'} = (sigma_{t'} / sigma_t) e^{-h} x_t + alpha_{t'} (1 - e^{-2h}) D
+                 + sigma_{t'} sqrt(1 - e^{-2h}) n,   n ~ N(0, I)
+
+    On the first step this is DDPM's posterior with variance beta~ (DDIM with eta = 1); a last
+    step to t' = 0 gives x0_hat."""
+    alpha, sigma = chain.sqrt_alphas_cumprod, chain.sqrt_one_minus_alphas_cumprod
+    x0_prev = h_prev = None
+    for i in steps:
+        j = i - 1
+        x0_hat, _ = chain.denoise(model, x, i, model_kwargs)
+        if j == 0:
+            x = x0_hat
+        else:
+            h = math.log(alpha[j] / sigma[j]) - math.log(alpha[i] / sigma[i])
+            D = dpmpp_2m_data_term(x0_hat, x0_prev, h, h_prev)
+            x = (sigma[j] / sigma[i] * math.exp(-h)) * x - alpha[j] * math.expm1(-2 * h) * D \
+                + sigma[j] * math.sqrt(-math.expm1(-2 * h)) * fresh()
+            x0_prev, h_prev = x0_hat, h
+    return x
+
+
+def sample_heun(chain, model, x, model_kwargs, steps):
+    """Heun's method, EDM Algorithm 1 (deterministic), on the ODE dx~/dsigma~ = eps_hat in
+    x~ = x / alpha and sigma~ = sigma / alpha, from sigma~_t to sigma~_{t'}:
+
+        d  = eps_hat(x_t, t)                                   the slope dx~/dsigma~ at t
+        x~' = x~ + (sigma~_{t'} - sigma~_t) d                   Euler's step (= DDIM, eta = 0)
+        if sigma~_{t'} != 0:
+            d' = eps_hat(x_{t'}, t')                            the slope at the Euler point
+            x~' = x~ + (sigma~_{t'} - sigma~_t) (d + d') / 2    Heun's second-order correction
+
+    Written back in x = alpha x~ = alpha x0_hat + sigma eps_hat so that nothing is divided by
+    alpha_T ~ 0: Euler is x' = alpha_{t'} x0_hat + sigma_{t'} eps_hat, and Heun, with
+    k = alpha_{t'} sigma_t / alpha_t, x' = alpha_{t'} x0_hat + (sigma_{t'} + k)/2 d + (sigma_{t'} - k)/2 d'."""
+    alpha, sigma = chain.sqrt_alphas_cumprod, chain.sqrt_one_minus_alphas_cumprod
+    for i in steps:
+        j = i - 1
+        x0_hat, d = chain.denoise(model, x, i, model_kwargs)
+        x_euler = alpha[j] * x0_hat + sigma[j] * d
+        if j == 0:
+            x = x_euler
+        else:
+            _, d2 = chain.denoise(model, x_euler, j, model_kwargs)
+            k = alpha[j] * sigma[i] / alpha[i]
+            x = alpha[j] * x0_hat + (sigma[j] + k) / 2 * d + (sigma[j] - k) / 2 * d2
+    return x
+
+
+def karras_timesteps(alphas_cumprod, K, include=(), sigma_max=80.0, rho=7.0):
+    """K steps of {1..T} at the noise levels of EDM Eq. (5), for the ODE samplers, plus `include`:
+
+        sigma_i = ( sigma_max^(1/rho) + i/(K-1) (sigma_min^(1/rho) - sigma_max^(1/rho)) )^rho,  rho = 7
+
+    in the noise level sigma~_t = sqrt((1 - abar_t) / abar_t) of our discrete steps (see
+    GaussianDiffusion.sample), with sigma_max = min(80, sigma~_T) as in EDM and sigma_min = sigma~_1.
+    Each sigma_i is mapped to the step t whose sigma~_t is nearest in log (sigma~_t grows with t);
+    steps that round to the same t are moved apart, so the chain has K distinct steps. The chain
+    then starts at the t of sigma_max with x ~ N(0, I), not at T: for a cosine schedule
+    sigma~_T ~ 2e4, where one step down to sigma~ ~ 1 is more than Heun's trapezoid can take.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    T, K = len(abar) - 1, int(K)
+    if not 1 <= K <= T:
+        raise ValueError(f"cannot take {K} sampling steps from a model with T = {T}; use 1..{T}")
+    log_sig = 0.5 * np.log((1 - abar[1:]) / abar[1:])                # log sigma~_t, t = 1..T
+    lo, hi = log_sig[0], min(math.log(sigma_max), log_sig[-1])
+    ramp = np.linspace(0, 1, K) if K > 1 else np.zeros(1)
+    sig = (math.exp(hi) ** (1 / rho) + ramp * (math.exp(lo) ** (1 / rho) - math.exp(hi) ** (1 / rho))) ** rho
+    t = np.clip(np.round(np.interp(np.log(sig), log_sig, np.arange(1, T + 1))).astype(int), 1, T)
+    t = np.sort(t)                                                   # ascending, may repeat
+    for k in range(1, K):                                            # distinct, from the bottom
+        t[k] = max(t[k], t[k - 1] + 1)
+    t[-1] = min(t[-1], T)                                            # pushed past T: from the top
+    for k in range(K - 2, -1, -1):
+        t[k] = min(t[k], t[k + 1] - 1)
+    kept = set(t.tolist()) | {int(i) for i in include}
+    if min(kept) < 1 or max(kept) > T:
+        raise ValueError(f"steps to include must lie in 1..{T}, got {sorted(include)}")
+    return sorted(kept)
+
+
+class GuidedModel(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"; not
+    used by CDM, whose point is a cascade that needs no guidance): the network run with the
+    class c and with the learned null class, in one batch of 2B, and the prediction
+
+        eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, null)
+
+    w = 0 is the conditional model. For x0 or velocity prediction the same combination of the raw
+    predictions is the same guided eps (each is affine in eps at fixed x_t, with weights summing
+    to 1). A learned variance (iDDPM's v) is taken from the conditional pass (our choice; GLIDE's
+    released sampling code does the same). `channels`: how many output channels are the
+    prediction (the image's C)."""
+
+    def __init__(self, model, w, channels):
+        super().__init__()
+        if not getattr(model, "null_class", False):
+            raise ValueError("this model was trained without a null class (--p_uncond 0, the paper's "
+                             "setting), so it cannot be guided: train it with --p_uncond 0.1, or "
+                             "sample it with guidance 0")
+        self.model, self.w, self.channels = model, float(w), channels
+
+    def forward(self, x_t, t, c=None, **kwargs):
+        null = torch.full_like(c, self.model.num_classes)
+        double = lambda v: torch.cat([v, v]) if torch.is_tensor(v) else v
+        out = self.model(double(x_t), double(t), c=torch.cat([c, null]),
+                         **{k: double(v) for k, v in kwargs.items()})
+        cond, uncond = out.chunk(2)
+        C = self.channels
+        guided = (1 + self.w) * cond[:, :C] - self.w * uncond[:, :C]
+        return torch.cat([guided, cond[:, C:]], dim=1)
+
+
+def guided_model(model, w, channels):
+    """The model to sample with at guidance w: the model itself for w = 0 (exactly unguided),
+    else a GuidedModel (which refuses models without a null class)."""
+    return model if not w else GuidedModel(model, w, channels)
+
+
+# =============================================================================================
+# 7. Checkpoints: save the config and the tensors; load them back
 # =============================================================================================
 
 # A checkpoint is a dict of plain values and tensors, nothing else (so torch.load with

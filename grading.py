@@ -237,12 +237,12 @@ def prepare(ref, unit, rng):
             cases.append({"fn": "respace", "d": _state(d), "K": int(rng.integers(2, 20)),
                           "include": [int(rng.integers(1, d.T + 1))], "spacing": spacing})
     elif unit in ("ancestral", "ddim"):
-        d = _diffusion(ref, rng)
+        d = _diffusion(ref, rng, prediction=str(rng.choice(ref.PREDICTIONS)))
         for i, eta in ((int(rng.integers(2, d.T + 1)), 0.0), (int(rng.integers(2, d.T + 1)), rng.uniform(0.2, 1)),
                        (1, rng.uniform(0.2, 1))):
             cases.append({"d": _state(d), "i": i, "x": _t(rng, 2, 3, 3, 3), "noise": _t(rng, 2, 3, 3, 3),
                           "out": [_t(rng, 2, 3, 3, 3, scale=s) for s in (1.0, 0.5, 0.7, 1.0)],
-                          "eta": float(eta) if unit == "ddim" else 0.0})
+                          "pred": _t(rng, 2, 3, 3, 3, scale=1.5), "eta": float(eta) if unit == "ddim" else 0.0})
     elif unit == "dpmpp_2m":
         for _ in range(2):
             d = _diffusion(ref, rng)
@@ -250,9 +250,8 @@ def prepare(ref, unit, rng):
             chain = [i0, int(rng.integers(3, i0)), 2, 1]    # down to the last step, t' = 0
             cases.append({"fn": "steps", "d": _state(d), "chain": chain, "x": _t(rng, 2, 3, 3, 3),
                           "x0_hats": [_t(rng, 2, 3, 3, 3, scale=0.6).clamp(-1, 1) for _ in chain]})
-        d = _diffusion(ref, rng)
-        cases.append({"fn": "data_term", "d": _state(d), "i": [int(rng.integers(3, d.T + 1)), 2],
-                      "x0_hats": [_t(rng, 2, 3, 3, 3) for _ in range(2)]})
+        cases.append({"fn": "data_term", "x0_hats": [_t(rng, 2, 3, 3, 3) for _ in range(3)],
+                      "hs": [float(h) for h in rng.uniform(0.05, 1.5, 3)]})
     elif unit == "noise_augment":
         for _ in range(2):
             d = _diffusion(ref, rng)
@@ -355,33 +354,30 @@ def apply(cdm, unit, inp):
                 "variance": r.variance, "prediction": r.prediction}
     if unit in ("ancestral", "ddim"):
         d = diffusion(cdm, inp["d"])
-        d.p_mean_variance = _known_mean_variance(inp["out"])
         draws = []
         fresh = lambda: draws.append(1) or inp["noise"].clone()
         if unit == "ancestral":
-            x = d.ancestral_step(None, inp["x"], inp["i"], {}, fresh=fresh)
-        else:
-            x = d.ddim_step(None, inp["x"], inp["i"], {}, fresh=fresh, eta=inp["eta"])
+            d.p_mean_variance = _known_mean_variance(inp["out"])
+            x = cdm.sample_ancestral(d, None, inp["x"], {}, [inp["i"]], fresh)
+        else:   # a network whose prediction moves with the t it is told
+            net = lambda x_t, t, **kw: inp["pred"] + t.float().reshape(-1, 1, 1, 1) / 100
+            x = cdm.sample_ddim(d, net, inp["x"], {}, [inp["i"]], fresh, inp["eta"])
         return {"x": _np(x), "noise drawn": len(draws)}
     if unit == "dpmpp_2m":
-        d = diffusion(cdm, inp["d"])
         if inp["fn"] == "data_term":
-            memory, out = {}, {}
-            for k, (i, x0_hat) in enumerate(zip(inp["i"], inp["x0_hats"])):
-                h, D = d._dpmpp_2m_data_term(x0_hat, i, memory)
-                out[f"h{k}"], out[f"D{k}"] = float(h), _np(D)
-            return out
+            (a, b, c), (h0, h1, h2) = inp["x0_hats"], inp["hs"]
+            return {"D0": _np(cdm.dpmpp_2m_data_term(a, None, h0, None)),
+                    "D1": _np(cdm.dpmpp_2m_data_term(b, a, h1, h0)),
+                    "D2": _np(cdm.dpmpp_2m_data_term(c, b, h2, h1))}
+        d = diffusion(cdm, inp["d"])
         hats = {i: x0_hat for i, x0_hat in zip(inp["chain"], inp["x0_hats"])}
 
         def denoise(model, x_t, i, model_kwargs):
             abar = float(d.alphas_cumprod[i])
             return hats[i], (x_t - abar ** 0.5 * hats[i]) / (1 - abar) ** 0.5
         d.denoise = denoise
-        memory, x, out = {}, inp["x"], {}
-        for k, i in enumerate(inp["chain"]):
-            x = d.dpmpp_2m_step(None, x, i, {}, memory=memory)
-            out[f"x{k}"] = _np(x)
-        return out
+        chain = inp["chain"]            # x after each step: the whole chain's first k steps
+        return {f"x{k}": _np(cdm.sample_dpmpp_2m(d, None, inp["x"], {}, chain[:k + 1])) for k in range(len(chain))}
     if unit == "noise_augment":
         if inp["fn"] == "aug_time":
             return {"s": _np(cdm.sample_aug_time(inp["u"], inp["s_max"])).astype(np.int64)}
@@ -416,6 +412,7 @@ def apply(cdm, unit, inp):
 # that is not a unit). Nothing else is answered.
 ORACLES = {
     "hybrid": ("GaussianDiffusion.q_sample", "GaussianDiffusion.target", "GaussianDiffusion.x0_and_eps"),
+    "ddim": ("GaussianDiffusion.x0_and_eps",),
     "respacing": ("posterior_coefficients",),
     "noise_augment": ("GaussianDiffusion.q_sample",),
     "handover": ("noise_augment", "cosine_schedule", "linear_schedule", "posterior_coefficients"),

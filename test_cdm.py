@@ -202,55 +202,62 @@ def known_mean_variance(mean, log_variance, x0_hat, eps):
                                                          torch.full_like(x, x0_hat), torch.full_like(x, eps))
 
 
-def test_ancestral_step_closed_form():
+def test_ancestral_sampler_closed_form():
     """DDPM Alg. 2's step x_{t-1} = mu + sigma n with sigma = exp(log variance / 2), and no noise
     on the last step (t = 1)."""
     d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(10, 0.1)]))
     d.p_mean_variance = known_mean_variance(0.5, math.log(0.04), 0.0, 0.0)
     x = torch.zeros(1, 3, 2, 2)
     n = torch.full_like(x, 2.0)
-    assert torch.allclose(d.ancestral_step(None, x, 5, {}, fresh=lambda: n), torch.full_like(x, 0.5 + 0.2 * 2.0))
-    last = d.ancestral_step(None, x, 1, {}, fresh=lambda: pytest.fail("noise drawn on the last step"))
+    assert torch.allclose(cdm.sample_ancestral(d, None, x, {}, [5], lambda: n), torch.full_like(x, 0.5 + 0.2 * 2.0))
+    last = cdm.sample_ancestral(d, None, x, {}, [1], lambda: pytest.fail("noise drawn on the last step"))
     assert torch.allclose(last, torch.full_like(x, 0.5))
+    draws = []
+    cdm.sample_ancestral(d, None, x, {}, [3, 2, 1], lambda: draws.append(1) or n)
+    assert len(draws) == 2                                      # one draw a step, none on the last
 
 
-def test_ddim_step_closed_form():
+def test_ddim_sampler_closed_form():
     """DDIM Eq. (12) with sigma of Eq. (16), number by number, from index 4 to 3 of a schedule
-    with abar_t = 0.7^t: eps_hat is the noise consistent with the (clipped) x0_hat, not the one
-    the model's raw output implies."""
-    d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(6, 0.3)]))
-    d.p_mean_variance = known_mean_variance(0.0, 0.0, 0.4, 9.0)    # eps 9.0: not consistent
+    with abar_t = 0.7^t, through the shared denoiser: the network predicts x0 = 1.7, which is
+    clipped to 1, and eps_hat is the noise consistent with the clipped x0_hat, not the one the
+    raw prediction implies."""
+    d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(6, 0.3)]), prediction="x0")
+    net = lambda x_t, t, **kw: torch.full_like(x_t, 1.7)
     x, n = torch.full((1, 1, 2, 2), 1.3), torch.full((1, 1, 2, 2), -0.5)
     a4, a3 = 0.7 ** 4, 0.7 ** 3
-    e = (1.3 - a4 ** 0.5 * 0.4) / (1 - a4) ** 0.5
+    x0_hat, eps_hat = d.denoise(net, x, 4, {})
+    e = (1.3 - a4 ** 0.5 * 1.0) / (1 - a4) ** 0.5
+    assert torch.allclose(x0_hat, torch.ones_like(x)) and torch.allclose(eps_hat, torch.full_like(x, e))
     for eta in (0.0, 0.6):
         s = eta * ((1 - a3) / (1 - a4)) ** 0.5 * (1 - a4 / a3) ** 0.5
-        want = a3 ** 0.5 * 0.4 + (1 - a3 - s ** 2) ** 0.5 * e + s * -0.5
-        got = d.ddim_step(None, x, 4, {}, fresh=lambda: n, eta=eta)
+        want = a3 ** 0.5 * 1.0 + (1 - a3 - s ** 2) ** 0.5 * e + s * -0.5
+        got = cdm.sample_ddim(d, net, x, {}, [4], lambda: n, eta)
         assert torch.allclose(got, torch.full_like(x, want), atol=1e-5), eta
 
 
-def test_dpmpp_2m_step_closed_form():
+def test_dpmpp_2m_sampler_closed_form():
     """Two DPM-Solver++(2M) steps (DPM++ Alg. 2), number by number: the first a DDIM step (D =
     x0_hat), the second with D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_before, r = h_before / h,
     h the step in log-SNR lambda = log(sqrt(abar) / sqrt(1 - abar)); the update is
-    x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) D."""
+    x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) D; the last step, to t' = 0, gives x0_hat."""
     d = cdm.GaussianDiffusion(np.concatenate([[0.0], np.full(4, 0.5)]))   # abar_t = 0.5^t
-    x0_hats = iter([torch.full((1, 1, 1, 1), 0.2), torch.full((1, 1, 1, 1), -0.4)])
-    d.denoise = lambda model, x, i, model_kwargs: (next(x0_hats), None)
+    hats = {3: 0.2, 2: -0.4, 1: 0.3}
+    d.denoise = lambda model, x, i, model_kwargs: (torch.full((1, 1, 1, 1), hats[i]), None)
     al = lambda t: (0.5 ** t) ** 0.5
     sg = lambda t: (1 - 0.5 ** t) ** 0.5
     lam = lambda t: math.log(al(t) / sg(t))
-    memory, x = {}, torch.full((1, 1, 1, 1), 0.9)
-    x = d.dpmpp_2m_step(None, x, 3, {}, memory=memory)
+    x = torch.full((1, 1, 1, 1), 0.9)
     h1 = lam(2) - lam(3)
     x1 = sg(2) / sg(3) * 0.9 - al(2) * math.expm1(-h1) * 0.2
-    assert x.item() == pytest.approx(x1, rel=1e-5)
-    x = d.dpmpp_2m_step(None, x, 2, {}, memory=memory)
+    assert cdm.sample_dpmpp_2m(d, None, x, {}, [3]).item() == pytest.approx(x1, rel=1e-5)
     h2 = lam(1) - lam(2)
     r = h1 / h2
     D = (1 + 1 / (2 * r)) * -0.4 - 1 / (2 * r) * 0.2
-    assert x.item() == pytest.approx(sg(1) / sg(2) * x1 - al(1) * math.expm1(-h2) * D, rel=1e-5)
+    x2 = sg(1) / sg(2) * x1 - al(1) * math.expm1(-h2) * D
+    assert cdm.sample_dpmpp_2m(d, None, x, {}, [3, 2]).item() == pytest.approx(x2, rel=1e-5)
+    assert cdm.sample_dpmpp_2m(d, None, x, {}, [3, 2, 1]).item() == pytest.approx(0.3)
+    assert torch.equal(cdm.dpmpp_2m_data_term(torch.ones(1), None, 0.5, None), torch.ones(1))
 
 
 def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
