@@ -652,36 +652,136 @@ def train(args, config, dataset, make_kwargs):
 
 
 def _train(args, config, dataset, make_kwargs, rank, world, device):
-    main = rank == 0
-    B = args.batch_size
-    if B % world:
-        raise SystemExit(f"error: --batch_size {B} (global) must divide evenly over {world} processes")
-    per_rank = B // world
-    micro = min(args.micro_batch or per_rank, per_rank)
-    if per_rank % micro:
-        raise SystemExit(f"error: {per_rank} images per process cannot be split into micro-batches "
-                         f"of {micro}; choose --micro_batch dividing {per_rank}")
-    accum = per_rank // micro                      # gradient accumulation steps, derived
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")  # the rolling "last" checkpoint
-    N = len(dataset.y)
-    if N < B:
-        raise SystemExit(f"error: the dataset has {N} images, fewer than --batch_size {B}")
+    """DDPM Algorithm 1, repeated until --steps (what the rest of this file only prepares):
 
-    torch.manual_seed(args.seed)                   # the same initial weights on every rank
-    try:
-        speed = speed_settings(args, device)
-        model = apply_speed(cdm.model_from_config(config["model"]).to(device), speed)
-    except ValueError as e:                        # e.g. --heads not dividing a level's channels
-        raise SystemExit(f"error: {e}") from None
-    torch.manual_seed(args.seed + rank)            # dropout differs per rank, as it should
-    diffusion = cdm.diffusion_from_config(config["diffusion"])
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **ADAM_KWARGS[speed["adam"]])
-    # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    step = saved_step = 0                          # saved_step: that of the last good checkpoint
-    if args.resume and os.path.exists(ckpt_path):
+      x0 ~ q(x0) with its class c; t ~ Uniform({1, ..., T}); eps ~ N(0, I)   (+ an SR stage's z, s)
+      take a gradient step on L_hybrid (iDDPM §3.1; L_simple for fixed variances, DDPM Eq. (14))
+      update the EMA of the weights, which is what is sampled
+
+    Everything else -- building or resuming the model, micro-batches, logging, checkpoints,
+    previews, stopping on signals -- is a named helper of the Run beside it."""
+    run = Run(args, config, dataset, make_kwargs, rank, world, device)
+    model, net, ema, opt, scaler, diffusion = run.model, run.net, run.ema, run.opt, run.scaler, run.diffusion
+    model.train()
+    with run.stops_on_signals(), run.explains_failures():
+        while run.step < args.steps:
+            x0, t, eps, kwargs = run.batch()                  # this process's slice of the batch
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(args, run.step)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, mse = torch.zeros((), device=device), []
+            for r, sync in run.micro_batches():               # gradients summed over micro-batches
+                with (contextlib.nullcontext() if sync else net.no_sync()), run.autocast:
+                    terms = diffusion.training_losses(net, x0[r], t[r], {k: v[r] for k, v in kwargs.items()},
+                                                      eps=eps[r])
+                    loss = terms["loss"].mean() / run.accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+                mse.append(terms["mse"].detach().float())
+            if args.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            ema_update(ema, model, run.ema_decay())
+            run.step += 1
+            run.after_step(loss_sum, torch.cat(mse), t)       # log, save, preview; stop if signalled
+    return run.finish()
+
+
+class LossStats:
+    """What the log reports, summed on the device between log lines (the host reads it once per
+    interval): the MSE by quarter of the t range, and whether any loss was non-finite."""
+
+    def __init__(self, device, T):
+        self.T = T
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+        self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+        self.bad = torch.zeros((), device=device)
+        self.t0, self.seen = time.time(), 0
+
+    def add(self, loss, mse, t, batch_size):
+        q = (t - 1) * 4 // self.T               # the quarter of the t range of each example
+        self.sums.index_add_(0, q, mse.double())
+        self.counts.index_add_(0, q, torch.ones_like(mse, dtype=torch.float64))
+        self.bad += (~torch.isfinite(loss)).float()
+        self.seen += batch_size
+
+
+class Run:
+    """One training run's state and machinery: the model, its EMA, optimizer and loss scaler (made
+    fresh or resumed from --out), the batches, the micro-batches, logging, checkpoints, previews,
+    and stopping on Ctrl-C / SIGTERM. Under torchrun there is one Run per process (rank)."""
+
+    def __init__(self, args, config, dataset, make_kwargs, rank, world, device):
+        self.args, self.config, self.dataset, self.make_kwargs = args, config, dataset, make_kwargs
+        self.rank, self.world, self.device, self.main = rank, world, device, rank == 0
+        B = self.B = args.batch_size
+        if B % world:
+            raise SystemExit(f"error: --batch_size {B} (global) must divide evenly over {world} processes")
+        per_rank = B // world
+        micro = self.micro = min(args.micro_batch or per_rank, per_rank)
+        if per_rank % micro:
+            raise SystemExit(f"error: {per_rank} images per process cannot be split into micro-batches "
+                             f"of {micro}; choose --micro_batch dividing {per_rank}")
+        self.accum = per_rank // micro             # gradient accumulation steps, derived
+        os.makedirs(args.out, exist_ok=True)
+        self.ckpt_path = os.path.join(args.out, "ckpt.pt")  # the rolling "last" checkpoint
+        self.N = N = len(dataset.y)
+        if N < B:
+            raise SystemExit(f"error: the dataset has {N} images, fewer than --batch_size {B}")
+
+        torch.manual_seed(args.seed)               # the same initial weights on every rank
+        try:
+            speed = speed_settings(args, device)
+            model = self.model = apply_speed(cdm.model_from_config(config["model"]).to(device), speed)
+        except ValueError as e:                    # e.g. --heads not dividing a level's channels
+            raise SystemExit(f"error: {e}") from None
+        torch.manual_seed(args.seed + rank)        # dropout differs per rank, as it should
+        self.diffusion = cdm.diffusion_from_config(config["diffusion"])
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(model.parameters(), lr=args.lr, **ADAM_KWARGS[speed["adam"]])
+        # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.step = self.saved_step = 0            # saved_step: that of the last good checkpoint
+        if args.resume and os.path.exists(self.ckpt_path):
+            self.resume(speed)
+        check_resources(args, config, model, device, micro, self.main, start=self.step)
+        if args.overwrite and self.main and not args.resume:  # asked for: the previous run's files go now
+            old = [n for n in os.listdir(args.out) if RUN_FILES.fullmatch(n)]
+            for n in old:
+                os.remove(os.path.join(args.out, n))
+            if old:
+                print(f"--overwrite: deleted the previous run in {args.out} ({len(old)} files)")
+        self.net = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # torch.compile fuses the small elementwise ops; it pays on GPUs, hardly on a 2-core CPU,
+        # and compiles for a while at the start of every run (docs/speed.md).
+        if args.compile:
+            self.net = torch.compile(self.net, mode=None if args.compile_mode == "default" else args.compile_mode)
+        if self.main:
+            print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
+                  f"images{' (all grayscale: a 1-channel model)' if dataset.channels == 1 else ''}, "
+                  f"{args.steps} steps of {B} on {world} x {device}"
+                  + (f" ({self.accum} micro-batches of {micro} per process)" if self.accum > 1 else ""))
+        # A fixed batch of training images (one per class, cycling) whose classes and low-res
+        # copies condition the preview grids.
+        idx = torch.cat([torch.nonzero(dataset.y == k)[:1, 0] for k in range(dataset.num_classes)])
+        self.preview_idx = idx[torch.arange(min(16, max(8, len(idx)))) % len(idx)]
+        self.log = open(os.path.join(args.out, "log.jsonl"), "a") if self.main else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        self.autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        self.bar = tqdm(total=args.steps, initial=self.step, disable=args.no_progress or not self.main,
+                        dynamic_ncols=True) if tqdm else None
+        self.positions = torch.arange(rank * per_rank, (rank + 1) * per_rank)  # this rank's slice
+        self.stats = LossStats(device, self.diffusion.T)
+        self.stop = []
+
+    def resume(self, speed):
+        """Continue the run in --out from its checkpoint, refusing one it cannot continue exactly."""
+        args, config, ckpt_path = self.args, self.config, self.ckpt_path
         try:
             ckpt = safety.load_checkpoint(ckpt_path)
         except ValueError as e:
@@ -696,263 +796,210 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
                 what = f"{old!r} in the checkpoint, {new!r} now"
             raise SystemExit(f"error: {ckpt_path} was trained with a different {' and '.join(changed)} "
                              f"config ({what}); resume with the same flags, or start a new --out")
-        if ckpt["args"].get("batch_size") != B:
+        if ckpt["args"].get("batch_size") != self.B:
             raise SystemExit(f"error: {ckpt_path} was trained with --batch_size "
                              f"{ckpt['args'].get('batch_size')}; resume with the same global batch")
-        inexact = resume_differences(ckpt, args, world, config)
+        inexact = resume_differences(ckpt, args, self.world, config)
         if inexact and not args.resume_inexact:
             raise SystemExit(f"error: --resume cannot continue {ckpt_path} exactly: {'; '.join(inexact)}; from "
                              f"step {ckpt['step']} on it would differ from the run it continues: resume as it "
                              "ran, or add --resume_inexact to continue anyway")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:             # this run's --adam, not the saved run's
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        for group in self.opt.param_groups:        # this run's --adam, not the saved run's
             group.update(ADAM_KWARGS[speed["adam"]])
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if world == 1:                             # dropout's generator; per-rank ones restart
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.world == 1:                        # dropout's generator; per-rank ones restart
             torch.set_rng_state(ckpt["rng"]["torch"])
-        step = saved_step = ckpt["step"]
-        if main:
-            done = f"; it has --steps {args.steps} already: nothing to train" if step >= args.steps else ""
-            print(f"resumed from {ckpt_path} at step {step}{done}")
-    check_resources(args, config, model, device, micro, main, start=step)
-    if args.overwrite and main and not args.resume:  # asked for: the previous run's files go now
-        old = [n for n in os.listdir(args.out) if RUN_FILES.fullmatch(n)]
-        for n in old:
-            os.remove(os.path.join(args.out, n))
-        if old:
-            print(f"--overwrite: deleted the previous run in {args.out} ({len(old)} files)")
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # torch.compile fuses the small elementwise ops; it pays on GPUs, hardly on a 2-core CPU
-    # (bench.py), and costs ~30-60 s of compilation at the start of every run.
-    if args.compile:
-        net = torch.compile(net, mode=None if args.compile_mode == "default" else args.compile_mode)
-    if main:
-        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {N} training "
-              f"images{' (all grayscale: a 1-channel model)' if dataset.channels == 1 else ''}, "
-              f"{args.steps} steps of {B} on {world} x {device}"
-              + (f" ({accum} micro-batches of {micro} per process)" if accum > 1 else ""))
+        self.step = self.saved_step = ckpt["step"]
+        if self.main:
+            done = f"; it has --steps {args.steps} already: nothing to train" if self.step >= args.steps else ""
+            print(f"resumed from {ckpt_path} at step {self.step}{done}")
 
-    def last_good(then="continue it with --resume", otherwise="run it again"):
-        """What a run that has to stop leaves, and what to do next."""
-        if saved_step:
-            return f"the last good checkpoint, {ckpt_path} at step {saved_step}, is intact: {then}"
-        return f"no checkpoint was saved yet: {otherwise}"
-
-    def disk_error(e, what):
-        """A write that failed (a full disk, a quota, a vanished folder) ends the run in one line."""
-        return SystemExit(f"error: could not write {what}: {e.strerror or e}; "
-                          f"{last_good('free some space, then continue it with --resume')}")
-
-    def checkpoint():
-        nonlocal saved_step
-        if not main:
-            return
-        state = {"format": safety.CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
-                 "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "args": vars_plain(args), "world": world,
-                 "rng": {"torch": torch.get_rng_state()}}
-        try:
-            safety.save_checkpoint(state, ckpt_path)
-            saved_step = step
-            if args.keep_every and step % args.keep_every == 0:
-                kept = os.path.join(args.out, f"ckpt_{step:07d}.pt")
-                safety.save_checkpoint(state, kept)
-        except OSError as e:
-            raise disk_error(e, f"the checkpoint of step {step}") from None
-        safety.remove_stale_temporaries(args.out)    # what a run killed shortly before left
-
-    # A fixed batch of training images (one per class, cycling) whose classes and low-res copies
-    # condition the preview grids.
-    preview_idx = torch.cat([torch.nonzero(dataset.y == k)[:1, 0] for k in range(dataset.num_classes)])
-    preview_idx = preview_idx[torch.arange(min(16, max(8, len(preview_idx)))) % len(preview_idx)]
-
-    def preview():
-        x0 = data.to_float(dataset.x[preview_idx]).to(device)
-        c = dataset.y[preview_idx].to(device)
-        kwargs = make_kwargs(x0, c, train=False, rng=None)
-        chain = diffusion.sampling_chain(args.sampler, args.sample_steps)
-        x = chain.sample(ema, x0.shape, kwargs, sampler=args.sampler, generator=torch.Generator().manual_seed(0))
-        rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
-        path = os.path.join(args.out, f"samples_{step:06d}.png")
-        try:
-            save_grid(path, rows)
-        except OSError as e:
-            raise disk_error(e, path) from None
-        return path
-
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if main else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or not main,
-               dynamic_ncols=True) if tqdm else None
-    positions = torch.arange(rank * per_rank, (rank + 1) * per_rank)  # this rank's slice
-
-    def batch():
+    # --- the batch ------------------------------------------------------------------------------
+    def batch(self):
         """This rank's slice of the global batch, made on the device: clean images x0 ~ q(x0)
         (uniform over the training set, with replacement), classes c, steps t ~ U{1..T}, noise
         eps ~ N(0, I), and the stage's conditioning (SR: the augmented low-res z, and s). Only the
         image indices are made on the host, which reads the images; uint8 travels to the device."""
-        idx = ExampleRandom(args.seed, step, positions, "cpu").randint("index", 0, N)
-        rng = ExampleRandom(args.seed, step, positions, device)
+        args, dataset, device = self.args, self.dataset, self.device
+        idx = ExampleRandom(args.seed, self.step, self.positions, "cpu").randint("index", 0, self.N)
+        rng = ExampleRandom(args.seed, self.step, self.positions, device)
         x0 = data.to_float(dataset.x[idx].to(device, non_blocking=True))
-        if config["flip"]:
+        if self.config["flip"]:
             x0 = data.random_flip(x0, rng.rand("flip"))
         c = dataset.y[idx].to(device, non_blocking=True)
         if args.p_uncond:
             c = drop_labels(c, rng.rand("uncond"), args.p_uncond, dataset.num_classes)
-        t = rng.randint("t", 1, diffusion.T + 1)
+        t = rng.randint("t", 1, self.diffusion.T + 1)
         eps = rng.randn("eps", *x0.shape[1:])
-        return x0, t, eps, make_kwargs(x0, c, train=True, rng=rng)
+        return x0, t, eps, self.make_kwargs(x0, c, train=True, rng=rng)
 
-    def gradient_step(x0, t, eps, kwargs):
-        """One step of gradient descent on L_hybrid (DDPM Algorithm 1, iDDPM §3.1), accumulated over
-        micro-batches, then the EMA. Returns this rank's loss and per-example MSE as device tensors:
-        nothing here waits for the device."""
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(args, step)
-        opt.zero_grad(set_to_none=True)
-        loss_sum, mse = torch.zeros((), device=device), []
-        for m in range(accum):
-            r = slice(m * micro, (m + 1) * micro)
-            sync = m == accum - 1 or world == 1   # DDP all-reduces on the last micro-batch only
-            with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                terms = diffusion.training_losses(net, x0[r], t[r], {k: v[r] for k, v in kwargs.items()},
-                                                  eps=eps[r])
-                loss = terms["loss"].mean() / accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-            mse.append(terms["mse"].detach().float())
-        if args.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        # --ema_warmup: so that short CPU runs are not dominated by the random init (our choice).
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema)
-        return loss_sum, torch.cat(mse)
+    def micro_batches(self):
+        """(slice, sync) for each micro-batch of this rank's slice; DDP all-reduces the gradients
+        on the last one only (sync)."""
+        for m in range(self.accum):
+            yield slice(m * self.micro, (m + 1) * self.micro), m == self.accum - 1 or self.world == 1
 
-    class Stats:
-        """What the log reports, summed on the device between log lines (the host reads it once
-        per interval): the MSE by quarter of the t range, and whether any loss was non-finite."""
+    def ema_decay(self):
+        """--ema, or with --ema_warmup min(--ema, (1 + step) / (10 + step)), so that short CPU runs
+        are not dominated by the random initial weights (our choice)."""
+        step = self.step
+        return min(self.args.ema, (1 + step) / (10 + step)) if self.args.ema_warmup else self.args.ema
 
-        def __init__(self):
-            self.sums = torch.zeros(4, device=device, dtype=torch.float64)
-            self.counts = torch.zeros(4, device=device, dtype=torch.float64)
-            self.bad = torch.zeros((), device=device)
-            self.t0, self.seen = time.time(), 0
+    # --- after each step: log, checkpoint, preview, stop ----------------------------------------
+    def after_step(self, loss, mse, t):
+        args, step = self.args, self.step
+        self.stats.add(loss, mse, t, self.B)
+        if self.bar:
+            self.bar.update(1)
+        logging = step % args.log_every == 0 or step == args.steps
+        saving = (step % args.save_every == 0 or step == args.steps
+                  or (args.keep_every and step % args.keep_every == 0))   # kept even between saves
+        stop_now = self.stopping() and step < args.steps
+        if logging or saving or stop_now:           # the host reads the device here, and only here
+            loss_value = self.check_finite(loss)
+            if logging:
+                if self.main:
+                    self.write_log(loss_value)
+                self.stats = LossStats(self.device, self.diffusion.T)
+        if saving:
+            self.checkpoint()
+        if self.main and args.sample_every and step % args.sample_every == 0 and step != args.steps:
+            self.preview()
+        if stop_now:                                # any rank was signalled: all stop together
+            self.checkpoint()
+            if self.main:
+                print(f"interrupted: saved {self.ckpt_path} at step {step}; continue with --resume", flush=True)
+            raise SystemExit(130)
 
-        def add(self, loss, mse, t):
-            q = (t - 1) * 4 // diffusion.T        # the quarter of the t range of each example
-            self.sums.index_add_(0, q, mse.double())
-            self.counts.index_add_(0, q, torch.ones_like(mse, dtype=torch.float64))
-            self.bad += (~torch.isfinite(loss)).float()
-            self.seen += B
+    def last_good(self, then="continue it with --resume", otherwise="run it again"):
+        """What a run that has to stop leaves, and what to do next."""
+        if self.saved_step:
+            return f"the last good checkpoint, {self.ckpt_path} at step {self.saved_step}, is intact: {then}"
+        return f"no checkpoint was saved yet: {otherwise}"
 
-    def check_finite(loss):
+    def disk_error(self, e, what):
+        """A write that failed (a full disk, a quota, a vanished folder) ends the run in one line."""
+        return SystemExit(f"error: could not write {what}: {e.strerror or e}; "
+                          f"{self.last_good('free some space, then continue it with --resume')}")
+
+    def check_finite(self, loss):
         """Stop, on every rank, if any loss since the last check was not finite -- before a
         checkpoint could save the damage. Returns the step's loss averaged over the ranks."""
-        loss_value, bad = all_sum([loss.item(), stats.bad.item()], world, device)
+        loss_value, bad = all_sum([loss.item(), self.stats.bad.item()], self.world, self.device)
         if bad or not math.isfinite(loss_value):
             how = "with a lower --lr, or with --precision fp32 or bf16"
-            raise SystemExit(f"error: the loss became {loss_value / world} by step {step}; stopped: "
-                             + last_good(f"--resume it {how}", f"start again {how}"))
-        return loss_value / world
+            raise SystemExit(f"error: the loss became {loss_value / self.world} by step {self.step}; stopped: "
+                             + self.last_good(f"--resume it {how}", f"start again {how}"))
+        return loss_value / self.world
 
-    def write_log(loss_value):
+    def write_log(self, loss_value):
+        stats = self.stats
         rate = stats.seen / (time.time() - stats.t0)
         qm = safety.json_safe((stats.sums / stats.counts).tolist())  # None: a quarter with no example
-        line = {"step": step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
+        line = {"step": self.step, "loss": loss_value, "mse_quarters": qm, "img_per_s": rate,
                 "minutes": (time.time() - stats.t0) / 60}
         try:
-            log.write(json.dumps(line, allow_nan=False) + "\n")
-            log.flush()
+            self.log.write(json.dumps(line, allow_nan=False) + "\n")
+            self.log.flush()
         except OSError as e:
-            raise disk_error(e, log.name) from None
-        msg = (f"step {step:6d} | loss {loss_value:.4f} | mse by t quarter "
+            raise self.disk_error(e, self.log.name) from None
+        msg = (f"step {self.step:6d} | loss {loss_value:.4f} | mse by t quarter "
                + " ".join("  -  " if v is None else f"{v:.3f}" for v in qm) + f" | {rate:.0f} img/s")
-        if bar and not bar.disable:
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            bar.write(msg)
+        if self.bar and not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss_value:.4f}")
+            self.bar.write(msg)
         else:
             print(msg, flush=True)  # flushed: logs piped to a file stay current
 
-    # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the current step, save, exit. A second
-    # Ctrl-C quits at once. Stopping only between steps keeps the checkpoint exactly resumable.
-    stop = []
+    def checkpoint(self):
+        if not self.main:
+            return
+        args, step = self.args, self.step
+        state = {"format": safety.CHECKPOINT_FORMAT, "config": self.config, "model": self.model.state_dict(),
+                 "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                 "step": step, "args": vars_plain(args), "world": self.world,
+                 "rng": {"torch": torch.get_rng_state()}}
+        try:
+            safety.save_checkpoint(state, self.ckpt_path)
+            self.saved_step = step
+            if args.keep_every and step % args.keep_every == 0:
+                safety.save_checkpoint(state, os.path.join(args.out, f"ckpt_{step:07d}.pt"))
+        except OSError as e:
+            raise self.disk_error(e, f"the checkpoint of step {step}") from None
+        safety.remove_stale_temporaries(args.out)    # what a run killed shortly before left
 
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        if main:
-            print("\nstopping after this step to save a checkpoint (Ctrl-C again: quit at once)", flush=True)
+    def preview(self):
+        """The EMA model's samples for the preview batch, beside their low-res inputs (SR) and the
+        real images, as samples_STEP.png in --out."""
+        args, dataset = self.args, self.dataset
+        x0 = data.to_float(dataset.x[self.preview_idx]).to(self.device)
+        c = dataset.y[self.preview_idx].to(self.device)
+        kwargs = self.make_kwargs(x0, c, train=False, rng=None)
+        chain = self.diffusion.sampling_chain(args.sampler, args.sample_steps)
+        x = chain.sample(self.ema, x0.shape, kwargs, sampler=args.sampler, generator=torch.Generator().manual_seed(0))
+        rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
+        path = os.path.join(args.out, f"samples_{self.step:06d}.png")
+        try:
+            save_grid(path, rows)
+        except OSError as e:
+            raise self.disk_error(e, path) from None
+        return path
 
-    def stopping():
+    # --- signals and failures ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stops_on_signals(self):
+        """Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the current step, save, exit. A second
+        Ctrl-C quits at once. Stopping only between steps keeps the checkpoint exactly resumable."""
+        def request_stop(signum, frame):
+            if self.stop:
+                raise KeyboardInterrupt
+            self.stop.append(signum)
+            if self.main:
+                print("\nstopping after this step to save a checkpoint (Ctrl-C again: quit at once)", flush=True)
+        handlers = ({sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+                    if threading.current_thread() is threading.main_thread() else {})
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if self.bar:
+                self.bar.close()
+
+    def stopping(self):
         """Was any rank signalled? All ranks must agree, to stop at the same step: with several
         processes that is the one small host sync per step."""
-        return all_sum([float(bool(stop))], world, device)[0] > 0 if world > 1 else bool(stop)
+        return all_sum([float(bool(self.stop))], self.world, self.device)[0] > 0 if self.world > 1 else bool(self.stop)
 
-    handlers = ({sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-                if threading.current_thread() is threading.main_thread() else {})
-    model.train()
-    stats = Stats()
-    try:
-        while step < args.steps:
-            try:
-                x0, t, eps, kwargs = batch()
-            except OSError as e:                    # e.g. a prepared file truncated since the start
-                raise SystemExit(f"error: reading the training data: {safety.describe(e)}; {last_good()}") from None
-            try:
-                loss, mse = gradient_step(x0, t, eps, kwargs)
-            except (RuntimeError, MemoryError) as e:
-                if not out_of_memory(e):
-                    raise
-                raise SystemExit(f"error: out of memory in a micro-batch of {micro} images on {device} "
-                                 f"({str(e).splitlines()[0][:80]}): use --micro_batch {max(1, micro // 2)}; "
-                                 f"{last_good()}") from None
-            stats.add(loss, mse, t)
-            step += 1
-            if bar:
-                bar.update(1)
-            logging = step % args.log_every == 0 or step == args.steps
-            saving = (step % args.save_every == 0 or step == args.steps
-                      or (args.keep_every and step % args.keep_every == 0))   # kept even between saves
-            stop_now = stopping() and step < args.steps
-            if logging or saving or stop_now:       # the host reads the device here, and only here
-                loss_value = check_finite(loss)
-                if logging:
-                    if main:
-                        write_log(loss_value)
-                    stats = Stats()
-            if saving:
-                checkpoint()
-            if main and args.sample_every and step % args.sample_every == 0 and step != args.steps:
-                preview()
-            if stop_now:                            # any rank was signalled: all stop together
-                checkpoint()
-                if main:
-                    print(f"interrupted: saved {ckpt_path} at step {step}; continue with --resume",
-                          flush=True)
-                raise SystemExit(130)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if bar:
-            bar.close()
-    if main:
-        path = preview()
-        print(f"saved {ckpt_path} and {path}")
-    if world > 1:
-        diff = replicas_max_difference(model)
-        if main:
-            print(f"weights on all {world} processes agree (largest difference {diff:.3g})")
-    return model, ema
+    @contextlib.contextmanager
+    def explains_failures(self):
+        """The training data that cannot be read any more (a prepared file truncated since the
+        start) and a micro-batch that does not fit in memory end the run in one line."""
+        try:
+            yield
+        except OSError as e:
+            raise SystemExit(f"error: reading the training data: {safety.describe(e)}; {self.last_good()}") from None
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            raise SystemExit(f"error: out of memory in a micro-batch of {self.micro} images on {self.device} "
+                             f"({str(e).splitlines()[0][:80]}): use --micro_batch {max(1, self.micro // 2)}; "
+                             f"{self.last_good()}") from None
+
+    def finish(self):
+        """The last preview, and under torchrun a check that every process holds the same weights."""
+        if self.main:
+            path = self.preview()
+            print(f"saved {self.ckpt_path} and {path}")
+        if self.world > 1:
+            diff = replicas_max_difference(self.model)
+            if self.main:
+                print(f"weights on all {self.world} processes agree (largest difference {diff:.3g})")
+        return self.model, self.ema
 
 
 def resume_differences(ckpt, args, world, config):
