@@ -804,6 +804,7 @@ def load_size(source, res, split="train", n=None):
         return k, 2 * k * per                                # the decoded images and their stack
     if os.path.isfile(source) and source.lower().endswith(".npz"):
         try:
+            check_npz_headers(source)                        # a header that lies: not a memory story
             shape, dtype = _npy_header(source, "arr_0")
         except (KeyError, ValueError, OSError):
             return 0, 0                                      # load_dataset says what is wrong

@@ -41,10 +41,16 @@ import safety
 from trainer import activation_bytes, distributed, grid_image, int_list, pick_device, set_fast_path
 
 
+OUTPUT_LIMIT = 1e4
+
+
 class FiniteWatch(torch.nn.Module):
     """A stage's network, watched: remembers the first diffusion time t at which its output held a
-    NaN or an inf, so that a failed sample can say where it went wrong. The check stays on the
-    device (no synchronisation per step); it is read once, after sampling."""
+    NaN, an inf or a value beyond +-OUTPUT_LIMIT, so that a broken model is refused and the error
+    can say where it broke. Every prediction (eps, x0, the velocity, iDDPM's v) is of order 1 in a
+    trained network; the samplers would clip a huge x0_hat to +-1 and write black or white images
+    without a word. The check stays on the device (no synchronisation per step); it is read once,
+    after sampling."""
 
     def __init__(self, model):
         super().__init__()
@@ -55,7 +61,7 @@ class FiniteWatch(torch.nn.Module):
 
     def forward(self, x_t, t, **kwargs):
         out = self.model(x_t, t, **kwargs)
-        bad = ~torch.isfinite(out).all()
+        bad = ~(out.abs() <= OUTPUT_LIMIT).all()                      # NaN compares False
         t_max = t.max().to(torch.long)
         if self.first_bad_t is None:
             self.first_bad_t = torch.full((), -1, dtype=torch.long, device=out.device)
@@ -63,9 +69,11 @@ class FiniteWatch(torch.nn.Module):
         return out
 
     def where(self):
-        """'; the network's output was first non-finite at t = ...', or '' if it never was."""
+        """'; the network's output was first ... at t = ...', or '' if it never was."""
         t = -1 if self.first_bad_t is None else int(self.first_bad_t)
-        return f"; the network's output was first non-finite at t = {t}" if t >= 0 else ""
+        return (f"; the network's output was first non-finite or beyond +-{OUTPUT_LIMIT:g} (a trained network "
+                f"predicts values of order 1) at t = {t}") if t >= 0 else ""
+
 
 DEMO_CHECKPOINTS = ["runs/base/ckpt.pt", "runs/sr16/ckpt.pt", "runs/sr32/ckpt.pt"]
 
@@ -390,11 +398,12 @@ def run(args, rank, world, device):
                 raise SystemExit(f"error: {e}") from None
             # to_uint8 would turn NaN into black and the samplers' clipping an inf into +-1, silently
             for k, x in enumerate(xs):
-                if watched[k].model.where() or not torch.isfinite(x).all():
-                    raise SystemExit(f"error: stage {k + 1} ({args.checkpoints[k]}) sampled non-finite values "
-                                     f"(NaN or inf) in chunk {j + 1}{watched[k].model.where()}; nothing was "
-                                     "written. With --precision bf16 try fp32; otherwise sample an earlier "
-                                     "checkpoint")
+                broke = watched[k].model.where()
+                if broke or not torch.isfinite(x).all():
+                    what = "broke down" if broke else "sampled non-finite values (NaN or inf)"
+                    raise SystemExit(f"error: stage {k + 1} ({args.checkpoints[k]}) {what} in chunk {j + 1}{broke}; "
+                                     "nothing was written. With --precision bf16 try fp32; otherwise sample an "
+                                     "earlier checkpoint")
             mine[j] = [data.to_uint8(x.float()).cpu() for x in xs]
             if given is not None:                 # stage_1 of the files: the given images
                 mine[j].insert(0, given[chunk])

@@ -2634,8 +2634,19 @@ def test_nothing_is_sampled_silently_wrong_from_a_bad_or_foreign_checkpoint(tiny
             "--no_progress", ok=False)
     first = next(t for t in seen if t <= 300)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-    assert "stage 1" in p.stderr and f"first non-finite at t = {first};" in p.stderr, p.stderr
+    assert "stage 1" in p.stderr and "first non-finite or beyond +-10000" in p.stderr, p.stderr
+    assert f"at t = {first};" in p.stderr, p.stderr
     assert not (tmp_path / "infout" / "samples.npz").exists()
+    # finite but absurd (a bias of 1e38): x0_hat clipped to -1 made all-black images with exit 0
+    monkeypatch.setattr(cdm.UNet, "forward", forward)
+    huge = safety.load_checkpoint(str(tiny_cascade / "base" / "ckpt.pt"))
+    for key in ("model", "ema"):
+        huge[key]["out.2.bias"] = torch.full_like(huge[key]["out.2.bias"], 1e38)
+    torch.save(huge, tmp_path / "huge.pt")
+    p = run("sample.py", str(tmp_path / "huge.pt"), "--out", str(tmp_path / "hugeout"), "--n", "2", "--sampler", "ddim",
+            "--no_progress", ok=False)
+    assert p.returncode == 1 and "broke down" in p.stderr and "beyond +-10000" in p.stderr, p.stderr
+    assert not (tmp_path / "hugeout" / "samples.npz").exists()
 
 
 def _adobe_rgb_icc():
@@ -2751,6 +2762,10 @@ def test_an_npz_whose_header_lies_is_one_line_naming_it(tmp_path):
     assert "batch_size" not in p.stderr
     with pytest.raises(ValueError, match="header says"):
         data.load_dataset(str(tmp_path / "samples.npz"), 8)
+    # as training data: the header, not 'needs about 196.6 GB of memory' (the memory check came first)
+    p = run("train_base.py", *TINY, "--data", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "run"), ok=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "header says" in p.stderr and "memory" not in p.stderr, p.stderr
 
 
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
