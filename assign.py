@@ -72,7 +72,7 @@ UNITS = [
          "the posterior q(x_{t-1} | x_t, x0): its variance beta~_t and the two coefficients of its mean",
          ("test_q_posterior_matches_bayes_rule", "test_posterior_coefficients_closed_form")),
     Unit("target", ("GaussianDiffusion.target", "GaussianDiffusion.x0_and_eps"), "DDPM Eq. (14); PD §4",
-         "what the network regresses in L_simple (eps, x0 or the velocity v), and (x0_hat, eps_hat) "
+         "what the network regresses in L_simple (eps, x0 or the velocity), and (x0_hat, eps_hat) "
          "back from its prediction",
          ("test_prediction_targets_invert_to_x0_and_eps", "test_velocity_target_closed_form")),
     Unit("hybrid", ("GaussianDiffusion.model_log_variance", "GaussianDiffusion.training_losses"),

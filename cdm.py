@@ -95,8 +95,8 @@ PREDICTIONS = ("eps", "x0", "velocity")  # what the network outputs: GaussianDif
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "heun")  # GaussianDiffusion.sample
 SPACINGS = ("uniform", "karras")                      # GaussianDiffusion.respace
 # Each sampler's steps: iDDPM's even spacing in t for the stochastic samplers, EDM's noise levels
-# for the ODE solvers (measured on a Gaussian with its exact eps: Heun with steps even in t
-# fails on a cosine schedule, whose sigma~_T is ~2e4; test_ode_samplers_converge_at_their_order).
+# for the ODE solvers (Heun with steps even in t fails on a cosine schedule, whose sigma~_T is
+# about 2e4: test_ode_samplers_converge_at_their_order checks them on a Gaussian's exact eps).
 SPACING_OF = {"ancestral": "uniform", "ddim": "uniform", "dpm++2m": "karras", "dpm++2m-sde": "karras",
               "heun": "karras"}
 
@@ -274,9 +274,9 @@ class GaussianDiffusion:
 
             eps       DDPM Eq. (14): the noise
             x0        the clean image
-            velocity  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (PD §4)
+            velocity  sqrt(abar_t) eps - sqrt(1 - abar_t) x0      (PD §4)
 
-        Not iDDPM's v (the variance interpolation, model_log_variance): a different quantity.
+        (PD writes it v; here v is only iDDPM's variance output, model_log_variance.)
         All three give the same x_t -> (x0, eps) map at the optimum; they differ in how errors
         are weighted over t. ||eps_hat - eps||^2 = abar_t / (1 - abar_t) ||x0_hat - x0||^2 pays
         nothing for a wrong x0 at high noise (abar_t -> 0), although the sampler amplifies those
@@ -295,7 +295,8 @@ class GaussianDiffusion:
         x_t = sqrt(abar) x0 + sqrt(1 - abar) eps:
             eps:       x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
             x0:        eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-            velocity:  x0 = sqrt(abar) x_t - sqrt(1 - abar) v,  eps = sqrt(1 - abar) x_t + sqrt(abar) v
+            velocity:  x0 = sqrt(abar) x_t - sqrt(1 - abar) velocity,
+                       eps = sqrt(1 - abar) x_t + sqrt(abar) velocity
         """
         if self.prediction == "eps":
             return self.predict_x0(x_t, t, pred), pred
@@ -600,8 +601,7 @@ def zero_init(module):
 
 
 def rescale(h, scale):
-    """h * scale, skipped when scale is 1 (a full pass over h for nothing, measured 2-3% of a
-    forward pass on the CPU)."""
+    """h * scale, skipped when scale is 1: a full pass over h for nothing (docs/speed.md)."""
     return h if scale == 1.0 else h * scale
 
 
@@ -631,17 +631,18 @@ class ResBlock(nn.Module):
         return rescale(self.skip(x) + self.out_layers(h), self.out_scale)
 
 
-def attention(q, k, v, fused=True):
-    """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, heads, N, d) (Vaswani et al. 2017,
-    Eq. 1). fused: PyTorch's scaled_dot_product_attention, one kernel that never stores the
-    N x N weights, 3-4x faster in fp32 on the CPU; the plain lines below compute the same numbers.
-    One measured exception: the CPU backward of the fused kernel is slow in bf16, so bf16
-    training on the CPU takes the plain lines (two bf16 matmuls), +15% img/s (bench.py)."""
-    slow_backward = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+def attention(Q, K, V, fused=True):
+    """softmax(Q K^T / sqrt(d)) V for queries, keys and values of shape (B, heads, N, d) (Vaswani
+    et al. 2017, Eq. 1; written Q, K, V as there: v alone is iDDPM's variance output here). fused:
+    PyTorch's scaled_dot_product_attention, one kernel that never stores the N x N weights, several
+    times faster on the CPU; the plain lines below compute the same numbers. The exception: the
+    CPU backward of the fused kernel is slow in bf16, so bf16 training on the CPU takes the plain
+    lines (two bf16 matmuls). Both measured with bench.py: docs/speed.md."""
+    slow_backward = Q.device.type == "cpu" and Q.dtype == torch.bfloat16 and Q.requires_grad
     if fused and not slow_backward:
-        return F.scaled_dot_product_attention(q, k, v)
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, heads, N, N)
-    return w @ v
+        return F.scaled_dot_product_attention(Q, K, V)
+    w = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(Q.shape[-1]), dim=-1)  # (B, heads, N, N)
+    return w @ V
 
 
 class AttentionBlock(nn.Module):
@@ -662,14 +663,14 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         heads, d = self.num_heads, C // self.num_heads
         # The 1x1 convolutions qkv and proj are matmuls over the H*W positions ("tokens"). Done as
-        # F.linear on a (B, HW, C) token tensor, q, k and v come out with each head's d channels
+        # F.linear on a (B, HW, C) token tensor, Q, K and V come out with each head's d channels
         # adjacent in memory, which the fused attention kernel needs on the CPU: given the
-        # strided views of an NCHW conv output it silently falls back to the plain formula
-        # (measured: attention 6x slower, the whole CIFAR-sized forward pass 1.3x slower).
+        # strided views of an NCHW conv output it silently falls back to the slow plain formula
+        # (docs/speed.md).
         tokens = self.norm(x).flatten(2).transpose(1, 2)                    # (B, HW, C)
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)   # (B, HW, 3C)
-        q, k, v = qkv.view(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)   # (B, heads, HW, d) each
-        h = attention(q, k, v, fused=self.fast).transpose(1, 2).reshape(B, H * W, C)
+        Q, K, V = qkv.view(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)   # (B, heads, HW, d) each
+        h = attention(Q, K, V, fused=self.fast).transpose(1, 2).reshape(B, H * W, C)
         out = F.linear(h, self.proj.weight.flatten(1), self.proj.bias)      # (B, HW, C)
         return rescale(x + out.transpose(1, 2).view(B, C, H, W), self.out_scale)
 
