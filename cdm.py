@@ -101,6 +101,12 @@ SPACING_OF = {"ancestral": "uniform", "ddim": "uniform", "dpm++2m": "karras", "d
               "heun": "karras"}
 
 
+def check_sampler(sampler):
+    """Refuse a sampler that is not one of SAMPLERS (every entry point asks here)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler}: samplers must be from {', '.join(SAMPLERS)}")
+
+
 def make_betas(schedule, T):
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -246,8 +252,7 @@ class GaussianDiffusion:
         """The respaced chain `sampler` steps down: K steps spaced as that sampler wants them
         (SPACING_OF), containing step stop_at of the training schedule when sampling stops there
         (truncated conditioning augmentation)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_sampler(sampler)
         return self.respace(K, include=[stop_at] if stop_at else [], spacing=SPACING_OF[sampler])
 
     # --- the forward process ------------------------------------------------------------------
@@ -416,8 +421,7 @@ class GaussianDiffusion:
         and every sampler lands exactly on it, handing over z_s. Each sampler walks the chain's
         indices i = T, T - 1, ..., from i to i - 1, and draws fresh N(0, I) noise when it needs
         some (from `generator`)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_sampler(sampler)
         device = next(model.parameters()).device
         x = gaussian(shape, generator, device) if noise is None else noise.to(device)
         end = self._index_of(stop_at) if stop_at else 0
@@ -868,6 +872,16 @@ def check_cascade(stages, given_low_res=False):
                              f"{prev.config.get('data')}, stage {k + 1}: {cur.config.get('data')})")
 
 
+def check_augmentation_times(stages, s):
+    """Each noise-augmented SR stage is told its augmentation time s (CDM §3.2: "an extra time
+    embedding input"), which must lie in 0..T of its low-res schedule; s[k] is stage k's."""
+    for k, (st, s_k) in enumerate(zip(stages, s)):
+        aug = st.config["augment"]
+        if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
+            raise ValueError(f"stage {k + 1} was trained with noise augmentation: it needs s in 0..{aug['T']}, "
+                             f"got {s_k}")
+
+
 def handover(z, aug, s, truncated, generator=None):
     """What an SR stage is given of the previous stage's output z, as its conditioning inputs:
 
@@ -921,14 +935,13 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
     samplers = [sampler] * len(stages) if isinstance(sampler, str) else list(sampler)
     if len(samplers) != len(stages):
         raise ValueError(f"give one sampler, or one per stage ({len(stages)}); got {samplers}")
-    if any(a not in SAMPLERS for a in samplers):
-        raise ValueError(f"samplers must be from {SAMPLERS}, got {samplers}")
+    for a in samplers:
+        check_sampler(a)
+    check_augmentation_times(stages, s)
     outputs, z = [], low_res
     for k, st in enumerate(stages):
         kwargs = {"c": c}
         if z is not None:
-            if st.config["augment"]["type"] == "noise" and s[k] is None:
-                raise ValueError(f"stage {k + 1} was trained with noise augmentation: choose s")
             kwargs.update(handover(z, st.config["augment"], s[k], truncated, generator))
         # Will the next stage want this chain stopped early at its s (truncated augmentation)?
         stop_at = 0

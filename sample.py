@@ -161,9 +161,13 @@ def check_args(args):
         raise SystemExit(f"error: --batch_size {args.batch_size}: must be at least 1")
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise SystemExit(f"error: --eta {args.eta}: DDIM's eta lies in [0, 1] (0: deterministic)")
-    if args.sampler is not None and (not args.sampler or set(args.sampler) - set(cdm.SAMPLERS)):
-        bad = ", ".join(sorted(set(args.sampler) - set(cdm.SAMPLERS))) or "(none given)"
-        raise SystemExit(f"error: unknown sampler {bad}: choose from {', '.join(cdm.SAMPLERS)}")
+    if args.sampler is not None and not args.sampler:
+        raise SystemExit(f"error: --sampler is empty: choose from {', '.join(cdm.SAMPLERS)}")
+    try:
+        for name in args.sampler or ():
+            cdm.check_sampler(name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.eta is not None and args.sampler is not None and "ddim" not in args.sampler:
         raise SystemExit(f"error: --eta is DDIM's, but --sampler {','.join(args.sampler)} has no "
                          "ddim stage: drop --eta, or use --sampler ddim")
@@ -350,13 +354,12 @@ def run(args, rank, world, device):
                          f"0..{num_classes - 1} ({', '.join(stages[0].config['class_names'])})")
     guidance = per_stage(args.guidance, stages, lambda st: 0.0, "guidance")
     for k, (st, w, path) in enumerate(zip(stages, guidance, args.checkpoints)):
-        if w and not st.model.null_class:
+        try:
+            cdm.guided_model(st.model, w, st.channels)          # refuses a model without a null class
+        except ValueError as e:
             example = ",".join("0" if j == k else "2" for j in range(len(stages)))
-            fix = (f"give it weight 0 (one weight per stage, e.g. --guidance {example})"
-                   if len(stages) > 1 else "drop --guidance")
-            raise SystemExit(f"error: --guidance: stage {k + 1} ({path}) was trained without a null "
-                             f"class (--p_uncond 0, the paper's setting), so it cannot be guided; {fix}, "
-                             f"or retrain it with --p_uncond 0.1")
+            raise SystemExit(f"error: --guidance: stage {k + 1} ({path}): {e}"
+                             + (f" (one weight per stage, e.g. --guidance {example})" if len(stages) > 1 else "")) from None
     steps = per_stage(args.steps, stages, lambda st: st.config["sample_steps"], "steps")
     # each checkpoint's own sampler (older checkpoints: ancestral); --eta alone means DDIM
     sampler = per_stage(args.sampler or (("ddim",) if args.eta is not None else None), stages,
@@ -366,10 +369,10 @@ def run(args, rank, world, device):
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")
     def s_per_stage(values):
         s = per_stage(values, stages, lambda st: st.sample_s, "s")  # default: each stage's own
-        for k, (st, s_k) in enumerate(zip(stages, s)):
-            aug = st.config["augment"]
-            if aug["type"] == "noise" and not (s_k is not None and 0 <= s_k <= aug["T"]):
-                raise SystemExit(f"error: stage {k + 1} needs s in 0..{aug['T']}, got {s_k}")
+        try:
+            cdm.check_augmentation_times(stages, s)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         return s
 
     # Labels cycle through the chosen classes, so a grid has whole rows per class; given images

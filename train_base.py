@@ -8,7 +8,6 @@ learned variances with the hybrid loss and the cosine schedule, as for the paper
   python train_base.py --preset cifar10 --download          # iDDPM's CIFAR-10 model (GPUs)
   torchrun --nproc_per_node 8 train_base.py --preset imagenet32 --precision bf16   # CDM's base
 """
-import argparse
 
 import safety
 import trainer
@@ -50,12 +49,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     """The flags, with the preset's values as defaults, every one checked (trainer.check_args)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    d = PRESETS[pre.parse_known_args(argv)[0].preset]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="a named configuration; the flags below override it")
+    p, d = trainer.preset_parser(__doc__, PRESETS, "demo", argv)
     p.add_argument("--res", type=int, default=d["res"], help="image resolution of the base model")
     return trainer.check_args(trainer.add_common_args(p, d).parse_args(argv))
 

@@ -10,10 +10,6 @@ What SR adds to train_base.py, and nothing else:
   python train_sr.py                          # demo stage 2: 8->16, noise augmentation (~1.5 min)
   python train_sr.py --preset demo32          # demo stage 3: 16->32, blur augmentation (~3 min)
 """
-import argparse
-
-import torch
-
 import cdm
 import safety
 import trainer
@@ -93,12 +89,7 @@ PRESETS = {
 def parse_args(argv=None):
     """The flags, with the preset's values as defaults, every one checked; adds args.augment,
     the augmentation config stored in the checkpoint."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="demo16")
-    d = PRESETS[pre.parse_known_args(argv)[0].preset]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo16",
-                   help="a named configuration; the flags below override it")
+    p, d = trainer.preset_parser(__doc__, PRESETS, "demo16", argv)
     p.add_argument("--res", type=int, default=d["res"], help="output resolution of this SR stage")
     p.add_argument("--low_res", type=int, default=d["low_res"], help="resolution of its input z")
     g = p.add_argument_group("conditioning augmentation (CDM §3: noise; §3.1: blur)")
@@ -158,13 +149,9 @@ def main(argv=None):
 
     def make_kwargs(x0, c, train, rng):
         z0 = cdm.downsample(x0, args.low_res)            # training pair (x0, z0), area filter
-        if train:
-            z, s = cdm.augment_for_training(z0, augment, low_res_diffusion, rng)
-        elif augment["type"] == "noise":                 # sampling: a fixed s, and re-noised z
-            s = torch.full((len(c),), args.sample_s, dtype=torch.long, device=z0.device)
-            z = cdm.noise_augment(z0, s, low_res_diffusion)
-        else:                                            # sampling: no blur
-            z, s = z0, None
+        if not train:                                    # previews: as sample.py hands z0 over
+            return {"c": c, **cdm.handover(z0, augment, args.sample_s, truncated=False)}
+        z, s = cdm.augment_for_training(z0, augment, low_res_diffusion, rng)
         return {"c": c, "z": z} if s is None else {"c": c, "z": z, "s": s}
 
     trainer.train(args, config, dataset, make_kwargs)

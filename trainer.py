@@ -179,6 +179,18 @@ class PresetAttention(tuple):
         return self
 
 
+def preset_parser(doc, presets, default, argv=None):
+    """A training script's parser with --preset, and the chosen preset's values (read from argv
+    first, so that they can be every other flag's default). Returns (parser, preset values)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(presets), default=default)
+    values = presets[pre.parse_known_args(argv)[0].preset]
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets), default=default,
+                   help="a named configuration; the flags below override it")
+    return p, values
+
+
 def add_common_args(p, d):
     """Flags shared by both scripts; `d` is the chosen preset (every default comes from it)."""
     g = p.add_argument_group("data")
