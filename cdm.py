@@ -513,8 +513,9 @@ def sample_aug_time(u, s_max):
     """Training draws s ~ U{0, ..., s_max} per example (CDM §3: super-resolution models "amortized
     over the strength of conditioning augmentation"), here as floor(u (s_max + 1)) from uniforms u
     in [0, 1). The range is not in the paper: s_max = T/4 of the low-res schedule is our default,
-    which covers most of the best sampling-time s that secondary sources report for the paper's
-    32->64 stage (501-1251 of T = 4000, s/T = 0.13-0.31; the imagenet64 preset trains on T/2)."""
+    which covers most of the best sampling-time s that a secondary source (named in docs/paper.md)
+    reports for the paper's 32->64 stage (501-1251 of T = 4000, s/T = 0.13-0.31; the imagenet64
+    preset trains on T/2)."""
     return (u * (int(s_max) + 1)).long().clamp(max=int(s_max))
 
 
@@ -541,10 +542,10 @@ def gaussian_kernel3(sigma):
 def blur_augment(z, sigma_range=(0.4, 0.6), p=0.5, u=None):
     """Gaussian blur conditioning augmentation, CDM §3.1 (the 64->128 and 64->256 stages): sigma
     drawn from a fixed range, the blur applied to 50% of the training examples, "no augmentation"
-    at inference; the model is not told sigma. The 3x3 kernel and sigma ~ U(0.4, 0.6) are what
-    secondary sources report for the paper's 256x256 stage. Per-example sigma and coin flip are our
-    choice; they come from u, (B, 2) uniforms in [0, 1) (drawn here if None). Returns (z_aug,
-    applied: bool (B,)).
+    at inference; the model is not told sigma. The 3x3 kernel and sigma ~ U(0.4, 0.6) are what a
+    secondary source (named in docs/paper.md) reports for the paper's 256x256 stage. Per-example
+    sigma and coin flip are our choice; they come from u, (B, 2) uniforms in [0, 1) (drawn here if
+    None). Returns (z_aug, applied: bool (B,)).
     """
     B, C, H, W = z.shape
     u = torch.rand(B, 2, device=z.device) if u is None else u

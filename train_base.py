@@ -12,8 +12,9 @@ learned variances with the hybrid loss and the cosine schedule, as for the paper
 import safety
 import trainer
 
-# Each value beside where it comes from (trainer.preset): the CDM paper itself, secondary sources
-# that report its appendix tables, a predecessor, or our choice. docs/paper.md tabulates them.
+# Each value beside where it comes from (trainer.preset): the CDM paper itself, a secondary source
+# that reports its appendix tables, a predecessor, or our choice. docs/paper.md tabulates them and
+# names the secondary source.
 PRESETS = {
     # The CPU demo: 8x8 shapes, short run. Velocity prediction, not eps (deviation): its samples'
     # backgrounds kept the data's brightness (docs/choices.md). Sampled with SDE-DPM-Solver++(2M),

@@ -47,7 +47,8 @@ PRESETS = {
                   keep_every=0, out="runs/sr32")),
     # The paper's 32->64 stage, Gaussian noise augmentation with the base's schedule (T = 4000).
     # The paper trains one model over all s and picks s after training by FID; the best reported
-    # for 32->64 are s = 501-751 (truncated) and 751-1251 (non-truncated), secondary sources. No
+    # for 32->64 are s = 501-751 (truncated) and 751-1251 (non-truncated), a secondary source
+    # (named in docs/paper.md). No
     # range of s is given: s ~ U{0..2000} (T/2) covers those with room for the search, and s = 1000
     # (T/4, non-truncated) lies inside the reported best range (ours). Warm-up, clipping and the
     # EMA warm-up off, as in train_base.py's imagenet32; all 4000 sampling steps, as reported.
@@ -61,8 +62,8 @@ PRESETS = {
                   warmup=0, grad_clip=0.0, ema_warmup=False, save_every=5000, keep_every=50_000,
                   out="runs/imagenet64_sr")),
     # 64->128 and 64->256 follow SR3, as the paper says: fixed variance, T = 2000, ~100 sampling
-    # steps, blur augmentation (secondary sources give the numbers), with SR3's 10k-step linear
-    # warm-up and residual sums scaled by 1/sqrt(2). Deviations (docs/paper.md): we condition on the
+    # steps, blur augmentation (a secondary source gives the numbers: docs/paper.md), with SR3's
+    # 10k-step linear warm-up and residual sums scaled by 1/sqrt(2). Deviations (docs/paper.md): we condition on the
     # discrete t of a linear schedule, not on SR3's continuous noise level, and resample with a
     # strided conv / nearest + conv, not BigGAN residual blocks.
     "imagenet128": trainer.preset(
@@ -106,7 +107,7 @@ def parse_args(argv=None):
                    help=f"noise aug: s for the preview grids and sample.py's default (default aug_T * "
                         f"{sample_s_frac:g}); the paper picks it after training, by FID (sample.py --s_sweep)")
     g.add_argument("--blur_sigma", type=float, nargs=2, default=d.get("blur_sigma", (0.4, 0.6)),
-                   help="blur aug: sigma ~ U(lo, hi) (0.4 0.6 at 256x256, as secondary sources report "
+                   help="blur aug: sigma ~ U(lo, hi) (0.4 0.6 at 256x256, as a secondary source reports "
                         "for the paper)")
     g.add_argument("--blur_p", type=float, default=d.get("blur_p", 0.5),
                    help="blur aug: fraction of examples blurred (the paper: half)")

@@ -48,8 +48,8 @@ def preset(**groups):
     """A preset from its values grouped by where each comes from:
 
         preset(paper={...},      stated in the CDM paper
-               secondary={...},  reported for the CDM paper by secondary sources (its appendix
-                                 tables), not checked against its text (docs/paper.md)
+               secondary={...},  reported for the CDM paper by a secondary source (a summary of
+                                 its appendix tables, named in docs/paper.md), not checked against its text
                iddpm={...}, sr3={...},  taken from a predecessor
                ours={...})       our choice
     Returns the flat dict of values the scripts read, plus "sources": {flag: source}."""
