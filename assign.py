@@ -147,7 +147,7 @@ a few step counts). Check yourself: `python train_sr.py $(cat {STAGE_FLAGS_FILE}
 a minute and a half on 2 cores."""
 
 
-# --- wrong answers students write: each must fail its unit's tests (test_cdm.py proves it) -------
+# --- wrong answers students write: each must fail its unit's tests (tests/test_kit.py proves it) -
 # (description, function, the reference text, what the student wrote instead)
 WRONG_ANSWERS = {
     "schedules": [
