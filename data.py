@@ -837,8 +837,9 @@ def check_npz_headers(path):
                     header = f.tell()
             except (ValueError, OSError, zipfile.BadZipFile) as e:
                 raise ValueError(f"{path}: {name} cannot be read ({str(e)[:100]}); the file is corrupt: re-create it") from None
-            if dtype.hasobject:
-                continue                                  # np.load refuses pickled objects itself
+            if dtype.hasobject:                           # never unpickled: it could run code
+                raise ValueError(f"{path}: {name} holds Python objects (a pickle), which are never loaded: "
+                                 "save plain arrays (uint8 images, integer labels) with np.savez")
             need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
             stored = info.file_size - header
             if need != stored:

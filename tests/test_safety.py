@@ -417,6 +417,12 @@ def test_an_npz_whose_header_lies_is_one_line_naming_it(tmp_path):
     p = run("train_base.py", *TINY, "--data", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "run"), ok=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert "header says" in p.stderr and "memory" not in p.stderr, p.stderr
+    # an array of Python objects: refused by name (it was numpy's 'Object arrays cannot be loaded
+    # when allow_pickle=False', naming no file)
+    np.savez(tmp_path / "objects.npz", np.array([{"a": 1}, None], dtype=object), np.zeros(2, np.int64))
+    p = run("evaluate.py", "--samples", str(tmp_path / "objects.npz"), ok=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "objects.npz: arr_0 holds Python objects (a pickle), which are never loaded" in p.stderr, p.stderr
 
 
 def test_class_folders_that_are_broken_or_looping_links_are_refused_by_name(tmp_path):
