@@ -684,8 +684,8 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             loss_sum, mse = torch.zeros((), device=device), []
             for r, sync in run.micro_batches():               # gradients summed over micro-batches
                 with (contextlib.nullcontext() if sync else net.no_sync()), run.autocast:
-                    terms = diffusion.training_losses(net, x0[r], t[r], {k: v[r] for k, v in kwargs.items()},
-                                                      eps=eps[r])
+                    cond = {name: value[r] for name, value in kwargs.items()}      # c (and z, s)
+                    terms = diffusion.training_losses(net, x0[r], t[r], cond, eps=eps[r])
                     loss = terms["loss"].mean() / run.accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()
