@@ -751,6 +751,61 @@ def test_cas_on_separable_and_on_shuffled_labels():
 
 
 # =============================================================================================
+# experiment.py: the conditioning-augmentation study
+# =============================================================================================
+
+def test_paired_differences_and_the_reproduced_rule():
+    """findings' arithmetic on results made up to have known answers: the difference is worse -
+    better per seed, its mean and sample std, and 'reproduced' only where every seed agrees and
+    the mean exceeds three standard deviations."""
+    import experiment
+    seeds = {str(k): {"a": {"fid": 5.0 + k}, "b": {"fid": 2.0 + 0.5 * k}, "c": {"fid": 4.0 + (-1) ** k}}
+             for k in range(3)}
+    r = {"seeds": seeds}
+    d = experiment.paired(r, "a", "b")
+    assert d["runs"] == [3.0, 3.5, 4.0] and d["mean"] == pytest.approx(3.5) and d["std"] == pytest.approx(0.5)
+    assert d["reproduced"]                                     # 3.5 > 3 x 0.5, all positive
+    noisy = experiment.paired(r, "c", "b")                    # 3, 0.5, 2: all positive, mean 1.83 < 3 x 1.26
+    assert noisy["runs"] == [3.0, 0.5, 2.0] and noisy["std"] == pytest.approx(1.258, abs=1e-3)
+    assert not noisy["reproduced"]
+    assert not experiment.paired(r, "b", "a")["reproduced"]   # the other ordering
+
+
+def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
+    """`experiment.py --quick` (the study's pipeline at toy size: 2 training seeds, 42 samples)
+    writes its results, figures and findings; a second run trains nothing and measures nothing
+    again; real held-out images score far better than the toy models; bad flags are one line."""
+    import experiment
+    out = str(tmp_path / "study")
+    r = run("experiment.py", "--quick", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(os.path.join(out, "study.json")))
+    keys = {"real", "single", "none/generated", "none/ground_truth", "aug/generated/0", "aug/generated/100",
+            "aug/ground_truth/0", "aug/ground_truth/100", "aug/truncated/100"}
+    assert set(res["seeds"]) == {"0", "1"} and all(set(row) == keys for row in res["seeds"].values())
+    for row in res["seeds"].values():       # 10 training steps: the floor is far below every model
+        assert row["real"]["fid"] < min(v["fid"] for k, v in row.items() if k != "real") / 3
+        assert row["real"]["accuracy"] > 0.8
+    a = res["findings"]["a"]["no augmentation worse than the single model"]
+    assert a["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single"]["fid"]
+                                       for _, row in sorted(res["seeds"].items())])
+    for name in ("findings.md", "fid_vs_s.png", "compounding.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 500
+    walls = {p: os.path.getmtime(p) for p in
+             [os.path.join(out, "runs", f"seed{k}", n, "ckpt.pt") for k in (0, 1) for n in experiment.STUDY_STAGES]}
+    again = run("experiment.py", "--quick", "--out", out)
+    assert again.returncode == 0 and "trained" not in again.stdout and "FID" not in again.stdout.split("done")[0]
+    assert all(os.path.getmtime(p) == t for p, t in walls.items())
+    assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res["seeds"]
+    for flags, says in ((["--seeds", "1"], "--seeds 1"), (["--s", "0,5000"], "trained on s in 0.."),
+                        (["--s", "a,b"], "comma-separated"), (["--steps_scale", "0"], "--steps_scale")):
+        bad = run("experiment.py", *flags, "--out", str(tmp_path / "never"), ok=False)
+        assert bad.returncode and bad.stderr.strip().startswith("error: ") and says in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "never")
+
+
+# =============================================================================================
 # The notebook
 # =============================================================================================
 
