@@ -768,7 +768,8 @@ def test_paired_differences_and_the_reproduced_rule():
     noisy = experiment.paired(r, "c", "b")                    # 3, 0.5, 2: all positive, mean 1.83 < 3 x 1.26
     assert noisy["runs"] == [3.0, 0.5, 2.0] and noisy["std"] == pytest.approx(1.258, abs=1e-3)
     assert not noisy["reproduced"]
-    assert not experiment.paired(r, "b", "a")["reproduced"]   # the other ordering
+    other = experiment.paired(r, "b", "a")                    # the other ordering
+    assert not other["reproduced"] and other["opposite"] and not d["opposite"] and not noisy["opposite"]
 
 
 def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
