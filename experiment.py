@@ -118,8 +118,9 @@ def render_glyphs(folder, res, quick):
 
 def study(args):
     """The miniature of the paper's conditioning-augmentation ablation (CDM §4.3): see STUDY and
-    docs/experiment.md. Resumable: trained models
-    are reused and every score is written to OUT/study.json as soon as it is measured."""
+    docs/experiment.md. Resumable: trained models are reused and every score is written to
+    OUT/study.json as soon as it is measured; a re-run with other settings is refused (more
+    --seeds or other --s values add to it)."""
     cfg = dict(STUDY)
     if args.quick:
         cfg.update(s=[0, 100], n=42)
@@ -128,6 +129,12 @@ def study(args):
     n = args.n or cfg["n"]
     low, res = cfg["low_res"], cfg["res"]
     path, results, log = resumable(args.out, "study.json")
+    made = {k: v for k, v in {**cfg, "n": n, "steps_scale": args.steps_scale, "quick": args.quick}.items()
+            if k not in ("s", "seeds")}
+    if results.setdefault("made_with", made) != made:
+        differ = ", ".join(k for k in made if results["made_with"].get(k) != made[k])
+        raise SystemExit(f"error: {path} was measured with other settings ({differ}); give another --out, "
+                         "or the flags it was made with")
     t_start, spent = time.time(), results.get("seconds", 0.0)
     device = trainer.pick_device(args.device)
     paths = render_glyphs(os.path.join(args.out, "data"), res, args.quick)

@@ -798,6 +798,10 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert again.returncode == 0 and "trained" not in again.stdout and "FID" not in again.stdout.split("done")[0]
     assert all(os.path.getmtime(p) == t for p, t in walls.items())
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res["seeds"]
+    before = open(os.path.join(out, "study.json"), "rb").read()
+    other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
+    assert other.returncode and "other settings (n)" in other.stderr
+    assert open(os.path.join(out, "study.json"), "rb").read() == before
     for flags, says in ((["--seeds", "1"], "--seeds 1"), (["--s", "0,5000"], "trained on s in 0.."),
                         (["--s", "a,b"], "comma-separated"), (["--steps_scale", "0"], "--steps_scale")):
         bad = run("experiment.py", *flags, "--out", str(tmp_path / "never"), ok=False)
