@@ -128,6 +128,7 @@ def study(args):
         cfg["s"] = sorted({int(v) for v in args.s.split(",")} | {0})
     n = args.n or cfg["n"]
     low, res = cfg["low_res"], cfg["res"]
+    device = trainer.pick_device(args.device)     # a bad --device is refused before OUT is made
     path, results, log = resumable(args.out, "study.json")
     made = {k: v for k, v in {**cfg, "n": n, "steps_scale": args.steps_scale, "quick": args.quick}.items()
             if k not in ("s", "seeds")}
@@ -136,7 +137,6 @@ def study(args):
         raise SystemExit(f"error: {path} was measured with other settings ({differ}); give another --out, "
                          "or the flags it was made with")
     t_start, spent = time.time(), results.get("seconds", 0.0)
-    device = trainer.pick_device(args.device)
     paths = render_glyphs(os.path.join(args.out, "data"), res, args.quick)
     test = data.load_dataset(paths["test"], res)
     num_classes = int(test.y.max()) + 1
