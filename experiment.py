@@ -85,7 +85,7 @@ def train(script, args, out, quick, log):
     return seconds
 
 
-class StudyScorer:
+class Scorer:
     """FID, class accuracy and border brightness of samples against real held-out images at one
     resolution, on the features of a classifier trained on the real training images (evaluate.py)."""
 
@@ -100,6 +100,13 @@ class StudyScorer:
         return {"fid": evaluate.fid(feats, self.real_feats),
                 "accuracy": (evaluate.predict(self.clf, u8) == labels).float().mean().item(),
                 "border": evaluate.border_mean(u8, self.width)}
+
+    @classmethod
+    def shapes(cls, res, out, seed, n_real):
+        """A Scorer against n_real held-out shapes images (--solvers, --guidance); its classifier
+        is cached in OUT."""
+        real = data.load_dataset("shapes", res, "test", n=n_real, seed=seed)
+        return cls("shapes", res, os.path.join(out, f"classifier_shapes_{res}px.pt"), real.num_classes, real.x, seed)
 
 
 def render_glyphs(folder, res, quick):
@@ -144,7 +151,7 @@ def study(args):
     for j in range(num_classes):
         rank[test.y == j] = torch.arange(int((test.y == j).sum()))
     half = rank % 2 == 0                     # every other image of each class: the FID reference
-    score = StudyScorer(paths["train"], res, os.path.join(args.out, f"classifier_glyphs{res}.pt"), num_classes,
+    score = Scorer(paths["train"], res, os.path.join(args.out, f"classifier_glyphs{res}.pt"), num_classes,
                    test.x[half], seed=0)
     pool = [torch.nonzero((test.y == j) & ~half)[:, 0].tolist() for j in range(num_classes)]
     c = torch.arange(n) % num_classes
@@ -223,8 +230,7 @@ def study(args):
                                                            z=draw(st["base"], sample_seed, stop_at=s)))
         if k == 0 and "base" not in figure and figure:
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
-    results.update(config={**cfg, "n": n, "seeds": args.seeds, "steps_scale": args.steps_scale},
-                   seconds=spent + time.time() - t_start)
+    results.update(config={**made, "s": cfg["s"], "seeds": args.seeds}, seconds=spent + time.time() - t_start)
     results["findings"] = findings(results)
     safety.write_json(path, results, allow_nan=True)
     plot_study(results, figure, args.out, low, res)
@@ -280,25 +286,6 @@ def findings(results):
         results, gt(0), "none/ground_truth")
     return out
 
-
-
-class Scorer:
-    """FID of uint8 samples against real held-out images at one resolution, on the features of
-    a classifier trained on real images (evaluate.py)."""
-
-    def __init__(self, res, out, seed, n_real):
-        cache = os.path.join(out, f"classifier_shapes_{res}px.pt")
-        real = data.load_dataset("shapes", res, "test", n=n_real, seed=seed)
-        self.clf = evaluate.get_classifier("shapes", res, cache, real.num_classes, seed)
-        self.real_feats = evaluate.embed_and_probs(self.clf, real.x)[0]
-
-    def __call__(self, x_float):
-        return evaluate.fid(evaluate.embed_and_probs(self.clf, data.to_uint8(x_float))[0], self.real_feats)
-
-    def fid_and_accuracy(self, x_float, labels):
-        u8 = data.to_uint8(x_float)
-        feats = evaluate.embed_and_probs(self.clf, u8)[0]
-        return evaluate.fid(feats, self.real_feats), (evaluate.predict(self.clf, u8) == labels).float().mean().item()
 
 
 def main(argv=None):
@@ -385,7 +372,7 @@ def solvers(args):
     stages = {k: safety.load_stage(os.path.join(args.runs, k, "ckpt.pt")) for k in ("base", "sr16", "sr32")}
     N = args.n
     c = torch.arange(N) % 8
-    score = {res: Scorer(res, args.out, args.seed, 2048) for res in (8, 16, 32)}
+    score = {res: Scorer.shapes(res, args.out, args.seed, 2048) for res in (8, 16, 32)}
     pool = data.load_dataset("shapes", 32, "test", n=4 * N, seed=args.seed + 1)
     by_class = [torch.nonzero(pool.y == k)[:, 0].tolist() for k in range(8)]
     log("classifiers ready")
@@ -415,13 +402,14 @@ def solvers(args):
                         x = d.sample(st.model, (N, st.channels, st.resolution, st.resolution), kwargs,
                                      sampler=sampler, generator=torch.Generator().manual_seed(seed_k))
                     secs = time.time() - t0
-                    fid, acc = score[st.resolution].fid_and_accuracy(x, c)
+                    m = score[st.resolution](x, c)
+                    fid, acc = m["fid"], m["accuracy"]
                     results[key] = {"fid": fid, "accuracy": acc, "nfe": d.nfe(sampler), "seconds": secs}
                     safety.write_json(path, results, allow_nan=True)
                     log(f"{key}: NFE {d.nfe(sampler)}, FID {fid:.2f}, accuracy {acc:.3f}, {secs:.0f} s")
             if f"{name}/real/{k}" not in results:
-                results[f"{name}/real/{k}"] = dict(zip(("fid", "accuracy"), score[st.resolution].fid_and_accuracy(
-                    cdm.downsample(real32, st.resolution), c)))
+                m = score[st.resolution](cdm.downsample(real32, st.resolution), c)
+                results[f"{name}/real/{k}"] = {"fid": m["fid"], "accuracy": m["accuracy"]}
     safety.write_json(path, results, allow_nan=True)
     if not args.grid:
         plot_solvers(results, args.out, N)
@@ -452,7 +440,7 @@ def guidance(args):
         train("train_sr.py", [*seed, *extra, "--preset", "demo32"], r("sr32"), quick, log)
         cascades[name] = [safety.load_stage(os.path.join(r(k), "ckpt.pt")) for k in ("base", "sr16", "sr32")]
     N = 64 if quick else args.n
-    score = Scorer(32, args.out, args.seed, 2048)
+    score = Scorer.shapes(32, args.out, args.seed, 2048)
     log("classifier ready")
     c = torch.arange(N) % 8
     settings = [("plain", "none", 0.0)] + [("cfg", "none", 0.0)] + [
