@@ -12,7 +12,8 @@ It builds on:
   DDIM  = Song, Meng, Ermon 2020, "Denoising Diffusion Implicit Models" (2010.02502)
   SR3   = Saharia et al. 2021, "Image Super-Resolution via Iterative Refinement" (2104.07636)
   PD    = Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
-          (2202.00512): the velocity parameterisation, which our demo stages use (a deviation)
+          (2202.00512): the velocity parameterisation, which our demo stages use (a deviation),
+          and progressive distillation (distill.py)
   DPM++ = Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
           Diffusion Probabilistic Models" (2211.01095): the multistep ODE solver DPM-Solver++(2M);
           its SDE variant is Lu's later one, added to the diffusers library in 2023 (pull request
@@ -26,7 +27,8 @@ Read top to bottom:
   3. conditioning augmentation           (CDM §3: Gaussian noise; §3.1: Gaussian blur)
   4. the U-Net                            (DDPM App. B, iDDPM, ADM §3; CDM §3 for the SR inputs)
   5. cascade sampling                     (CDM §3, Fig. 1; §3.2, §3.3: the two handovers)
-  6. beyond the paper: ODE solvers (DPM++, EDM), their noise levels, classifier-free guidance
+  6. beyond the paper: ODE solvers (DPM++, EDM), their noise levels, classifier-free guidance,
+     progressive distillation (PD)
   7. checkpoints: save the config and the tensors; load them back
 
 Vocabulary (the paper's symbols, used everywhere in this project):
@@ -242,6 +244,11 @@ class GaussianDiffusion:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         kept = (spaced_timesteps(self.T, K, include) if spacing == "uniform"
                 else karras_timesteps(self.alphas_cumprod, K, include))
+        return self.on_steps(kept)
+
+    def on_steps(self, kept):
+        """The chain through the given steps t_1 < ... < t_K of this schedule (what respace keeps;
+        a distilled model's own steps, distillation_grid)."""
         abar = self.alphas_cumprod[kept]
         betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
         return GaussianDiffusion(np.concatenate([[0.0], betas]), self.variance, self.lambda_vlb,
@@ -834,6 +841,12 @@ class Stage:
         return self.config.get("model", {}).get("in_channels", 3)
 
     @property
+    def distilled(self):
+        """A distilled stage's own steps (distillation_grid, 0 first), or None: it is sampled on
+        them, with deterministic DDIM, and on no others."""
+        return self.config.get("distill", {}).get("grid")
+
+    @property
     def sample_s(self):
         """The augmentation time s this stage was trained to be sampled at (--sample_s; older
         checkpoints: T/10), or None for a stage without noise augmentation."""
@@ -953,7 +966,17 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
                 raise ValueError(f"truncated sampling needs stage {k + 2}'s augmentation schedule "
                                  f"({nxt['schedule']}, T={nxt['T']}) to be stage {k + 1}'s own "
                                  f"({st.config['diffusion']['schedule']}, T={st.config['diffusion']['T']})")
-        diffusion = st.diffusion.sampling_chain(samplers[k], steps[k], stop_at)
+        if st.distilled is None:
+            diffusion = st.diffusion.sampling_chain(samplers[k], steps[k], stop_at)
+        else:                                   # a distilled stage: its own steps, DDIM (PD)
+            grid, N = st.distilled, len(st.distilled) - 1
+            if (samplers[k], steps[k]) != ("ddim", N):
+                raise ValueError(f"stage {k + 1} is distilled to {N} DDIM step{'s' * (N > 1)}: sample it with "
+                                 f"ddim and {N} step{'s' * (N > 1)}, not {samplers[k]} and {steps[k]}")
+            if stop_at not in grid:
+                raise ValueError(f"truncated sampling stops stage {k + 1} at s = {stop_at}, but it is distilled "
+                                 f"to the steps {grid[1:]} only: sample non-truncated, or with s on those steps")
+            diffusion = st.diffusion.on_steps(grid[1:])
         shape = (B, st.channels, st.resolution, st.resolution)
         model = guided_model(st.model, guidance[k], st.channels)
         z = diffusion.sample(model, shape, kwargs, sampler=samplers[k], eta=eta, stop_at=stop_at,
@@ -1135,6 +1158,76 @@ def guided_model(model, w, channels):
     """The model to sample with at guidance w: the model itself for w = 0 (exactly unguided),
     else a GuidedModel (which refuses models without a null class)."""
     return model if not w else GuidedModel(model, w, channels)
+
+
+# --- progressive distillation (PD Alg. 2): a student takes one step where its teacher took two ---
+# The step counts the solvers above need are the floor of what a *trained* network allows. PD
+# changes the network instead: a student, initialised from its teacher, learns to land in one
+# deterministic DDIM step (sample_ddim, eta = 0) where the teacher lands in two; the student then
+# teaches the next round, halving the steps again (32 -> 16 -> ... -> 1). The training loop is the
+# ordinary one (trainer.py) with distillation_loss in place of L_simple; distill.py runs the rounds.
+# (PD's algorithm, target and weights as readers' notes of the paper give them: docs/paper.md.)
+
+def distillation_grid(T, N):
+    """The N steps of a distilled sampler on a T-step schedule, with 0 (the clean image) first:
+    PD's student times t = i/N, i = 0..N, as integer steps t_i = round(i T / N). Every other
+    step of the 2N-step grid is the N-step grid -- distillation_grid(T, 2N)[::2] ==
+    distillation_grid(T, N) -- so a teacher's two steps span exactly one of its student's."""
+    if not 1 <= N <= T:
+        raise ValueError(f"cannot distil to {N} steps on a schedule of T = {T}; use 1..{T}")
+    return [round(i * T / N) for i in range(N + 1)]
+
+
+def ddim_step(x0_hat, z_t, abar_t, abar_s):
+    """Deterministic DDIM (eta = 0, DDIM Eq. (12)) from step t to an earlier step s, written with
+    alpha = sqrt(abar), sigma = sqrt(1 - abar) as PD does:
+
+        z_s = alpha_s x0_hat + (sigma_s / sigma_t) (z_t - alpha_t x0_hat)
+
+    abar_t, abar_s: per-example tensors broadcast over the image (or numbers)."""
+    return abar_s.sqrt() * x0_hat + ((1 - abar_s) / (1 - abar_t)).sqrt() * (z_t - abar_t.sqrt() * x0_hat)
+
+
+def distillation_target(chain, teacher, z_t, i, model_kwargs):
+    """PD Alg. 2's target x~ for a student at index i of the teacher's chain (i even, >= 2; the
+    student's one step spans the teacher's i -> i - 1 -> i - 2, t -> t' -> t''):
+
+        z_t'  = DDIM step of the teacher from z_t   to t'    (ddim_step, x0_hat = teacher's)
+        z_t'' = DDIM step of the teacher from z_t'  to t''
+        x~    = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+
+    x~ is the x0_hat that takes z_t to z_t'' in *one* DDIM step: ddim_step(x~, z_t, t -> t'') ==
+    z_t''. (At t'' = 0, sigma_t'' = 0 and x~ = z_t'': the teacher's final image.) The teacher's
+    x0_hat is clipped to [-1, 1] as in every sampler here (denoise), so its two steps are exactly
+    sample_ddim's. i: int64 (B,) indices of `chain` (the teacher's respaced chain)."""
+    abar = lambda j: chain._at("alphas_cumprod", j, z_t)
+    when = lambda j: torch.as_tensor(chain.timesteps, device=z_t.device)[j]
+    z = z_t
+    for j in (i, i - 1):                                   # the teacher's two DDIM steps
+        out = teacher(z, when(j), **model_kwargs).float()
+        x0_hat = chain.x0_and_eps(z, j, chain.split_output(out)[0])[0].clamp(-1, 1)
+        z = ddim_step(x0_hat, z, abar(j), abar(j - 1))
+    ratio = ((1 - abar(i - 2)) / (1 - abar(i))).sqrt()     # sigma_t'' / sigma_t
+    return (z - ratio * z_t) / (abar(i - 2).sqrt() - ratio * abar(i).sqrt())
+
+
+def distillation_loss(chain, student, teacher, x0, i, eps, model_kwargs):
+    """PD Alg. 2's loss for clean images x0 at teacher-chain indices i (even), per example (B,):
+
+        z_t = alpha_t x0 + sigma_t eps,    L = w(lambda_t) || x~ - x0_hat_student(z_t) ||^2
+
+    with w = 1 + SNR_t = 1 / sigma_t^2 (PD's "SNR+1" weighting, chosen so that the weight stays
+    positive at SNR = 0, t = T). For a velocity-predicting network this *is* the plain squared error
+    of the velocity (x0_hat - x~ = -sigma_t (v_hat - v~)), the loss it was trained with. The
+    student's x0_hat is not clipped (as in L_simple); a learned variance output is not trained
+    (DDIM does not use it). The student sees everything its teacher sees (model_kwargs: class,
+    and an SR stage's z and s)."""
+    z_t = chain.q_sample(x0, i, eps)
+    with torch.no_grad():
+        x_tilde = distillation_target(chain, teacher, z_t, i, model_kwargs)
+    out = student(z_t, torch.as_tensor(chain.timesteps, device=x0.device)[i], **model_kwargs).float()
+    x0_hat = chain.x0_and_eps(z_t, i, chain.split_output(out)[0])[0]
+    return mean_flat((x0_hat - x_tilde) ** 2) / (1 - chain._at("alphas_cumprod", i, x0)).flatten()
 
 
 # =============================================================================================

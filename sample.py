@@ -10,6 +10,10 @@ rebuilt from the files alone; stages that do not fit together are refused with a
   torchrun --nproc_per_node 8 sample.py ... --num_samples 50000 --batch_size 500  # 8 GPUs
   python sample.py runs/sr16/ckpt.pt runs/sr32/ckpt.pt --low_res my8px/   # SR of your own images
   python sample.py ... --guidance 2,0,0                      # classifier-free guidance, base only
+  python sample.py runs/base_pd/steps4/ckpt.pt runs/sr16/ckpt.pt runs/sr32/ckpt.pt   # a distilled base
+
+A distilled stage (distill.py) samples with deterministic DDIM on its own steps, whatever --steps
+and --sampler give the others; truncated sampling stops its chain only at an s among those steps.
 
 --low_res PATH (an image, a folder of images or of class sub-folders, or an ADM .npz) runs the given
 SR stage(s) alone on those images (--n: the first n only), non-truncated at each stage's s (or
@@ -364,6 +368,18 @@ def run(args, rank, world, device):
     # each checkpoint's own sampler (older checkpoints: ancestral); --eta alone means DDIM
     sampler = per_stage(args.sampler or (("ddim",) if args.eta is not None else None), stages,
                         lambda st: st.config.get("sampler", "ancestral"), "sampler")
+    for k, (st, path) in enumerate(zip(stages, args.checkpoints)):   # distilled stages: their own steps
+        if st.distilled is None:
+            continue
+        N = len(st.distilled) - 1
+        for flag, given, own in (("steps", args.steps, N), ("sampler", args.sampler, "ddim")):
+            if given is not None and len(given) > 1 and given[k] != own:
+                raise SystemExit(f"error: --{flag}: stage {k + 1} ({path}) is distilled to {N} DDIM "
+                                 f"step{'s' * (N > 1)} and samples with those only: give {own} for it")
+            if given is not None and len(given) == 1 and given[0] != own:
+                print(f"stage {k + 1} is distilled: it samples with its own {N} DDIM step{'s' * (N > 1)}, "
+                      f"not --{flag} {given[0]}")
+        steps[k], sampler[k] = N, "ddim"
     for st, k in zip(stages, steps):
         if not 1 <= k <= st.config["diffusion"]["T"]:
             raise SystemExit(f"error: --steps {k} for a stage with T = {st.config['diffusion']['T']}")

@@ -10,6 +10,7 @@ kit's copy for students runs it): it imports cdm, numpy, torch and pytest (and i
 test safety.py and trainer.py, which that copy holds too). The tests of the scripts, safety, data, the teaching kit, speed and the docs are in tests/; the whole suite is
 `python -m pytest -q test_cdm.py tests`.
 """
+import copy
 import math
 
 import numpy as np
@@ -804,6 +805,155 @@ def test_guided_prediction_is_the_classifier_free_combination():
         cdm.GuidedModel(plain, 1.0, 3)
     with pytest.raises(ValueError, match="class labels must lie in 0..2"):
         plain(x, t, c=null)                                          # no null label without a null class
+
+
+# --- progressive distillation (PD Alg. 2) ------------------------------------------------------
+
+def test_distillation_grid_halves_onto_itself():
+    """distillation_grid: PD's t = i/N on integer steps, 0 and T at the ends; the 2N-step grid's
+    every other step is the N-step grid, so a teacher's two steps span one student step."""
+    assert cdm.distillation_grid(1000, 4) == [0, 250, 500, 750, 1000]
+    assert cdm.distillation_grid(1000, 1) == [0, 1000]
+    for T in (20, 1000, 4000):
+        for N in (1, 2, 4, 8, 10, 16):
+            if 2 * N <= T:
+                grid = cdm.distillation_grid(T, 2 * N)
+                assert grid[::2] == cdm.distillation_grid(T, N) and len(set(grid)) == 2 * N + 1
+    with pytest.raises(ValueError, match="cannot distil to 64 steps"):
+        cdm.distillation_grid(20, 64)
+
+
+def distillation_chain(N=4, T=200, prediction="velocity"):
+    """The teacher's chain of a distillation round to N steps: 2N steps of a cosine schedule."""
+    base = cdm.GaussianDiffusion(cdm.cosine_schedule(T), variance="fixed", prediction=prediction)
+    return base, base.on_steps(cdm.distillation_grid(T, 2 * N)[1:])
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "x0"])   # eps: ill-conditioned at SNR = 0 (PD §4)
+def test_distillation_target_of_an_exact_point_mass_teacher_is_the_point(prediction):
+    """Closed form: for data that is one point mu, the exact teacher predicts x0_hat = mu from any
+    z_t; two DDIM steps then give z_t'' = alpha'' mu + (sigma''/sigma) (z_t - alpha mu), and
+    x~ = (z_t'' - (sigma''/sigma) z_t) / (alpha'' - (sigma''/sigma) alpha) = mu exactly, at every
+    step including the last (t'' = 0). The exact student (the same oracle) has loss 0, and one
+    DDIM step of the student lands where the teacher's two did."""
+    mu = torch.tensor([0.5, -0.25, 0.0]).view(1, 3, 1, 1)
+    base, chain = distillation_chain(prediction=prediction)
+    oracle = GaussianOracle(base, mu=mu, std=0.0)
+    z = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    i = torch.tensor([2, 4, 6, 8, 2, 4, 6, 8])
+    x_tilde = cdm.distillation_target(chain, oracle, z, i, {})
+    torch.testing.assert_close(x_tilde, mu.expand_as(z), atol=1e-5, rtol=0)
+    loss = cdm.distillation_loss(chain, oracle, oracle, mu.expand_as(z), i, z, {})
+    assert loss.shape == (8,) and loss.max() < 1e-8
+    for j in (1, 4):                      # student DDIM (sample_ddim) over chain indices 2j -> 2j - 2
+        student_chain = base.on_steps(cdm.distillation_grid(base.T, 4)[1:])
+        one = cdm.sample_ddim(student_chain, oracle, z, {}, [j], lambda: 0.0)
+        two = cdm.sample_ddim(chain, oracle, z, {}, [2 * j, 2 * j - 1], lambda: 0.0)
+        torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+
+
+class Scaled(torch.nn.Module):
+    """A network's output times k."""
+
+    def __init__(self, model, k):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, *args, **kwargs):
+        return self.k * self.model(*args, **kwargs)
+
+
+def test_distillation_target_is_the_x0_that_takes_one_ddim_step_to_the_teachers_two():
+    """The identity behind PD's target, for a teacher that is no oracle (a perturbed U-Net, so x~
+    differs from each of its x0_hat): one DDIM step from z_t with x0_hat = x~ (ddim_step) lands
+    exactly on z_t'', the teacher's two DDIM steps as sample_ddim takes them; the loss is
+    (1 + SNR) ||x0_hat - x~||^2, the velocity's squared error for a velocity network."""
+    torch.manual_seed(0)
+    teacher = tiny_unet(out_channels=3).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    teacher = Scaled(teacher, 4.0)              # x0_hat beyond [-1, 1] at places: the clipping counts
+    base, chain = distillation_chain()
+    z = torch.randn(3, 3, 8, 8)
+    c = torch.tensor([0, 1, 2])
+    for j in (1, 2, 4):
+        i = torch.full((3,), 2 * j)
+        with torch.no_grad():
+            x_tilde = cdm.distillation_target(chain, teacher, z, i, {"c": c})
+            two = cdm.sample_ddim(chain, teacher, z, {"c": c}, [2 * j, 2 * j - 1], lambda: 0.0)
+        a_t, a_s = (torch.tensor(chain.alphas_cumprod[k], dtype=torch.float32) for k in (2 * j, 2 * j - 2))
+        torch.testing.assert_close(cdm.ddim_step(x_tilde, z, a_t, a_s), two, atol=1e-4, rtol=1e-4)
+        if j == 1:                                          # t'' = 0: the teacher's final image
+            torch.testing.assert_close(x_tilde, two, atol=1e-6, rtol=0)
+    student = copy.deepcopy(teacher)
+    x0 = torch.rand(3, 3, 8, 8) * 2 - 1
+    i = torch.tensor([2, 4, 8])
+    with torch.no_grad():
+        loss = cdm.distillation_loss(chain, student, teacher, x0, i, z, {"c": c})
+        z_t = chain.q_sample(x0, i, z)
+        x_tilde = cdm.distillation_target(chain, teacher, z_t, i, {"c": c})
+        v_hat = student(z_t, torch.as_tensor(chain.timesteps)[i], c=c)
+        abar = chain._at("alphas_cumprod", i, z_t)
+        v_tilde = abar.sqrt() * (z_t - abar.sqrt() * x_tilde) / (1 - abar).sqrt() - (1 - abar).sqrt() * x_tilde
+    torch.testing.assert_close(loss, cdm.mean_flat((v_hat - v_tilde) ** 2), rtol=1e-3, atol=1e-6)
+
+
+def test_one_distillation_round_shrinks_the_gap_to_the_teachers_two_steps():
+    """One round (N = 1: the teacher's 2 DDIM steps into one) on a tiny U-Net: the student's one
+    step from the same x_T moves towards the teacher's two, on noise it never trained on."""
+    torch.manual_seed(0)
+    teacher = tiny_unet(out_channels=3).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    base, chain = distillation_chain(N=1)
+    student_chain = base.on_steps(cdm.distillation_grid(base.T, 1)[1:])
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    x0 = torch.rand(16, 3, 8, 8) * 2 - 1
+    c = torch.arange(16) % 3
+    test_noise, test_c = torch.randn(8, 3, 8, 8), torch.arange(8) % 3
+
+    def gap():
+        with torch.no_grad():
+            two = chain.sample(teacher, test_noise.shape, {"c": test_c}, sampler="ddim", noise=test_noise)
+            one = student_chain.sample(student.eval(), test_noise.shape, {"c": test_c}, sampler="ddim", noise=test_noise)
+        student.train()
+        return (one - two).pow(2).mean().item()
+
+    before = gap()
+    opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+    for _ in range(60):
+        i = torch.full((16,), 2)
+        loss = cdm.distillation_loss(chain, student, teacher, x0, i, torch.randn_like(x0), {"c": c}).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = gap()
+    assert before > 1e-3 and after < 0.3 * before, (before, after)   # measured: 0.24 * before
+
+
+def test_a_distilled_stage_samples_on_its_own_steps_only():
+    """sample_cascade: a distilled stage takes DDIM on its own grid (a stand-in that records the t
+    it is told), refuses another sampler or step count, and a truncated handover at an s off its
+    grid, in one line each."""
+    spy = Spy()
+    grid = cdm.distillation_grid(100, 4)
+    stage = fake_stage(8, spy=spy)
+    stage.config["distill"] = {"steps": 4, "grid": grid}
+    c = torch.tensor([0, 1])
+    cdm.sample_cascade([stage], c, steps=[4], sampler="ddim", progress=False)
+    assert [int(call["t"][0]) for call in spy.calls] == [100, 75, 50, 25]
+    with pytest.raises(ValueError, match="distilled to 4 DDIM steps: sample it with ddim and 4 steps"):
+        cdm.sample_cascade([stage], c, steps=[20], sampler="ddim", progress=False)
+    sr = fake_stage(16, low_res=8, augment={"type": "noise", "schedule": "cosine", "T": 100, "s_max": 50})
+    with pytest.raises(ValueError, match="distilled to the steps"):
+        cdm.sample_cascade([stage, sr], c, steps=[4, 2], sampler="ddim", s=[None, 30], truncated=True,
+                           progress=False)
+    spy.calls.clear()
+    out = cdm.sample_cascade([stage, sr], c, steps=[4, 2], sampler="ddim", s=[None, 25], truncated=True,
+                             progress=False)
+    assert [int(call["t"][0]) for call in spy.calls] == [100, 75, 50] and out[1].shape == (2, 3, 16, 16)
 
 
 # =============================================================================================

@@ -140,22 +140,27 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    augment = args.augment
+def conditioning(low_res, augment):
+    """make_kwargs(x0, c, train, rng) for an SR stage (trainer.train; distill.py's rounds too):
+    the class, the low-res z made from each batch's x0, augmented, and s if noise-augmented."""
     low_res_diffusion = cdm.aug_diffusion(augment)
-    trainer.claim_out(args)    # before any work: --out writable, locked, no run replaced unasked
-    dataset = trainer.load_training_data(args, args.res)
-    config = trainer.make_config(args, dataset, low_res=args.low_res, augment=augment)
+    sample_s = augment.get("sample_s", augment.get("T", 0) // 10)   # as cdm.Stage.sample_s
 
     def make_kwargs(x0, c, train, rng):
-        z0 = cdm.downsample(x0, args.low_res)            # training pair (x0, z0), area filter
+        z0 = cdm.downsample(x0, low_res)                 # training pair (x0, z0), area filter
         if not train:                                    # previews: as sample.py hands z0 over
-            return {"c": c, **cdm.handover(z0, augment, args.sample_s, truncated=False)}
+            return {"c": c, **cdm.handover(z0, augment, sample_s, truncated=False)}
         z, s = cdm.augment_for_training(z0, augment, low_res_diffusion, rng)
         return {"c": c, "z": z} if s is None else {"c": c, "z": z, "s": s}
+    return make_kwargs
 
-    trainer.train(args, config, dataset, make_kwargs)
+
+def main(argv=None):
+    args = parse_args(argv)
+    trainer.claim_out(args)    # before any work: --out writable, locked, no run replaced unasked
+    dataset = trainer.load_training_data(args, args.res)
+    config = trainer.make_config(args, dataset, low_res=args.low_res, augment=args.augment)
+    trainer.train(args, config, dataset, conditioning(args.low_res, args.augment))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ sees: the class c, and for SR also the (augmented) low-resolution image z and it
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -645,8 +646,24 @@ def replicas_max_difference(model):
     return diff.item()
 
 
-def train(args, config, dataset, make_kwargs):
-    """The training loop shared by both stages.
+@dataclasses.dataclass
+class Distillation:
+    """What turns the training loop into a round of progressive distillation (distill.py):
+    teacher  the network taking two DDIM steps (eval mode, no gradients)
+    chain    the teacher's chain, its 2N steps (cdm.distillation_grid); the student's t are its
+             even indices
+    student_chain  the student's chain, N steps
+    init     the weights the student starts from (the teacher's): PD Alg. 2, "init student from
+             teacher" """
+    teacher: torch.nn.Module
+    chain: cdm.GaussianDiffusion
+    student_chain: cdm.GaussianDiffusion
+    init: dict
+
+
+def train(args, config, dataset, make_kwargs, distill=None):
+    """The training loop shared by both stages, and by distill.py's rounds (distill: a
+    Distillation; then the loss is cdm.distillation_loss and t the student's steps).
 
     make_kwargs(x0, c, train, rng) -> the model's conditioning inputs for a batch of clean
     images x0: {"c": c} for a base model; SR adds z (and s), made from x0 with augmentation
@@ -660,20 +677,22 @@ def train(args, config, dataset, make_kwargs):
     The process group is destroyed on every way out (return, error, interrupt).
     """
     with distributed(args.device) as (rank, world, device):
-        return _train(args, config, dataset, make_kwargs, rank, world, device)
+        return _train(args, config, dataset, make_kwargs, rank, world, device, distill)
 
 
-def _train(args, config, dataset, make_kwargs, rank, world, device):
+def _train(args, config, dataset, make_kwargs, rank, world, device, distill=None):
     """DDPM Algorithm 1, repeated until --steps (what the rest of this file only prepares):
 
       x0 ~ q(x0) with its class c; t ~ Uniform({1, ..., T}); eps ~ N(0, I)   (+ an SR stage's z, s)
       take a gradient step on L_hybrid (iDDPM §3.1; L_simple for fixed variances, DDPM Eq. (14))
       update the EMA of the weights, which is what is sampled
 
+    (A distillation round, PD Alg. 2, is the same loop: t is one of the student's N steps and the
+    loss is cdm.distillation_loss against the teacher's two DDIM steps: Run.losses.)
     Everything else -- building or resuming the model, micro-batches, logging, checkpoints,
     previews, stopping on signals -- is a named helper of the Run beside it."""
-    run = Run(args, config, dataset, make_kwargs, rank, world, device)
-    model, net, ema, opt, scaler, diffusion = run.model, run.net, run.ema, run.opt, run.scaler, run.diffusion
+    run = Run(args, config, dataset, make_kwargs, rank, world, device, distill)
+    model, net, ema, opt, scaler = run.model, run.net, run.ema, run.opt, run.scaler
     model.train()
     with run.stops_on_signals(), run.explains_failures():
         while run.step < args.steps:
@@ -685,7 +704,7 @@ def _train(args, config, dataset, make_kwargs, rank, world, device):
             for r, sync in run.micro_batches():               # gradients summed over micro-batches
                 with (contextlib.nullcontext() if sync else net.no_sync()), run.autocast:
                     cond = {name: value[r] for name, value in kwargs.items()}      # c (and z, s)
-                    terms = diffusion.training_losses(net, x0[r], t[r], cond, eps=eps[r])
+                    terms = run.losses(net, x0[r], t[r], cond, eps[r])
                     loss = terms["loss"].mean() / run.accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()
@@ -725,8 +744,9 @@ class Run:
     fresh or resumed from --out), the batches, the micro-batches, logging, checkpoints, previews,
     and stopping on Ctrl-C / SIGTERM. Under torchrun there is one Run per process (rank)."""
 
-    def __init__(self, args, config, dataset, make_kwargs, rank, world, device):
+    def __init__(self, args, config, dataset, make_kwargs, rank, world, device, distill=None):
         self.args, self.config, self.dataset, self.make_kwargs = args, config, dataset, make_kwargs
+        self.distill = distill
         self.rank, self.world, self.device, self.main = rank, world, device, rank == 0
         B = self.B = args.batch_size
         if B % world:
@@ -750,7 +770,7 @@ class Run:
         except ValueError as e:                    # e.g. --heads not dividing a level's channels
             raise SystemExit(f"error: {e}") from None
         torch.manual_seed(args.seed + rank)        # dropout differs per rank, as it should
-        self.diffusion = cdm.diffusion_from_config(config["diffusion"])
+        self.diffusion = cdm.diffusion_from_config(config["diffusion"]) if distill is None else distill.chain
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(model.parameters(), lr=args.lr, **ADAM_KWARGS[speed["adam"]])
         # fp16 needs loss scaling (its range ends at 65504); bf16 has fp32's range and needs none.
@@ -758,6 +778,9 @@ class Run:
         self.step = self.saved_step = 0            # saved_step: that of the last good checkpoint
         if args.resume and os.path.exists(self.ckpt_path):
             self.resume(speed)
+        if distill is not None and self.step == 0:  # PD Alg. 2: the student starts as its teacher
+            model.load_state_dict(distill.init)
+            self.ema.load_state_dict(distill.init)
         check_resources(args, config, model, device, micro, self.main, start=self.step)
         if args.overwrite and self.main and not args.resume:  # asked for: the previous run's files go now
             old = [n for n in os.listdir(args.out) if RUN_FILES.fullmatch(n)]
@@ -798,7 +821,8 @@ class Run:
             ckpt = safety.load_checkpoint(ckpt_path)
         except ValueError as e:
             raise SystemExit(f"error: --resume: {e}") from None
-        changed = [k for k in ("model", "diffusion", "augment", "flip") if ckpt["config"].get(k) != config[k]]
+        changed = [k for k in ("model", "diffusion", "augment", "flip", "distill")
+                   if ckpt["config"].get(k) != config.get(k)]
         if changed:
             old, new = ckpt["config"].get(changed[0]), config[changed[0]]
             if isinstance(old, dict) and isinstance(new, dict):     # name what differs
@@ -845,9 +869,19 @@ class Run:
         c = dataset.y[idx].to(device, non_blocking=True)
         if args.p_uncond:
             c = drop_labels(c, rng.rand("uncond"), args.p_uncond, dataset.num_classes)
-        t = rng.randint("t", 1, self.diffusion.T + 1)
+        if self.distill is None:
+            t = rng.randint("t", 1, self.diffusion.T + 1)
+        else:                                      # the student's steps: even teacher indices
+            t = 2 * rng.randint("t", 1, self.diffusion.T // 2 + 1)
         eps = rng.randn("eps", *x0.shape[1:])
         return x0, t, eps, self.make_kwargs(x0, c, train=True, rng=rng)
+
+    def losses(self, net, x0, t, cond, eps):
+        """Per-example "loss" and "mse": L_hybrid or L_simple (training_losses), or PD's loss."""
+        if self.distill is None:
+            return self.diffusion.training_losses(net, x0, t, cond, eps=eps)
+        loss = cdm.distillation_loss(self.diffusion, net, self.distill.teacher, x0, t, eps, cond)
+        return {"loss": loss, "mse": loss}
 
     def micro_batches(self):
         """(slice, sync) for each micro-batch of this rank's slice; DDP all-reduces the gradients
@@ -951,8 +985,11 @@ class Run:
         x0 = data.to_float(dataset.x[self.preview_idx]).to(self.device)
         c = dataset.y[self.preview_idx].to(self.device)
         kwargs = self.make_kwargs(x0, c, train=False, rng=None)
-        chain = self.diffusion.sampling_chain(args.sampler, args.sample_steps)
-        x = chain.sample(self.ema, x0.shape, kwargs, sampler=args.sampler, generator=torch.Generator().manual_seed(0))
+        if self.distill is None:
+            chain, sampler = self.diffusion.sampling_chain(args.sampler, args.sample_steps), args.sampler
+        else:
+            chain, sampler = self.distill.student_chain, "ddim"
+        x = chain.sample(self.ema, x0.shape, kwargs, sampler=sampler, generator=torch.Generator().manual_seed(0))
         rows = ([kwargs["z"]] if "z" in kwargs else []) + [x, x0]
         path = os.path.join(args.out, f"samples_{self.step:06d}.png")
         try:

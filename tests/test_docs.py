@@ -161,7 +161,7 @@ def test_the_preset_tables_show_every_value_and_its_source():
 # --- the commands of README.md and docs/ ------------------------------------------------------
 
 def test_every_documented_command_passes_its_scripts_flag_checks():
-    """Each `python` / `torchrun` command of train_base.py, train_sr.py, sample.py and bench.py
+    """Each `python` / `torchrun` command of train_base.py, train_sr.py, sample.py, bench.py and distill.py
     in README.md and docs/*.md passes the script's own checks of its flags (parse_args: for the
     training scripts every range and the U-Net's shape; nothing is trained). A new check must not
     break a documented command: `train_base.py --res 16`, the README's own-folder command, was
@@ -173,7 +173,7 @@ def test_every_documented_command_passes_its_scripts_flag_checks():
     found = []
     for path in ["README.md", *sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))]:
         text = open(os.path.join(HERE, path)).read().replace("\\\n", " ")
-        for m in re.finditer(r"(?:python3?|torchrun(?: --[\w-]+(?: \d+)?)*) (train_base|train_sr|sample|bench)"
+        for m in re.finditer(r"(?:python3?|torchrun(?: --[\w-]+(?: \d+)?)*) (train_base|train_sr|sample|bench|distill)"
                              r"\.py((?: [^\s`&|;)#]+)*)", text):
             found.append((path, m.group(1), shlex.split(m.group(2))))
     assert ("README.md", "train_base", "--data data/glyphs --res 16 --steps 2000 --out runs/glyphs/base".split()) in found

@@ -255,6 +255,79 @@ def test_torchrun_sampling_shards_match_one_process(tiny_cascade, tmp_path):
     assert (tmp_path / "two" / "grid.png").stat().st_size > 0
 
 
+def test_distill_rounds_sample_beside_undistilled_stages_and_refuse_bad_input(tiny_cascade, tmp_path):
+    """distill.py: rounds 4 -> 2 -> 1 steps of the tiny base and one of its SR stage, each a
+    self-describing checkpoint that sample.py samples at its own step count beside undistilled
+    stages; a re-run, bad step counts and a base continuing an SR stage's rounds are refused in one
+    line, with every file left byte-identical."""
+    d = tiny_cascade
+    ck = [str(d / n / "ckpt.pt") for n in ("base", "sr16", "sr32")]
+    out = tmp_path / "base_pd"
+    flags = ["--round_steps", "2", "--device", "cpu", "--no_progress", "--log_every", "1"]
+    p = run("distill.py", ck[0], "--out", str(out), "--from", "4", *flags)
+    assert "round 1: 4 -> 2 steps" in p.stdout and "round 2: 2 -> 1 steps" in p.stdout
+    for k, N in ((1, 2), (2, 1)):
+        c = torch.load(out / f"steps{N}" / "ckpt.pt", weights_only=True)
+        assert c["step"] == 2 and c["config"]["sampler"] == "ddim" and c["config"]["sample_steps"] == N
+        assert c["config"]["distill"] == {"teacher": os.path.abspath(ck[0]), "from": 4, "rounds": k, "steps": N,
+                                          "grid": cdm.distillation_grid(20, N)}
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    for again in (["--from", "4"], ["--from", "4", "--resume"]):        # refused / nothing left to do
+        p = run("distill.py", ck[0], "--out", str(out), *again, *flags, ok="--resume" in again)
+        assert p.returncode != 0 or "is done" in p.stdout
+    assert "already holds distillation rounds" in run("distill.py", ck[0], "--out", str(out), *flags, ok=False).stderr
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
+    # the distilled base (1 step) beside the undistilled SR stages; a single --steps is theirs
+    p = run("sample.py", "--device", "cpu", str(out / "steps1" / "ckpt.pt"), *ck[1:], "--n", "4", "--steps", "2",
+            "--out", str(tmp_path / "mixed"), "--no_progress")
+    assert "stage 1 is distilled: it samples with its own 1 DDIM step, not --steps 2" in p.stdout
+    assert "ddim 1, heun 2, dpm++2m-sde 2 steps" in p.stdout
+    assert np.load(tmp_path / "mixed" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
+    p = run("sample.py", "--device", "cpu", str(out / "steps2" / "ckpt.pt"), ck[1], "--steps", "5,2",
+            "--out", str(tmp_path / "x"), ok=False)
+    assert "error: --steps: stage 1" in p.stderr and "distilled to 2 DDIM steps" in p.stderr
+    p = run("sample.py", "--device", "cpu", str(out / "steps2" / "ckpt.pt"), ck[1], "--n", "2", "--s", "7",
+            "--truncated", "--out", str(tmp_path / "x"), ok=False)
+    assert p.returncode == 1 and "distilled to the steps [10, 20] only: sample non-truncated" in p.stderr
+    # an SR stage: the student is conditioned on z and s as its teacher is
+    sr_out = tmp_path / "sr16_pd"
+    run("distill.py", ck[1], "--out", str(sr_out), "--from", "2", *flags)
+    p = run("sample.py", "--device", "cpu", ck[0], str(sr_out / "steps1" / "ckpt.pt"), "--n", "2",
+            "--out", str(tmp_path / "sr"), "--no_progress")
+    assert "dpm++2m-sde 2, ddim 1 steps" in p.stdout
+    # refused in one line before any work
+    for argv, says in ((["--from", "6", "--to", "4"], "halving gives [3], not --to 4"),
+                       (["--from", "6", "--to", "1"], "a 3-step teacher cannot be halved"),
+                       (["--from", "40"], "only T = 20 steps"),
+                       (["--to", "0"], "--to 0")):
+        p = run("distill.py", ck[0], "--out", str(tmp_path / "bad"), *argv, *flags, ok=False)
+        assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not (tmp_path / "bad" / "steps2").exists()
+    p = run("distill.py", str(sr_out / "steps1" / "ckpt.pt"), "--out", str(tmp_path / "bad"), *flags, ok=False)
+    assert "a 1-step teacher: --to 1 must be fewer steps" in p.stderr
+    sr_files = {f: f.read_bytes() for f in sr_out.rglob("*") if f.is_file()}
+    p = run("distill.py", ck[0], "--out", str(sr_out), "--from", "2", "--resume", *flags, ok=False)
+    assert p.returncode != 0 and "different model" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert {f: f.read_bytes() for f in sr_out.rglob("*") if f.is_file()} == sr_files
+
+
+def test_distill_under_torchrun_matches_one_process(tiny_cascade, tmp_path):
+    """A distillation round with 2 CPU processes (gloo) takes the steps of one process: the same
+    student, on both ranks and against the single run."""
+    flags = [str(tiny_cascade / "base" / "ckpt.pt"), "--from", "2", "--round_steps", "2", "--batch_size", "4",
+             "--device", "cpu", "--no_progress"]
+    run("distill.py", *flags, "--out", str(tmp_path / "one"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "distill.py"), *flags, "--out", str(tmp_path / "two")], capture_output=True,
+                       text=True, cwd=HERE, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "weights on all 2 processes agree (largest difference 0)" in p.stdout
+    assert p.stdout.count("round 1 took") == 1                      # rank 0 speaks for both
+    one, two = (checkpoint_of(tmp_path / k / "steps1") for k in ("one", "two"))
+    for name in one["ema"]:
+        torch.testing.assert_close(one["ema"][name], two["ema"][name], rtol=1e-4, atol=1e-6)
+
+
 def test_scripts_resume(tiny_cascade, tmp_path):
     out = str(tmp_path / "base")
     run("train_base.py", *TINY, "--res", "8", "--attn", "4", "--out", out)
