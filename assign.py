@@ -81,7 +81,7 @@ UNITS = [
          "L_hybrid = L_simple + lambda L_vlb with the mean's gradient stopped inside L_vlb",
          ("test_learned_range_variance_endpoints", "test_hybrid_loss_vlb_trains_only_the_variance",
           "test_initial_l_simple_is_one_with_zero_initialised_output", "test_hybrid_loss_closed_form"), 2),
-    Unit("respacing", ("spaced_timesteps", "GaussianDiffusion.respace"), "iDDPM §4",
+    Unit("respacing", ("spaced_timesteps", "GaussianDiffusion.respace", "GaussianDiffusion.on_steps"), "iDDPM §4",
          "respaced sampling: K of the T steps, evenly spaced and containing T, betas recomputed from abar, "
          "the network told the original t",
          ("test_respacing_keeps_abar_and_full_respacing_is_identity", "test_respaced_chain_tells_the_network_the_original_t")),
@@ -109,7 +109,11 @@ UNITS = [
     Unit("conditioning", ("UNet.conditioning", "ResBlock.forward"), "ADM §3.1; CDM §3, §3.2",
          "the U-Net's conditioning: the t, class and s embeddings, z upsampled and concatenated, and "
          "each residual block's scale-shift GN(h) (1 + scale) + shift",
-         ("test_unet_conditioning_inputs_matter", "test_conditioning_closed_form"), 2),
+         ("test_unet_conditioning_inputs_matter", "test_conditioning_closed_form"), 2),    Unit("distillation", ("ddim_step", "distillation_target"), "PD Alg. 2",
+         "progressive distillation's target: the teacher's two DDIM steps t -> t' -> t'', and the x~ that "
+         "takes one DDIM step from z_t to the same z_t''",
+         ("test_distillation_target_of_an_exact_point_mass_teacher_is_the_point",
+          "test_distillation_target_is_the_x0_that_takes_one_ddim_step_to_the_teachers_two"), 2),
 ]
 UNIT_BY_NAME = {u.name: u for u in UNITS}
 
@@ -189,9 +193,9 @@ WRONG_ANSWERS = {
          "self.lambda_vlb * self.T * terms", "self.lambda_vlb * terms"),
     ],
     "respacing": [
-        ("the kept steps' betas copied from the original schedule", "GaussianDiffusion.respace",
+        ("the kept steps' betas copied from the original schedule", "GaussianDiffusion.on_steps",
          "betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])", "betas = self.betas[kept]"),
-        ("the network told the respaced index instead of the original t", "GaussianDiffusion.respace",
+        ("the network told the respaced index instead of the original t", "GaussianDiffusion.on_steps",
          "timesteps=np.concatenate([[0], self.timesteps[kept]])", "timesteps=None"),
         ("steps from 0, not always containing T", "spaced_timesteps",
          "np.linspace(1, T, K) if K > 1 else [T]", "np.arange(1, T + 1, max(1, T // K))[:K]"),
@@ -220,6 +224,18 @@ WRONG_ANSWERS = {
         ("r upside down: h / h_previous", "dpmpp_2m_data_term", "r = h_prev / h\n", "r = h / h_prev\n"),
         ("e^{h} for e^{-h}", "sample_dpmpp_2m",
          "alpha[j] * math.expm1(-h) * D", "alpha[j] * math.expm1(h) * D"),
+    ],
+    "distillation": [
+        ("the target is the teacher's z_t'' itself, not the x0 that reaches it", "distillation_target",
+         "return (z - ratio * z_t) / (abar(i - 2).sqrt() - ratio * abar(i).sqrt())", "return z"),
+        ("alpha = abar, not its square root, in x~'s denominator", "distillation_target",
+         "(abar(i - 2).sqrt() - ratio * abar(i).sqrt())", "(abar(i - 2) - ratio * abar(i))"),
+        ("the teacher told t on its second step too", "distillation_target",
+         "out = teacher(z, when(j), **model_kwargs)", "out = teacher(z, when(i), **model_kwargs)"),
+        ("the teacher's x0_hat not clipped to [-1, 1] as the sampler clips it", "distillation_target",
+         "[0].clamp(-1, 1)", "[0]"),
+        ("DDIM's noise carried over with the variance ratio, not the standard deviations'", "ddim_step",
+         "((1 - abar_s) / (1 - abar_t)).sqrt()", "((1 - abar_s) / (1 - abar_t))"),
     ],
     "noise_augment": [
         ("z0 not scaled: z_s = z0 + sqrt(1 - abar_s) eps", "noise_augment",

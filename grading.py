@@ -252,6 +252,19 @@ def prepare(ref, unit, rng):
                           "x0_hats": [_t(rng, 2, 3, 3, 3, scale=0.6).clamp(-1, 1) for _ in chain]})
         cases.append({"fn": "data_term", "x0_hats": [_t(rng, 2, 3, 3, 3) for _ in range(3)],
                       "hs": [float(h) for h in rng.uniform(0.05, 1.5, 3)]})
+    elif unit == "distillation":
+        for prediction in ref.PREDICTIONS:
+            d = _diffusion(ref, rng, prediction=prediction)
+            N = int(rng.integers(1, 5))
+            chain = d.on_steps(ref.distillation_grid(d.T, 2 * N)[1:])     # the teacher's 2N steps
+            i = torch.from_numpy(2 * rng.integers(1, N + 1, size=4))
+            i[0], i[-1] = 2, 2 * N                         # the last student step (t'' = 0) and the first
+            net = TinyNet(3, False)
+            cases.append({"fn": "target", "d": _state(chain), "weights": _random_weights(net, rng, 1.0),
+                          "z": _t(rng, 4, 3, 3, 3), "i": i})
+        abar = torch.from_numpy(np.sort(rng.uniform(0.01, 0.99, (2, 4)), axis=0).astype(np.float32))
+        cases.append({"fn": "step", "x0_hat": _t(rng, 4, 3, 2, 2), "z": _t(rng, 4, 3, 2, 2),
+                      "abar_t": abar[0].view(-1, 1, 1, 1), "abar_s": abar[1].view(-1, 1, 1, 1)})
     elif unit == "noise_augment":
         for _ in range(2):
             d = _diffusion(ref, rng)
@@ -378,6 +391,13 @@ def apply(cdm, unit, inp):
         d.denoise = denoise
         chain = inp["chain"]            # x after each step: the whole chain's first k steps
         return {f"x{k}": _np(cdm.sample_dpmpp_2m(d, None, inp["x"], {}, chain[:k + 1])) for k in range(len(chain))}
+    if unit == "distillation":
+        if inp["fn"] == "step":
+            return {"z_s": _np(cdm.ddim_step(inp["x0_hat"], inp["z"], inp["abar_t"], inp["abar_s"]))}
+        net = TinyNet(3, False)
+        net.load_state_dict(inp["weights"])
+        with torch.no_grad():
+            return {"x_tilde": _np(cdm.distillation_target(diffusion(cdm, inp["d"]), net, inp["z"], inp["i"], {}))}
     if unit == "noise_augment":
         if inp["fn"] == "aug_time":
             return {"s": _np(cdm.sample_aug_time(inp["u"], inp["s_max"])).astype(np.int64)}
@@ -413,6 +433,7 @@ def apply(cdm, unit, inp):
 ORACLES = {
     "hybrid": ("GaussianDiffusion.q_sample", "GaussianDiffusion.target", "GaussianDiffusion.x0_and_eps"),
     "ddim": ("GaussianDiffusion.x0_and_eps",),
+    "distillation": ("GaussianDiffusion.x0_and_eps",),
     "respacing": ("posterior_coefficients",),
     "noise_augment": ("GaussianDiffusion.q_sample",),
     "handover": ("noise_augment", "cosine_schedule", "linear_schedule", "posterior_coefficients"),
