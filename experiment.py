@@ -5,6 +5,7 @@
   python experiment.py --steps_scale 10 --n 4096 --seeds 5 --out results_gpu   # scaled up, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
+  python experiment.py --distilled      # distilled stages (distill.py) against the solvers, per NFE
 
 The study renders the glyphs (digits and b/d/p/q, data.make_glyphs) at 16x16 and, for each of
 --seeds independent training seeds, trains with the repository's own scripts:
@@ -311,6 +312,10 @@ def main(argv=None):
                    help="instead: class accuracy, FID and IS against the guidance weight w, guiding the "
                         "base only or every stage, of demo cascades trained with and without --p_uncond "
                         "(writes OUT/guidance.json, guidance.png, guidance.md)")
+    p.add_argument("--distilled", action="store_true",
+                   help="instead: class accuracy and FID at 32x32 against network evaluations per stage, "
+                        "the whole demo cascade in runs/ distilled (distill.py: runs/<stage>_pd/) and with "
+                        "every solver (writes OUT/distilled.json, distilled.png, distilled.md)")
     p.add_argument("--solvers", action="store_true",
                    help="instead: FID and accuracy against network evaluations for each sampler, per "
                         "stage of the demo cascade in runs/ (writes OUT/solvers.json, fid_vs_nfe.png)")
@@ -320,6 +325,9 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} {v}: give at least 2 (a spread needs two values)")
     if args.steps_scale <= 0:
         raise SystemExit(f"error: --steps_scale {args.steps_scale}: give a positive factor")
+    if args.distilled:
+        args.seeds, args.n = args.seeds or 3, args.n or 256
+        return distilled(args)
     if args.solvers or args.guidance:
         args.seeds, args.n = args.seeds or 2, args.n or 512
         return solvers(args) if args.solvers else guidance(args)
@@ -414,6 +422,132 @@ def solvers(args):
     if not args.grid:
         plot_solvers(results, args.out, N)
     log(f"done; wrote {path}")
+
+
+# Progressive distillation against the solvers (issue 32): the demo cascade (README command 1) and
+# its stages distilled by distill.py into RUNS/<stage>_pd/steps<N>/. The whole cascade runs at the
+# same NFE per stage -- each stage's own samples handed to the next, non-truncated at each stage's
+# own s -- and is scored at 32x32 against held-out real images (FID on the classifier's features,
+# class accuracy); the reference is the demo's own sampler, SDE-DPM-Solver++(2M) at 20 steps a
+# stage. Heun evaluates twice a step but once on the last: its NFE are 1, 3, 7, 15.
+PD_NFE = [1, 2, 4, 8, 16]
+PD_SAMPLERS = ["distilled", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral", "heun"]
+PD_REFERENCE = ("dpm++2m-sde", 20)
+PD_FIGURE = ["distilled", "ddim", "dpm++2m-sde"]   # whose samples the figure shows, at every NFE
+
+
+def distilled(args):
+    path, results, log = resumable(args.out, args.json or "distilled.json")
+    names = ("base", "sr16", "sr32")
+    plain = [safety.load_stage(os.path.join(args.runs, k, "ckpt.pt")) for k in names]
+    N = args.n
+    c = torch.arange(N) % 8
+    score = Scorer.shapes(32, args.out, args.seed, 2048)
+    real = data.load_dataset("shapes", 32, "test", n=N, seed=args.seed + 1)
+    settings = [(a, n) for a in PD_SAMPLERS for n in PD_NFE if not (a == "heun" and n == 2)] + [PD_REFERENCE]
+    figure = os.path.join(args.out, "distilled_samples")
+    os.makedirs(figure, exist_ok=True)
+    log("classifier ready")
+    for k in range(args.seeds):
+        seed_k = args.seed + 1000 * k
+        if f"real/{k}" not in results:
+            idx = torch.randperm(len(real.y), generator=torch.Generator().manual_seed(seed_k))
+            m = score(data.to_float(real.x[idx]), real.y[idx])
+            results[f"real/{k}"] = {"fid": m["fid"], "accuracy": m["accuracy"]}
+        for sampler, nfe in settings:
+            key = f"{sampler}/{nfe}/{k}"
+            if key in results:
+                continue
+            if sampler == "distilled":
+                stages = [safety.load_stage(os.path.join(args.runs, f"{n}_pd", f"steps{nfe}", "ckpt.pt"))
+                          for n in names]
+                steps, how = [nfe] * 3, "ddim"
+            else:
+                stages, how = plain, sampler
+                steps = [(nfe + 1) // 2 if sampler == "heun" else nfe] * 3
+            t0 = time.time()
+            xs = cdm.sample_cascade(stages, c, steps=steps, sampler=how, s=[st.sample_s for st in stages],
+                                    generator=torch.Generator().manual_seed(seed_k), progress=False)
+            secs = time.time() - t0
+            m = score(xs[-1], c)
+            used = 2 * steps[0] - 1 if sampler == "heun" else steps[0]
+            results[key] = {"fid": m["fid"], "accuracy": m["accuracy"], "nfe": used, "seconds": secs}
+            safety.write_json(path, results, allow_nan=True)
+            if k == 0 and (sampler in PD_FIGURE or (sampler, nfe) == PD_REFERENCE):   # the figure's rows
+                first = torch.cat([torch.nonzero(c == j)[:2, 0] for j in range(8)])   # two per class
+                data.save_npz(os.path.join(figure, f"{sampler}_{nfe}.npz"),
+                              data.to_uint8(xs[-1][first]).permute(0, 2, 3, 1).numpy(), c[first].numpy())
+            log(f"{key}: NFE {used} per stage, FID {m['fid']:.2f}, accuracy {m['accuracy']:.3f}, {secs:.0f} s")
+    safety.write_json(path, results, allow_nan=True)
+    plot_distilled(results, args.out, N)
+    log(f"done; wrote {path}")
+
+
+def distilled_rows(results):
+    """{sampler: [(nfe, fid mean, fid std, accuracy mean, accuracy std, seeds)]} from distilled.json."""
+    table = {}
+    for key, r in results.items():
+        sampler, nfe, _ = key.split("/") if key.count("/") == 2 else (key.split("/")[0], 0, 0)
+        table.setdefault(sampler, {}).setdefault(int(nfe), []).append(r)
+    sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+    return {sampler: [(runs[0].get("nfe", 0), float(np.mean([r["fid"] for r in runs])), sd([r["fid"] for r in runs]),
+                       float(np.mean([r["accuracy"] for r in runs])), sd([r["accuracy"] for r in runs]), len(runs))
+                      for nfe, runs in sorted(by_nfe.items())] for sampler, by_nfe in table.items()}
+
+
+def plot_distilled(results, out, n):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = distilled_rows(results)
+    ref = {(p[0]): p for p in rows[PD_REFERENCE[0]]}[PD_REFERENCE[1]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for sampler in PD_SAMPLERS:
+        pts = [p for p in rows.get(sampler, []) if p[0] <= max(PD_NFE)]
+        x = [p[0] for p in pts]
+        for ax, (mean, std) in zip(axes, ((1, 2), (3, 4))):
+            ax.errorbar(x, [p[mean] for p in pts], yerr=[0 if np.isnan(p[std]) else p[std] for p in pts],
+                        marker="o", capsize=3, label=sampler, lw=2.5 if sampler == "distilled" else 1.2)
+    real = rows["real"][0]
+    for ax, (mean, std), what in zip(axes, ((1, 2), (3, 4)), ("FID (classifier features)", "class accuracy")):
+        ax.axhspan(ref[mean] - ref[std], ref[mean] + ref[std], color="gray", alpha=0.25,
+                   label=f"{PD_REFERENCE[0]}, {PD_REFERENCE[1]} steps (±std)")
+        ax.axhline(real[mean], color="k", ls=":", label="real held-out images")
+        ax.set(xscale="log", xlabel="network evaluations per stage (NFE)", ylabel=what,
+               xticks=PD_NFE, xticklabels=[str(v) for v in PD_NFE])
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"The demo cascade at 32x32, every stage at the same NFE ({n} samples, mean ± std over seeds)")
+    fig.tight_layout()
+    safety.save_figure(fig, os.path.join(out, "distilled.png"), dpi=120)
+    plt.close(fig)
+    lines = [f"FID at 32x32 on the classifier's features (mean ± std over {rows['real'][0][5]} sampling seeds, "
+             f"{n} samples each) and class accuracy; NFE per stage (3 stages).", "",
+             "| sampler | " + " | ".join(f"NFE {v}" for v in PD_NFE) + " |", "|---|" + "---|" * len(PD_NFE)]
+    for sampler in PD_SAMPLERS:
+        by = {p[0]: p for p in rows.get(sampler, [])}
+        cell = lambda p: "—" if p is None else f"{p[1]:.2f} ± {p[2]:.2f} ({100 * p[3]:.1f}%)"
+        got = [by.get(v) or (by.get(v - 1) if sampler == "heun" else None) for v in PD_NFE]
+        lines.append(f"| {sampler} | " + " | ".join(cell(p) + (f" [NFE {p[0]}]" if p and p[0] != v else "")
+                                                     for p, v in zip(got, PD_NFE)) + " |")
+    lines += [f"| {PD_REFERENCE[0]}, {PD_REFERENCE[1]} steps (reference) | {ref[1]:.2f} ± {ref[2]:.2f} "
+              f"({100 * ref[3]:.1f}%) at NFE {PD_REFERENCE[1]} |", f"| real held-out images | {real[1]:.2f} ± {real[2]:.2f} "
+              f"({100 * real[3]:.1f}%) |"]
+    safety.write_text(os.path.join(out, "distilled.md"), "\n".join(lines) + "\n")
+    shown = [(a, v) for a in PD_FIGURE for v in PD_NFE] + [PD_REFERENCE]
+    grids = [os.path.join(out, "distilled_samples", f"{a}_{v}.npz") for a, v in shown]
+    if all(os.path.exists(g) for g in grids):            # a row per setting: one sample per class
+        rows = np.concatenate([np.concatenate(list(np.load(g)["arr_0"][::2]), axis=1) for g in grids])
+        fig, ax = plt.subplots(figsize=(rows.shape[1] / 40, rows.shape[0] / 40 + 0.6))
+        ax.imshow(rows, interpolation="nearest")
+        h = rows.shape[0] // len(shown)
+        ax.set_yticks([h * (k + 0.5) for k in range(len(shown))],
+                      [f"{a}, NFE {v}" + (" (reference)" if (a, v) == PD_REFERENCE else "") for a, v in shown])
+        ax.set_xticks([])
+        ax.set_title("one sampling seed, each stage at the row's NFE", fontsize=9)
+        fig.tight_layout()
+        safety.save_figure(fig, os.path.join(out, "distilled_samples.png"), dpi=72, bbox_inches="tight")
+        plt.close(fig)
 
 
 # Classifier-free guidance on a cascade (issue 23): two demo cascades, trained as the README's
