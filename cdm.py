@@ -923,7 +923,8 @@ def sample_cascade(stages, c, *, steps, sampler="ancestral", s=None, truncated=F
 
     stages   list of Stage, base first
     c        int64 (B,) class labels, shared by every stage
-    steps    sampling steps per stage (respaced, iDDPM §4)
+    steps    sampling steps per stage (respaced, iDDPM §4); a distilled stage (Stage.distilled)
+             takes exactly its own steps, with sampler "ddim"
     sampler  one of SAMPLERS for every stage, or one per stage (GaussianDiffusion.sample); eta is
              DDIM's
     s        augmentation time per stage (None for stages without noise augmentation)
