@@ -128,7 +128,6 @@ def main(argv=None):
     if main_rank:                                 # and claims OUT for all
         claim(out, counts, args)
 
-    device = trainer.pick_device(args.device)
     teacher_args = dict(vars(train_base.parse_args([])), **ckpt["args"])
     base = argparse.Namespace(**teacher_args)
     base.data = args.data or teacher_args["data"]
@@ -148,7 +147,8 @@ def main(argv=None):
     make_kwargs = make_kwargs_for(config)
 
     diffusion = cdm.diffusion_from_config(config["diffusion"])
-    teacher = safety.load_stage(args.teacher, device).model.requires_grad_(False)
+    # read on the CPU: each round's run moves the teacher to its process's device
+    teacher = safety.load_stage(args.teacher, "cpu").model.requires_grad_(False)
     origin = done["teacher"] if done else os.path.abspath(args.teacher)
     rounds_before = done["rounds"] if done else 0
     times = {}
@@ -164,7 +164,7 @@ def main(argv=None):
                                      "steps": N, "grid": cdm.distillation_grid(T, N)})
         if there is not None and there["step"] >= round_args.steps and there["config"].get("distill") == round_config["distill"]:
             say(f"round {k}: {path} is done ({N} steps); next round")
-            teacher = safety.load_stage(path, device).model.requires_grad_(False)
+            teacher = safety.load_stage(path, "cpu").model.requires_grad_(False)
             continue
         round_args.resume = there is not None
         trainer.claim_out(round_args)

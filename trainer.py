@@ -778,9 +778,11 @@ class Run:
         self.step = self.saved_step = 0            # saved_step: that of the last good checkpoint
         if args.resume and os.path.exists(self.ckpt_path):
             self.resume(speed)
-        if distill is not None and self.step == 0:  # PD Alg. 2: the student starts as its teacher
-            model.load_state_dict(distill.init)
-            self.ema.load_state_dict(distill.init)
+        if distill is not None:
+            distill.teacher.to(device)             # this process's device (under torchrun: its GPU)
+            if self.step == 0:                     # PD Alg. 2: the student starts as its teacher
+                model.load_state_dict(distill.init)
+                self.ema.load_state_dict(distill.init)
         check_resources(args, config, model, device, micro, self.main, start=self.step)
         if args.overwrite and self.main and not args.resume:  # asked for: the previous run's files go now
             old = [n for n in os.listdir(args.out) if RUN_FILES.fullmatch(n)]
