@@ -140,6 +140,29 @@ def main(argv=None):
     base.steps = args.round_steps or ROUND_STEPS[min(ROUND_STEPS, key=lambda r: abs(r - res))]
     base.save_every, base.keep_every, base.sample_every = base.steps, 0, 0
     base.sampler, base.resume, base.overwrite = "ddim", False, False
+    origin = done["teacher"] if done else os.path.abspath(args.teacher)
+    rounds_before = done["rounds"] if done else 0
+    plan = []                                     # (round, N, its --out, what it holds, its config)
+    for k, N in enumerate(counts, start=rounds_before + 1):
+        path = os.path.join(out, f"steps{N}", "ckpt.pt")
+        try:      # (--overwrite: rank 0 deleted the rounds; under torchrun another rank must not see them)
+            there = safety.load_checkpoint(path) if os.path.exists(path) and not args.overwrite else None
+        except ValueError as e:
+            raise SystemExit(f"error: {e}; replace the rounds with --overwrite") from None
+        theirs = there and there["config"].get("distill", {}).get("teacher")
+        if there is not None and theirs != origin:     # e.g. a base's rounds over an SR stage's
+            raise SystemExit(f"error: {path} was distilled from {theirs}, not {origin}: choose another --out, "
+                             "or replace its rounds with --overwrite")
+        plan.append((k, N, path, there, dict(config, sampler="ddim", sample_steps=N, distill={
+            "teacher": origin, "from": done["from"] if done else start, "rounds": k, "steps": N,
+            "grid": cdm.distillation_grid(T, N)})))
+    finished = [t is not None and t["step"] >= base.steps and t["config"].get("distill") == c["distill"]
+                for _, _, _, t, c in plan]
+    for j in range(len(plan) - 1):                # a round trained further would leave the next stale
+        if not finished[j] and plan[j + 1][3] is not None:
+            raise SystemExit(f"error: round {plan[j][0]} ({plan[j][2]}) is to be trained further, but round "
+                             f"{plan[j + 1][0]} was distilled from it as it was: replace the rounds with "
+                             "--overwrite, or choose a new --out")
     dataset = trainer.load_training_data(base, res)
     if list(dataset.class_names) != list(config.get("class_names", dataset.class_names)):
         raise SystemExit(f"error: --data {base.data} has the classes {list(dataset.class_names)[:5]}..., the "
@@ -149,20 +172,12 @@ def main(argv=None):
     diffusion = cdm.diffusion_from_config(config["diffusion"])
     # read on the CPU: each round's run moves the teacher to its process's device
     teacher = safety.load_stage(args.teacher, "cpu").model.requires_grad_(False)
-    origin = done["teacher"] if done else os.path.abspath(args.teacher)
-    rounds_before = done["rounds"] if done else 0
     times = {}
-    for k, N in enumerate(counts, start=rounds_before + 1):
+    for (k, N, path, there, round_config), finished_k in zip(plan, finished):
         round_args = copy.copy(base)
-        round_args.out = os.path.join(out, f"steps{N}")
+        round_args.out = os.path.dirname(path)
         round_args.sample_steps = N
-        path = os.path.join(round_args.out, "ckpt.pt")
-        # (--overwrite: rank 0 deleted the rounds; under torchrun another rank must not see them)
-        there = safety.load_checkpoint(path) if os.path.exists(path) and not args.overwrite else None
-        round_config = dict(config, sampler="ddim", sample_steps=N,
-                            distill={"teacher": origin, "from": done["from"] if done else start, "rounds": k,
-                                     "steps": N, "grid": cdm.distillation_grid(T, N)})
-        if there is not None and there["step"] >= round_args.steps and there["config"].get("distill") == round_config["distill"]:
+        if finished_k:
             say(f"round {k}: {path} is done ({N} steps); next round")
             teacher = safety.load_stage(path, "cpu").model.requires_grad_(False)
             continue

@@ -276,6 +276,9 @@ def test_distill_rounds_sample_beside_undistilled_stages_and_refuse_bad_input(ti
         p = run("distill.py", ck[0], "--out", str(out), *again, *flags, ok="--resume" in again)
         assert p.returncode != 0 or "is done" in p.stdout
     assert "already holds distillation rounds" in run("distill.py", ck[0], "--out", str(out), *flags, ok=False).stderr
+    longer = [*flags[:1], "3", *flags[2:]]                      # round 1 longer: round 2 would be stale
+    p = run("distill.py", ck[0], "--out", str(out), "--from", "4", "--resume", *longer, ok=False)
+    assert "round 1" in p.stderr and "round 2 was distilled from it as it was" in p.stderr
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
     # the distilled base (1 step) beside the undistilled SR stages; a single --steps is theirs
     p = run("sample.py", "--device", "cpu", str(out / "steps1" / "ckpt.pt"), *ck[1:], "--n", "4", "--steps", "2",
@@ -307,7 +310,8 @@ def test_distill_rounds_sample_beside_undistilled_stages_and_refuse_bad_input(ti
     assert "a 1-step teacher: --to 1 must be fewer steps" in p.stderr
     sr_files = {f: f.read_bytes() for f in sr_out.rglob("*") if f.is_file()}
     p = run("distill.py", ck[0], "--out", str(sr_out), "--from", "2", "--resume", *flags, ok=False)
-    assert p.returncode != 0 and "different model" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode != 0 and f"was distilled from {os.path.abspath(ck[1])}, not {os.path.abspath(ck[0])}" in p.stderr
+    assert "Traceback" not in p.stderr
     assert {f: f.read_bytes() for f in sr_out.rglob("*") if f.is_file()} == sr_files
 
 
