@@ -440,6 +440,7 @@ def distilled(args):
     path, results, log = resumable(args.out, args.json or "distilled.json")
     names = ("base", "sr16", "sr32")
     plain = [safety.load_stage(os.path.join(args.runs, k, "ckpt.pt")) for k in names]
+    rounds = {}                                   # NFE -> the distilled cascade, read once
     N = args.n
     c = torch.arange(N) % 8
     score = Scorer.shapes(32, args.out, args.seed, 2048)
@@ -459,8 +460,10 @@ def distilled(args):
             if key in results:
                 continue
             if sampler == "distilled":
-                stages = [safety.load_stage(os.path.join(args.runs, f"{n}_pd", f"steps{nfe}", "ckpt.pt"))
-                          for n in names]
+                if nfe not in rounds:
+                    rounds[nfe] = [safety.load_stage(os.path.join(args.runs, f"{n}_pd", f"steps{nfe}", "ckpt.pt"))
+                                   for n in names]
+                stages = rounds[nfe]
                 steps, how = [nfe] * 3, "ddim"
             else:
                 stages, how = plain, sampler
