@@ -2,7 +2,7 @@
 
   python experiment.py                  # the study: ~1 hour on 2 CPU cores, resumable; writes results/
   python experiment.py --quick          # the same pipeline at toy size (a minute or two; numbers are noise)
-  python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~3 hours)
+  python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
   python experiment.py --steps_scale 10 --n 4096 --seeds 5 --out results_gpu   # scaled up, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
@@ -68,7 +68,7 @@ STUDY = {
 # --setting 8to32: the paper's 4x upsampling (its 16->64 ablation), 8x8 -> 32x32. The SR stages are
 # the demo32 network (train_sr.py) given an 8x8 z and trained with s ~ U{0..250}; the single 32x32
 # model is that network without z, trained for about the wall time of base + SR (1150 steps). About
-# 3x the 8to16 study's time on 2 cores (docs/experiment.md).
+# 46 min per training seed on 2 cores, 2.3x the 8to16 study's time (docs/experiment.md).
 STUDY32 = {
     "low_res": 8, "res": 32,
     "base": ["--steps", "1200"],
@@ -324,7 +324,7 @@ def main(argv=None):
                    + ",".join(map(str, STUDY["s"])) + "; 0 is always included)")
     p.add_argument("--setting", default="8to16", choices=sorted(SETTINGS),
                    help="the study: 8x8 base -> 16x16 (default, about an hour on 2 cores) or -> 32x32, the "
-                        "paper's 4x upsampling (about 3 hours on 2 cores)")
+                        "paper's 4x upsampling (about 2 h 20 min on 2 cores)")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
     p.add_argument("--device", default="auto", help="the study's sampling: 'auto', 'cpu', 'cuda' "
