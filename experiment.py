@@ -818,17 +818,16 @@ def write_findings(results, out):
               "exceeds three standard deviations and every seed agrees (*the opposite holds*: the same, with the sign "
               "reversed).", "",
               "| finding | difference | per seed | mean ± std | reproduced |", "|---|---|---|---|---|"]
+    verdict = lambda d: "yes" if d["reproduced"] else "no: the opposite holds" if d.get("opposite") else "no"
     for part in "abcd":
         for name, d in f[part].items():
-            verdict = "yes" if d["reproduced"] else "no: the opposite holds" if d.get("opposite") else "no"
-            lines.append(f"| ({part}) | {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | {verdict} |")
+            lines.append(f"| ({part}) | {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | {verdict(d)} |")
     lines += ["", "(a) in class accuracy: accuracy of the better minus the worse setting of each pair, in percentage "
               "points (positive where the paper's ordering holds), with the same rule.", "",
               "| difference | per seed | mean ± std | reproduced |", "|---|---|---|---|"]
     pts = lambda v: ", ".join(f"{100 * x:+.1f}" for x in v)
     for name, d in f.get("a_accuracy", {}).items():
-        verdict = "yes" if d["reproduced"] else "no: the opposite holds" if d["opposite"] else "no"
-        lines.append(f"| {name} | {pts(d['runs'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {verdict} |")
+        lines.append(f"| {name} | {pts(d['runs'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {verdict(d)} |")
     wall = results.get("wall", {})
     if wall:
         per = {name: np.mean([w[name] for w in wall.values()]) / 60 for name in next(iter(wall.values()))}
