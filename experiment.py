@@ -25,8 +25,9 @@ SR stage's speckle shows). Every comparison is a paired difference over the trai
 standard deviations and every seed agrees). Outputs in --out: study.json (every number, written
 as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.png (the same base
 samples through both SR stages). --setting 8to32 runs the same study with an 8->32 SR stage and a
-single 32x32 model (STUDY32), into results/8to32/. docs/experiment.md gives the results of both and
-the settings tried.
+single 32x32 model (STUDY32), into results/8to32/. --single_budget F adds to a study the single model
+trained for F times its steps, compared with both cascades: where it falls depends on its budget.
+docs/experiment.md gives the results of both and the settings tried.
 """
 import argparse
 import json
@@ -83,12 +84,13 @@ STUDY_STAGES = ("base", "sr_aug", "sr_none", "single")
 FIGURE_PER_CLASS = 2   # base samples per class carried through both SR stages in the figure
 
 
-def train(script, args, out, quick, log):
-    """Run one of the training scripts (skipped if its checkpoint exists); returns its wall time."""
+def train(script, args, out, quick, log, budget=1):
+    """Run one of the training scripts (skipped if its checkpoint exists); returns its wall time.
+    --quick trains 10 steps, budget x 10 for a single model given budget x its steps."""
     ckpt = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt):
         return json.load(open(os.path.join(out, "wall.json")))["seconds"]
-    extra = ["--steps", "10", "--n_train", "256", "--sample_steps", "4"] if quick else []
+    extra = ["--steps", str(max(1, round(10 * budget))), "--n_train", "256", "--sample_steps", "4"] if quick else []
     t0 = time.time()
     # --overwrite: a run killed before its checkpoint (none is there, or it would be reused above)
     # left only its log and previews in `out`, this experiment's own folder
@@ -176,8 +178,11 @@ def study(args):
     take = [pool[j][i // num_classes % len(pool[j])] for i, j in enumerate(c.tolist())]
     real = data.to_float(test.x[take])                 # held-out images of the classes c, not the reference
     real_low = cdm.downsample(real, low)              # their ground-truth low-res z0
-    scale = lambda flags: [str(round(int(v) * args.steps_scale)) if k and flags[k - 1] == "--steps" else v
-                           for k, v in enumerate(flags)]
+    scale = lambda flags, f=1: [str(round(int(v) * args.steps_scale * f)) if k and flags[k - 1] == "--steps" else v
+                                for k, v in enumerate(flags)]
+    # single models with other budgets: those asked for and those this study has already (a re-run,
+    # e.g. with more --seeds, gives the new seeds them too)
+    budgets = sorted(set(args.single_budget) | set(results.get("config", {}).get("single_budget", [])))
     log(f"data and classifier ready; {args.seeds} training seeds, {n} samples per setting, s in {cfg['s']}")
 
     def draw(stage, seed, z=None, s=None, stop_at=0):
@@ -208,6 +213,9 @@ def study(args):
                                              "--aug", "none"], r("sr_none"), args.quick, log),
             "single": train("train_base.py", [*seed, *scale(cfg["single"]), "--res", str(res)], r("single"),
                             args.quick, log)}
+        for f in budgets:                        # --single_budget: the single model given f x its steps
+            wall[f"single_x{f:g}"] = train("train_base.py", [*seed, *scale(cfg["single"], f), "--res", str(res)],
+                                           r(f"single_x{f:g}"), args.quick, log, budget=f)
         results.setdefault("wall", {})[str(k)] = wall
         st = {name: safety.load_stage(os.path.join(r(name), "ckpt.pt"), device) for name in wall}
         aug = st["sr_aug"].config["augment"]
@@ -236,6 +244,8 @@ def study(args):
 
         measure("real", lambda: real)            # the floor: real images that are not the reference
         measure("single", lambda: draw(st["single"], sample_seed))
+        for f in budgets:
+            measure(f"single_x{f:g}", lambda: draw(st[f"single_x{f:g}"], sample_seed))
         measure("none/generated", lambda: draw(st["sr_none"], sample_seed + 1, z=z0()), keep=True)
         measure("none/ground_truth", lambda: draw(st["sr_none"], sample_seed + 1, z=real_low))
         for s in cfg["s"]:
@@ -248,7 +258,8 @@ def study(args):
                                                            z=draw(st["base"], sample_seed, stop_at=s)))
         if k == 0 and "base" not in figure and figure:
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
-    results.update(config={**made, "s": cfg["s"], "seeds": args.seeds}, seconds=spent + time.time() - t_start)
+    results.update(config={**made, "s": cfg["s"], "seeds": args.seeds, "single_budget": budgets},
+                   seconds=spent + time.time() - t_start)
     results["findings"] = findings(results)
     safety.write_json(path, results, allow_nan=True)
     plot_study(results, figure, args.out, low, res)
@@ -299,6 +310,11 @@ def findings(results):
               for a, b in zip(s, s[1:])},
         "d": {f"non-truncated worse than truncated at s = {v}": paired(results, gen(v), f"aug/truncated/{v}")
               for v in s if v}}
+    for f in results["config"].get("single_budget", []):    # --single_budget: where the single model sits
+        key, more = f"single_x{f:g}", f"single model given {f:g}x its training steps"
+        if all(key in row for row in results["seeds"].values()):
+            out["a"][f"no augmentation worse than the {more}"] = paired(results, "none/generated", key)
+            out["a"][f"{more} worse than augmentation at s* = {best}"] = paired(results, key, gen(best))
     if best != s[-1]:         # the rising side of the U; untested where the sweep ends at s*
         out["b"][f"s = {s[-1]} worse than s* = {best}"] = paired(results, gen(s[-1]), gen(best))
     out["c"][f"s = {s[-1]} worse than s = 0 (ground-truth inputs)"] = paired(results, gt(s[-1]), gt(0))
@@ -325,6 +341,9 @@ def main(argv=None):
     p.add_argument("--setting", default="8to16", choices=sorted(SETTINGS),
                    help="the study: 8x8 base -> 16x16 (default, about an hour on 2 cores) or -> 32x32, the "
                         "paper's 4x upsampling (about 2 h 20 min on 2 cores)")
+    p.add_argument("--single_budget", default=None,
+                   help="the study: also train the single model for F times its steps, for each F given "
+                        "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
     p.add_argument("--device", default="auto", help="the study's sampling: 'auto', 'cpu', 'cuda' "
@@ -355,6 +374,19 @@ def main(argv=None):
     if args.setting != "8to16" and (args.solvers or args.guidance or args.distilled):
         raise SystemExit("error: --setting chooses the study's resolutions; --solvers, --guidance and "
                          "--distilled measure the demo cascade: leave it out")
+    if args.single_budget is not None:
+        given = args.single_budget
+        try:
+            args.single_budget = sorted({float(v) for v in given.split(",")})
+        except ValueError:
+            raise SystemExit(f"error: --single_budget {given!r}: give comma-separated factors, e.g. 2 or 0.5,2") from None
+        if any(not 0.1 <= f <= 100 or f == 1 for f in args.single_budget):
+            raise SystemExit(f"error: --single_budget {given}: give factors from 0.1 to 100, "
+                             "other than 1 (1 is the single model itself)")
+        if args.solvers or args.guidance or args.distilled:
+            raise SystemExit("error: --single_budget is the study's; --solvers, --guidance and --distilled "
+                             "do not train a single model: leave it out")
+    args.single_budget = args.single_budget or []
     if args.distilled:
         args.seeds, args.n = args.seeds or 3, args.n or 256
         return distilled(args)
@@ -762,12 +794,17 @@ def plot_study(results, figure, out, low, res):
             xs = [v for v in s if key.format(v) in results["seeds"]["0"]]
             ms = [stat(key.format(v)) for v in xs]
             ax.errorbar(xs, [m for m, _ in ms], yerr=[e for _, e in ms], fmt=style, capsize=3, label=label)
-        for key, label, style in (("single", f"single {res}x{res} model", "--"),
+        budgets = [(f"single_x{f:g}", f"single {res}x{res} model, {f:g}x its steps", (0, (1, 1)))
+                   for f in results["config"].get("single_budget", [])]
+        for key, label, style in (("single", f"single {res}x{res} model", "--"), *budgets,
                                   ("none/generated", "SR without augmentation, generated z", ":"),
                                   ("none/ground_truth", "SR without augmentation, ground-truth z", "-.")):
-            if ax is axes[1] or key != "none/ground_truth":
+            # the left panel: the cascade on generated inputs, against every alternative; the right:
+            # generated against ground-truth inputs, with the models of the study itself
+            if not (key == "none/ground_truth" if ax is axes[0] else key.startswith("single_x")):
                 m, e = stat(key)
-                ax.axhline(m, ls=style, color={"single": "gray", "none/generated": "red"}.get(key, "purple"),
+                ax.axhline(m, ls=style, color={"single": "gray", "none/generated": "red",
+                                               "none/ground_truth": "purple"}.get(key, "black"),
                            label=f"{label}: {m:.2f} ± {e:.2f}")
         ax.set(xlabel="augmentation time s at sampling (of T = 1000)", ylabel="FID (classifier features)",
                title=title)
@@ -806,7 +843,8 @@ def write_findings(results, out):
              f"seeds (each with its own sampling noise), {cfg['n']} samples per setting; FID on the features of a "
              "classifier trained on real glyphs, against held-out real glyphs (not comparable with Inception FID).",
              "", "| setting | FID per seed | FID mean ± std | accuracy | border |", "|---|---|---|---|---|"]
-    keys = ["real", "single", "none/generated", "none/ground_truth"] + [
+    keys = ["real", "single", *(f"single_x{f:g}" for f in cfg.get("single_budget", [])),
+            "none/generated", "none/ground_truth"] + [
         f"aug/{kind}/{s}" for kind in ("generated", "truncated", "ground_truth") for s in cfg["s"]]
     for key in keys:
         v = per_seed(results, key)

@@ -875,6 +875,18 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert again.returncode == 0 and "trained" not in again.stdout and "FID" not in again.stdout.split("done")[0]
     assert all(os.path.getmtime(p) == t for p, t in walls.items())
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res["seeds"]
+    # --single_budget adds a single model given 2x its steps to the same study: only it is trained
+    # and sampled, every earlier score is kept, and (a) compares it with both cascades, paired
+    more = run("experiment.py", "--quick", "--single_budget", "2", "--out", out)
+    assert more.stdout.count("trained") == 2 and "single_x2 in" in more.stdout
+    assert all(os.path.getmtime(p) == t for p, t in walls.items())
+    res2 = json.load(open(os.path.join(out, "study.json")))
+    assert all(res2["seeds"][k] == {**row, "single_x2": res2["seeds"][k]["single_x2"]} for k, row in res["seeds"].items())
+    assert all(row["single_x2"] != row["single"] for row in res2["seeds"].values())   # 20 steps, not 10
+    a2 = res2["findings"]["a"]["no augmentation worse than the single model given 2x its training steps"]
+    assert a2["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single_x2"]["fid"]
+                                        for _, row in sorted(res2["seeds"].items())])
+    assert "single_x2" in open(os.path.join(out, "findings.md")).read()
     before = open(os.path.join(out, "study.json"), "rb").read()
     other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
     assert other.returncode and "other settings (n)" in other.stderr
@@ -883,7 +895,9 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
                         (["--s", "a,b"], "comma-separated"), (["--steps_scale", "0"], "--steps_scale"),
                         (["--device", "tpu"], "--device 'tpu'"),
                         (["--setting", "8to32", "--s", "0,300"], "trained on s in 0..250"),
-                        (["--setting", "8to32", "--solvers"], "leave it out")):
+                        (["--setting", "8to32", "--solvers"], "leave it out"),
+                        (["--single_budget", "1"], "other than 1"), (["--single_budget", "2x"], "comma-separated"),
+                        (["--single_budget", "2", "--guidance"], "leave it out")):
         bad = run("experiment.py", *flags, "--out", str(tmp_path / "never"), ok=False)
         assert bad.returncode and bad.stderr.strip().startswith("error: ") and says in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
