@@ -81,6 +81,7 @@ STUDY32 = {
 SETTINGS = {"8to16": STUDY, "8to32": STUDY32}
 s_max = lambda cfg: int(cfg["sr"][cfg["sr"].index("--s_max") + 1])
 STUDY_STAGES = ("base", "sr_aug", "sr_none", "single")
+single_key = lambda f: f"single_x{f:g}"   # --single_budget f: its run folder and its scores' key
 FIGURE_PER_CLASS = 2   # base samples per class carried through both SR stages in the figure
 
 
@@ -214,8 +215,8 @@ def study(args):
             "single": train("train_base.py", [*seed, *scale(cfg["single"]), "--res", str(res)], r("single"),
                             args.quick, log)}
         for f in budgets:                        # --single_budget: the single model given f x its steps
-            wall[f"single_x{f:g}"] = train("train_base.py", [*seed, *scale(cfg["single"], f), "--res", str(res)],
-                                           r(f"single_x{f:g}"), args.quick, log, budget=f)
+            wall[single_key(f)] = train("train_base.py", [*seed, *scale(cfg["single"], f), "--res", str(res)],
+                                        r(single_key(f)), args.quick, log, budget=f)
         results.setdefault("wall", {})[str(k)] = wall
         st = {name: safety.load_stage(os.path.join(r(name), "ckpt.pt"), device) for name in wall}
         aug = st["sr_aug"].config["augment"]
@@ -245,7 +246,7 @@ def study(args):
         measure("real", lambda: real)            # the floor: real images that are not the reference
         measure("single", lambda: draw(st["single"], sample_seed))
         for f in budgets:
-            measure(f"single_x{f:g}", lambda: draw(st[f"single_x{f:g}"], sample_seed))
+            measure(single_key(f), lambda: draw(st[single_key(f)], sample_seed))
         measure("none/generated", lambda: draw(st["sr_none"], sample_seed + 1, z=z0()), keep=True)
         measure("none/ground_truth", lambda: draw(st["sr_none"], sample_seed + 1, z=real_low))
         for s in cfg["s"]:
@@ -311,7 +312,7 @@ def findings(results):
         "d": {f"non-truncated worse than truncated at s = {v}": paired(results, gen(v), f"aug/truncated/{v}")
               for v in s if v}}
     for f in results["config"].get("single_budget", []):    # --single_budget: where the single model sits
-        key, more = f"single_x{f:g}", f"single model given {f:g}x its training steps"
+        key, more = single_key(f), f"single model given {f:g}x its training steps"
         if all(key in row for row in results["seeds"].values()):
             out["a"][f"no augmentation worse than the {more}"] = paired(results, "none/generated", key)
             out["a"][f"{more} worse than augmentation at s* = {best}"] = paired(results, key, gen(best))
@@ -371,9 +372,12 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} {v}: give at least 2 (a spread needs two values)")
     if args.steps_scale <= 0:
         raise SystemExit(f"error: --steps_scale {args.steps_scale}: give a positive factor")
-    if args.setting != "8to16" and (args.solvers or args.guidance or args.distilled):
-        raise SystemExit("error: --setting chooses the study's resolutions; --solvers, --guidance and "
-                         "--distilled measure the demo cascade: leave it out")
+    study_only = [f for f, given in (("--setting", args.setting != "8to16"),
+                                     ("--single_budget", args.single_budget is not None)) if given]
+    if study_only and (args.solvers or args.guidance or args.distilled):
+        raise SystemExit(f"error: {' and '.join(study_only)} {'is' if len(study_only) == 1 else 'are'} the "
+                         "study's; --solvers, --guidance and --distilled measure the demo cascade: leave "
+                         f"{'it' if len(study_only) == 1 else 'them'} out")
     if args.single_budget is not None:
         given = args.single_budget
         try:
@@ -383,9 +387,6 @@ def main(argv=None):
         if any(not 0.1 <= f <= 100 or f == 1 for f in args.single_budget):
             raise SystemExit(f"error: --single_budget {given}: give factors from 0.1 to 100, "
                              "other than 1 (1 is the single model itself)")
-        if args.solvers or args.guidance or args.distilled:
-            raise SystemExit("error: --single_budget is the study's; --solvers, --guidance and --distilled "
-                             "do not train a single model: leave it out")
     args.single_budget = args.single_budget or []
     if args.distilled:
         args.seeds, args.n = args.seeds or 3, args.n or 256
@@ -794,14 +795,14 @@ def plot_study(results, figure, out, low, res):
             xs = [v for v in s if key.format(v) in results["seeds"]["0"]]
             ms = [stat(key.format(v)) for v in xs]
             ax.errorbar(xs, [m for m, _ in ms], yerr=[e for _, e in ms], fmt=style, capsize=3, label=label)
-        budgets = [(f"single_x{f:g}", f"single {res}x{res} model, {f:g}x its steps", (0, (1, 1)))
+        budgets = [(single_key(f), f"single {res}x{res} model, {f:g}x its steps", (0, (1, 1)))
                    for f in results["config"].get("single_budget", [])]
         for key, label, style in (("single", f"single {res}x{res} model", "--"), *budgets,
                                   ("none/generated", "SR without augmentation, generated z", ":"),
                                   ("none/ground_truth", "SR without augmentation, ground-truth z", "-.")):
             # the left panel: the cascade on generated inputs, against every alternative; the right:
             # generated against ground-truth inputs, with the models of the study itself
-            if not (key == "none/ground_truth" if ax is axes[0] else key.startswith("single_x")):
+            if not (key == "none/ground_truth" if ax is axes[0] else any(key == b[0] for b in budgets)):
                 m, e = stat(key)
                 ax.axhline(m, ls=style, color={"single": "gray", "none/generated": "red",
                                                "none/ground_truth": "purple"}.get(key, "black"),
@@ -843,7 +844,7 @@ def write_findings(results, out):
              f"seeds (each with its own sampling noise), {cfg['n']} samples per setting; FID on the features of a "
              "classifier trained on real glyphs, against held-out real glyphs (not comparable with Inception FID).",
              "", "| setting | FID per seed | FID mean ± std | accuracy | border |", "|---|---|---|---|---|"]
-    keys = ["real", "single", *(f"single_x{f:g}" for f in cfg.get("single_budget", [])),
+    keys = ["real", "single", *map(single_key, cfg.get("single_budget", [])),
             "none/generated", "none/ground_truth"] + [
         f"aug/{kind}/{s}" for kind in ("generated", "truncated", "ground_truth") for s in cfg["s"]]
     for key in keys:
