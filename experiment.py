@@ -802,7 +802,7 @@ def plot_study(results, figure, out, low, res):
                                   ("none/ground_truth", "SR without augmentation, ground-truth z", "-.")):
             # the left panel: the cascade on generated inputs, against every alternative; the right:
             # generated against ground-truth inputs, with the models of the study itself
-            if not (key == "none/ground_truth" if ax is axes[0] else any(key == b[0] for b in budgets)):
+            if key not in ({"none/ground_truth"} if ax is axes[0] else {b[0] for b in budgets}):
                 m, e = stat(key)
                 ax.axhline(m, ls=style, color={"single": "gray", "none/generated": "red",
                                                "none/ground_truth": "purple"}.get(key, "black"),
