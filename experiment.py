@@ -27,6 +27,8 @@ as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.
 samples through both SR stages). --setting 8to32 runs the same study with an 8->32 SR stage and a
 single 32x32 model (STUDY32), into results/8to32/. --single_budget F adds to a study the single model
 trained for F times its steps, compared with both cascades: where it falls depends on its budget.
+--a_samples N scores finding (a)'s three settings once more on N samples per training seed (in
+chunks of --n, resumable): 1024 samples leave a sampling noise as large as the differences at 4x.
 docs/experiment.md gives the results of both and the settings tried.
 """
 import argparse
@@ -155,6 +157,9 @@ def study(args):
     if args.s:
         cfg["s"] = sorted({int(v) for v in args.s.split(",")} | {0})
     n = args.n or cfg["n"]
+    if args.a_samples is not None and (args.a_samples % n or args.a_samples < 2 * n):
+        raise SystemExit(f"error: --a_samples {args.a_samples}: finding (a)'s samples are drawn in chunks of "
+                         f"--n ({n}): give a multiple of it, at least {2 * n}")
     low, res = cfg["low_res"], cfg["res"]
     device = trainer.pick_device(args.device)     # a bad --device is refused before OUT is made
     path, results, log = resumable(args.out, "study.json")
@@ -202,6 +207,11 @@ def study(args):
                              generator=torch.Generator(device).manual_seed(seed), progress=False)
         return x.float().cpu()
 
+    # a re-run redraws seed 0's samples for compounding.png (none is kept on disk); where the sweep is
+    # complete, s* is known and only its samples and the unaugmented stage's are drawn again
+    swept = [f"aug/generated/{v}" for v in cfg["s"]]
+    done = all(key in results.get("seeds", {}).get(str(k), {}) for k in range(args.seeds) for key in swept)
+    shown = {"none/generated", f"aug/generated/{best_s(results, cfg['s'])}"} if done else set(swept) | {"none/generated"}
     figure = {}
     for k in range(args.seeds):
         seed = ["--seed", str(k), "--data", paths["train"]]
@@ -230,7 +240,7 @@ def study(args):
             return base_z0["z0"]
 
         def measure(key, make, keep=False):
-            if key in row and not (keep and k == 0 and key not in figure):
+            if key in row and not (keep and k == 0 and key in shown and key not in figure):
                 return
             t0 = time.time()
             x = make()
@@ -259,8 +269,60 @@ def study(args):
                                                            z=draw(st["base"], sample_seed, stop_at=s)))
         if k == 0 and "base" not in figure and figure:
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
-    results.update(config={**made, "s": cfg["s"], "seeds": args.seeds, "single_budget": budgets},
-                   seconds=spent + time.time() - t_start)
+
+    # --a_samples N: finding (a) once more on N samples per training seed, where 1024 leave too much
+    # sampling noise (docs/experiment.md). The three settings of the paper's comparison, the augmented
+    # cascade at s* (chosen on the sweep above), are drawn in N / n chunks of n, each chunk with its
+    # own sampling seed and written to OUT/runs/seedK/a_samples/ as soon as it is drawn (a re-run
+    # draws only what is missing); FID is then taken on all N samples at once.
+    a_n = args.a_samples or results.get("a_samples", {}).get("n")
+    if a_n:
+        s_star = best_s(results, cfg["s"])
+        gen = f"aug/generated/{s_star}"
+        big = results.get("a_samples", {}) if results.get("a_samples", {}).get("n") == a_n else {}
+        big = results["a_samples"] = {"n": a_n, "seeds": big.get("seeds", {})}
+        cc = c.repeat(a_n // n)
+        for k in range(args.seeds):
+            row = big["seeds"].setdefault(str(k), {})
+            todo = [key for key in ("single", "none/generated", gen) if key not in row]
+            if not todo:
+                continue
+            r = lambda name: os.path.join(args.out, "runs", f"seed{k}", name)
+            st = {name: safety.load_stage(os.path.join(r(name), "ckpt.pt"), device)
+                  for name in ("base", "sr_aug", "sr_none", "single")}
+            chunks = {key: [] for key in todo}
+            for j in range(a_n // n):
+                t0, file = time.time(), os.path.join(r("a_samples"), f"{j}.pt")
+                have = torch.load(file, weights_only=True) if os.path.exists(file) else {}
+                seed = 1_000_000 * (k + 1) + 1000 * j   # apart from every seed the sweep above uses
+                made_now = {}
+                for key in todo:
+                    if key in have:
+                        continue
+                    if key == "single":
+                        x = draw(st["single"], seed)
+                    else:
+                        z = have.get("z0")
+                        if z is None:
+                            z = made_now["z0"] = have["z0"] = draw(st["base"], seed)
+                        x = (draw(st["sr_none"], seed + 1, z=z) if key == "none/generated" else
+                             draw(st["sr_aug"], seed + 1, s=s_star,
+                                  z=renoise(z, s_star, st["sr_aug"].config["augment"], seed)))
+                    made_now[key] = have[key] = data.to_uint8(x)   # all the scorer reads of a sample
+                if made_now:
+                    safety.save_checkpoint(have, file)
+                    log(f"seed {k}, (a) on {a_n} samples: chunk {j + 1} of {a_n // n} drawn "
+                        f"({time.time() - t0:.0f} s)")
+                for key in todo:
+                    chunks[key].append(have[key])
+            for key in todo:
+                row[key] = score(data.to_float(torch.cat(chunks[key])), cc)
+                results["seconds"] = spent + time.time() - t_start
+                safety.write_json(path, results, allow_nan=True)
+                log(f"seed {k}, {key} on {a_n} samples: FID {row[key]['fid']:.2f}, "
+                    f"accuracy {row[key]['accuracy']:.3f}")
+    results.update(config={**made, "s": cfg["s"], "seeds": args.seeds, "single_budget": budgets,
+                           "a_samples": a_n}, seconds=spent + time.time() - t_start)
     results["findings"] = findings(results)
     safety.write_json(path, results, allow_nan=True)
     plot_study(results, figure, args.out, low, res)
@@ -290,6 +352,11 @@ def paired(results, worse, better, metric="fid"):
             "opposite": bool(len(d) > 1 and (d < 0).all() and -np.mean(d) > 3 * sd)}
 
 
+def best_s(results, s):
+    """s*: the s of the sweep with the lowest mean FID on generated inputs (as the paper picks s by FID)."""
+    return min(s, key=lambda v: float(np.mean(per_seed(results, f"aug/generated/{v}"))))
+
+
 def findings(results):
     """The paper's findings (a)-(d) as paired FID differences, each 'worse - better' (positive
     where the paper's ordering holds). s* is the s with the lowest mean FID on generated inputs,
@@ -297,14 +364,15 @@ def findings(results):
     rising side of the U lies outside the sweep and is not compared."""
     s = results["config"]["s"]
     mean = lambda key: float(np.mean(per_seed(results, key)))
-    best = min(s, key=lambda v: mean(f"aug/generated/{v}"))
+    best = best_s(results, s)
     best_t = min((v for v in s if v), key=lambda v: mean(f"aug/truncated/{v}"))
     gen = lambda v: f"aug/generated/{v}"
     gt = lambda v: f"aug/ground_truth/{v}"
+    trio = {"no augmentation worse than the single model": ("none/generated", "single"),   # the paper's three
+            f"single model worse than augmentation at s* = {best}": ("single", gen(best)),
+            f"no augmentation worse than augmentation at s* = {best}": ("none/generated", gen(best))}
     out = {"best_s": best, "best_s_truncated": best_t, "a": {
-        "no augmentation worse than the single model": paired(results, "none/generated", "single"),
-        f"single model worse than augmentation at s* = {best}": paired(results, "single", gen(best)),
-        f"no augmentation worse than augmentation at s* = {best}": paired(results, "none/generated", gen(best)),
+        **{name: paired(results, *pair) for name, pair in trio.items()},
         "no augmentation worse than augmentation at s = 0": paired(results, "none/generated", gen(0))},
         "b": {f"s = 0 worse than s* = {best}": paired(results, gen(0), gen(best))},
         "c": {f"s = {b} worse than s = {a} (ground-truth inputs)": paired(results, gt(b), gt(a))
@@ -324,6 +392,11 @@ def findings(results):
     # (a) again in class accuracy, the other metric the ablation is scored by: accuracy of the
     # setting the paper says is better minus the worse one (positive where its ordering holds)
     out["a_accuracy"] = {name: paired(results, d["better"], d["worse"], "accuracy") for name, d in out["a"].items()}
+    big = results.get("a_samples")    # --a_samples: the paper's three again, on more samples per seed
+    if big and len(big["seeds"]) == len(results["seeds"]) and all(
+            key in row for row in big["seeds"].values() for pair in trio.values() for key in pair):
+        out["a_samples"] = {name: paired(big, *pair) for name, pair in trio.items()}
+        out["a_samples_accuracy"] = {name: paired(big, b, w, "accuracy") for name, (w, b) in trio.items()}
     return out
 
 
@@ -345,6 +418,11 @@ def main(argv=None):
     p.add_argument("--single_budget", default=None,
                    help="the study: also train the single model for F times its steps, for each F given "
                         "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
+    p.add_argument("--a_samples", type=int, default=None,
+                   help="the study: also score finding (a)'s three settings (single model, cascade without "
+                        "augmentation, with it at s*) on N samples per training seed, a multiple of --n drawn "
+                        "in chunks (e.g. 4096: about 34 min per seed for --setting 8to32 on 2 cores); adds "
+                        "to an existing OUT")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
     p.add_argument("--device", default="auto", help="the study's sampling: 'auto', 'cpu', 'cuda' "
@@ -373,7 +451,8 @@ def main(argv=None):
     if args.steps_scale <= 0:
         raise SystemExit(f"error: --steps_scale {args.steps_scale}: give a positive factor")
     study_only = [f for f, given in (("--setting", args.setting != "8to16"),
-                                     ("--single_budget", args.single_budget is not None)) if given]
+                                     ("--single_budget", args.single_budget is not None),
+                                     ("--a_samples", args.a_samples is not None)) if given]
     if study_only and (args.solvers or args.guidance or args.distilled):
         raise SystemExit(f"error: {' and '.join(study_only)} {'is' if len(study_only) == 1 else 'are'} the "
                          "study's; --solvers, --guidance and --distilled measure the demo cascade: leave "
@@ -867,6 +946,20 @@ def write_findings(results, out):
     pts = lambda v: ", ".join(f"{100 * x:+.1f}" for x in v)
     for name, d in f.get("a_accuracy", {}).items():
         lines.append(f"| {name} | {pts(d['runs'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {verdict(d)} |")
+    big = results.get("a_samples")
+    if "a_samples" in f:
+        lines += ["", f"(a) once more on {big['n']} samples per training seed (--a_samples; chunks of {cfg['n']}, each "
+                  "with its own sampling seed, FID on all of them at once): a smaller sampling noise.", "",
+                  "| setting | FID per seed | FID mean ± std | accuracy |", "|---|---|---|---|"]
+        for key in ("single", "none/generated", f"aug/generated/{f['best_s']}"):
+            v = per_seed(big, key)
+            lines.append(f"| {key} | {fmt(v)} | {ms(v)} | {np.mean(per_seed(big, key, 'accuracy')):.3f} |")
+        lines += ["", "| difference | FID per seed | FID mean ± std | reproduced | accuracy, points | reproduced |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in f["a_samples"].items():
+            a = f["a_samples_accuracy"][name]
+            lines.append(f"| {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | {verdict(d)} | "
+                         f"{100 * a['mean']:+.1f} ± {100 * a['std']:.1f} | {verdict(a)} |")
     wall = results.get("wall", {})
     if wall:
         per = {name: np.mean([w[name] for w in wall.values()]) / 60 for name in next(iter(wall.values()))}

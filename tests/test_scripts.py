@@ -871,9 +871,11 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 500
     walls = {p: os.path.getmtime(p) for p in
              [os.path.join(out, "runs", f"seed{k}", n, "ckpt.pt") for k in (0, 1) for n in experiment.STUDY_STAGES]}
+    figure = open(os.path.join(out, "compounding.png"), "rb").read()
     again = run("experiment.py", "--quick", "--out", out)
     assert again.returncode == 0 and "trained" not in again.stdout and "FID" not in again.stdout.split("done")[0]
     assert all(os.path.getmtime(p) == t for p, t in walls.items())
+    assert open(os.path.join(out, "compounding.png"), "rb").read() == figure   # redrawn from the same seeds
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res["seeds"]
     # --single_budget adds a single model given 2x its steps to the same study: only it is trained
     # and sampled, every earlier score is kept, and (a) compares it with both cascades, paired
@@ -887,9 +889,36 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert a2["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single_x2"]["fid"]
                                         for _, row in sorted(res2["seeds"].items())])
     assert "single_x2" in open(os.path.join(out, "findings.md")).read()
+    # --a_samples scores (a)'s three settings again on 2 chunks of 42 per seed, pooled: nothing is
+    # trained and no earlier score changes; a chunk lost is redrawn alone, to the same samples
+    big = run("experiment.py", "--quick", "--a_samples", "84", "--out", out)
+    assert "trained" not in big.stdout and big.stdout.count("chunk") == 4
+    res3 = json.load(open(os.path.join(out, "study.json")))
+    assert res3["seeds"] == res2["seeds"] and res3["a_samples"]["n"] == 84
+    trio = ("single", "none/generated", f"aug/generated/{res3['findings']['best_s']}")
+    for k in ("0", "1"):
+        chunks = [torch.load(os.path.join(out, "runs", f"seed{k}", "a_samples", f"{j}.pt")) for j in (0, 1)]
+        for key in trio:            # each chunk its own samples, 42 of them, as the scorer reads them
+            assert chunks[0][key].dtype == torch.uint8 and len(chunks[0][key]) == 42
+            assert not torch.equal(chunks[0][key], chunks[1][key])
+        assert set(res3["a_samples"]["seeds"][k]) == set(trio)
+    d = res3["findings"]["a_samples"]["no augmentation worse than the single model"]
+    assert d["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single"]["fid"]
+                                       for _, row in sorted(res3["a_samples"]["seeds"].items())])
+    assert set(res3["findings"]["a_samples_accuracy"]) == set(res3["findings"]["a_samples"])
+    assert "once more on 84 samples" in open(os.path.join(out, "findings.md")).read()
+    os.remove(os.path.join(out, "runs", "seed1", "a_samples", "1.pt"))
+    lost = json.load(open(os.path.join(out, "study.json")))
+    del lost["a_samples"]["seeds"]["1"]
+    safety.write_json(os.path.join(out, "study.json"), lost, allow_nan=True)
+    redo = run("experiment.py", "--quick", "--out", out)        # --a_samples is kept by the study
+    assert redo.stdout.count("chunk") == 1 and "chunk 2 of 2" in redo.stdout
+    assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
     before = open(os.path.join(out, "study.json"), "rb").read()
     other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
     assert other.returncode and "other settings (n)" in other.stderr
+    odd = run("experiment.py", "--quick", "--a_samples", "100", "--out", out, ok=False)
+    assert odd.returncode and "multiple" in odd.stderr and len(odd.stderr.strip().splitlines()) == 1
     assert open(os.path.join(out, "study.json"), "rb").read() == before
     for flags, says in ((["--seeds", "1"], "--seeds 1"), (["--s", "0,5000"], "trained on s in 0.."),
                         (["--s", "a,b"], "comma-separated"), (["--steps_scale", "0"], "--steps_scale"),
@@ -897,7 +926,9 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
                         (["--setting", "8to32", "--s", "0,300"], "trained on s in 0..250"),
                         (["--setting", "8to32", "--solvers"], "leave it out"),
                         (["--single_budget", "1"], "other than 1"), (["--single_budget", "2x"], "comma-separated"),
-                        (["--single_budget", "2", "--guidance"], "leave it out")):
+                        (["--single_budget", "2", "--guidance"], "leave it out"),
+                        (["--a_samples", "2048", "--solvers"], "leave it out"),
+                        (["--a_samples", "3000"], "a multiple of it, at least 2048")):
         bad = run("experiment.py", *flags, "--out", str(tmp_path / "never"), ok=False)
         assert bad.returncode and bad.stderr.strip().startswith("error: ") and says in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
