@@ -3,6 +3,7 @@
   python experiment.py                  # the study: ~1 hour on 2 CPU cores, resumable; writes results/
   python experiment.py --quick          # the same pipeline at toy size (a minute or two; numbers are noise)
   python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
+  python experiment.py --setting 8to32 --a_samples 4096   # then (a) again on 4096 samples a seed (~1 h 45 min)
   python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
