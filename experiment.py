@@ -208,6 +208,16 @@ def study(args):
                              generator=torch.Generator(device).manual_seed(seed), progress=False)
         return x.float().cpu()
 
+    def generated(st, key, seed, z0):
+        """n samples of a setting on the base's samples z0() (drawn with `seed`): 'single', the
+        unaugmented cascade 'none/generated' or the augmented one 'aug/generated/<s>'."""
+        if key == "single":
+            return draw(st["single"], seed)
+        if key == "none/generated":
+            return draw(st["sr_none"], seed + 1, z=z0())
+        s = int(key.rsplit("/", 1)[1])
+        return draw(st["sr_aug"], seed + 1, s=s, z=renoise(z0(), s, st["sr_aug"].config["augment"], seed))
+
     # a re-run redraws seed 0's samples for compounding.png (none is kept on disk); where the sweep is
     # complete, s* is known and only its samples and the unaugmented stage's are drawn again
     swept = [f"aug/generated/{v}" for v in cfg["s"]]
@@ -255,14 +265,13 @@ def study(args):
                     f"border {row[key]['border']:.1f} ({time.time() - t0:.0f} s)")
 
         measure("real", lambda: real)            # the floor: real images that are not the reference
-        measure("single", lambda: draw(st["single"], sample_seed))
+        measure("single", lambda: generated(st, "single", sample_seed, z0))
         for f in budgets:
             measure(single_key(f), lambda: draw(st[single_key(f)], sample_seed))
-        measure("none/generated", lambda: draw(st["sr_none"], sample_seed + 1, z=z0()), keep=True)
+        measure("none/generated", lambda: generated(st, "none/generated", sample_seed, z0), keep=True)
         measure("none/ground_truth", lambda: draw(st["sr_none"], sample_seed + 1, z=real_low))
         for s in cfg["s"]:
-            measure(f"aug/generated/{s}", lambda: draw(st["sr_aug"], sample_seed + 1, s=s,
-                                                       z=renoise(z0(), s, aug, sample_seed)), keep=True)
+            measure(f"aug/generated/{s}", lambda: generated(st, f"aug/generated/{s}", sample_seed, z0), keep=True)
             measure(f"aug/ground_truth/{s}", lambda: draw(st["sr_aug"], sample_seed + 1, s=s,
                                                           z=renoise(real_low, s, aug, sample_seed)))
             if s:
@@ -278,10 +287,9 @@ def study(args):
     # draws only what is missing); FID is then taken on all N samples at once.
     a_n = args.a_samples or results.get("a_samples", {}).get("n")
     if a_n:
-        s_star = best_s(results, cfg["s"])
-        gen = f"aug/generated/{s_star}"
-        big = results.get("a_samples", {}) if results.get("a_samples", {}).get("n") == a_n else {}
-        big = results["a_samples"] = {"n": a_n, "seeds": big.get("seeds", {})}
+        gen = f"aug/generated/{best_s(results, cfg['s'])}"
+        old = results.get("a_samples", {})       # scores on another N are taken again, from the chunks
+        big = results["a_samples"] = {"n": a_n, "seeds": old["seeds"] if old.get("n") == a_n else {}}
         cc = c.repeat(a_n // n)
         for k in range(args.seeds):
             row = big["seeds"].setdefault(str(k), {})
@@ -296,21 +304,15 @@ def study(args):
                 t0, file = time.time(), os.path.join(r("a_samples"), f"{j}.pt")
                 have = torch.load(file, weights_only=True) if os.path.exists(file) else {}
                 seed = 1_000_000 * (k + 1) + 1000 * j   # apart from every seed the sweep above uses
-                made_now = {}
-                for key in todo:
-                    if key in have:
-                        continue
-                    if key == "single":
-                        x = draw(st["single"], seed)
-                    else:
-                        z = have.get("z0")
-                        if z is None:
-                            z = made_now["z0"] = have["z0"] = draw(st["base"], seed)
-                        x = (draw(st["sr_none"], seed + 1, z=z) if key == "none/generated" else
-                             draw(st["sr_aug"], seed + 1, s=s_star,
-                                  z=renoise(z, s_star, st["sr_aug"].config["augment"], seed)))
-                    made_now[key] = have[key] = data.to_uint8(x)   # all the scorer reads of a sample
-                if made_now:
+                missing = [key for key in todo if key not in have]
+
+                def z0():                            # this chunk's base samples, kept with it
+                    if "z0" not in have:
+                        have["z0"] = draw(st["base"], seed)
+                    return have["z0"]
+                for key in missing:   # uint8: all the scorer reads of a sample
+                    have[key] = data.to_uint8(generated(st, key, seed, z0))
+                if missing:
                     safety.save_checkpoint(have, file)
                     log(f"seed {k}, (a) on {a_n} samples: chunk {j + 1} of {a_n // n} drawn "
                         f"({time.time() - t0:.0f} s)")
@@ -947,8 +949,8 @@ def write_findings(results, out):
     pts = lambda v: ", ".join(f"{100 * x:+.1f}" for x in v)
     for name, d in f.get("a_accuracy", {}).items():
         lines.append(f"| {name} | {pts(d['runs'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {verdict(d)} |")
-    big = results.get("a_samples")
     if "a_samples" in f:
+        big = results["a_samples"]
         lines += ["", f"(a) once more on {big['n']} samples per training seed (--a_samples; chunks of {cfg['n']}, each "
                   "with its own sampling seed, FID on all of them at once): a smaller sampling noise.", "",
                   "| setting | FID per seed | FID mean ± std | accuracy |", "|---|---|---|---|"]
