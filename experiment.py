@@ -3,7 +3,7 @@
   python experiment.py                  # the study: ~1 hour on 2 CPU cores, resumable; writes results/
   python experiment.py --quick          # the same pipeline at toy size (a minute or two; numbers are noise)
   python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
-  python experiment.py --setting 8to32 --a_samples 4096   # then (a) again on 4096 samples a seed (~1 h 45 min)
+  python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed (~2 h 45 min)
   python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
@@ -28,8 +28,9 @@ as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.
 samples through both SR stages). --setting 8to32 runs the same study with an 8->32 SR stage and a
 single 32x32 model (STUDY32), into results/8to32/. --single_budget F adds to a study the single model
 trained for F times its steps, compared with both cascades: where it falls depends on its budget.
---a_samples N scores finding (a)'s three settings once more on N samples per training seed (in
-chunks of --n, resumable): 1024 samples leave a sampling noise as large as the differences at 4x.
+--a_samples N scores every setting on generated inputs (findings (a) and (b)) once more on N
+samples per training seed (in chunks of --n, resumable): 1024 samples leave a sampling noise as
+large as the differences at 4x.
 docs/experiment.md gives the results of both and the settings tried.
 """
 import argparse
@@ -280,20 +281,19 @@ def study(args):
         if k == 0 and "base" not in figure and figure:
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
 
-    # --a_samples N: finding (a) once more on N samples per training seed, where 1024 leave too much
-    # sampling noise (docs/experiment.md). The three settings of the paper's comparison, the augmented
-    # cascade at s* (chosen on the sweep above), are drawn in N / n chunks of n, each chunk with its
-    # own sampling seed and written to OUT/runs/seedK/a_samples/ as soon as it is drawn (a re-run
-    # draws only what is missing); FID is then taken on all N samples at once.
+    # --a_samples N: findings (a) and (b) once more on N samples per training seed, where 1024 leave
+    # too much sampling noise (docs/experiment.md). Every setting on generated inputs (the single
+    # model, the unaugmented cascade, the augmented one at each s of the sweep) is drawn in N / n
+    # chunks of n, each chunk with its own sampling seed and written to OUT/runs/seedK/a_samples/ as
+    # soon as it is drawn (a re-run draws only what is missing); FID is then taken on all N at once.
     a_n = args.a_samples or results.get("a_samples", {}).get("n")
     if a_n:
-        gen = f"aug/generated/{best_s(results, cfg['s'])}"
         old = results.get("a_samples", {})       # scores on another N are taken again, from the chunks
         big = results["a_samples"] = {"n": a_n, "seeds": old["seeds"] if old.get("n") == a_n else {}}
         cc = c.repeat(a_n // n)
         for k in range(args.seeds):
             row = big["seeds"].setdefault(str(k), {})
-            todo = [key for key in ("single", "none/generated", gen) if key not in row]
+            todo = [key for key in ("single", "none/generated", *swept) if key not in row]
             if not todo:
                 continue
             r = lambda name: os.path.join(args.out, "runs", f"seed{k}", name)
@@ -314,7 +314,7 @@ def study(args):
                     have[key] = data.to_uint8(generated(st, key, seed, z0))
                 if missing:
                     safety.save_checkpoint(have, file)
-                    log(f"seed {k}, (a) on {a_n} samples: chunk {j + 1} of {a_n // n} drawn "
+                    log(f"seed {k}, (a) and (b) on {a_n} samples: chunk {j + 1} of {a_n // n} drawn "
                         f"({time.time() - t0:.0f} s)")
                 for key in todo:
                     chunks[key].append(have[key])
@@ -363,8 +363,7 @@ def best_s(results, s):
 def findings(results):
     """The paper's findings (a)-(d) as paired FID differences, each 'worse - better' (positive
     where the paper's ordering holds). s* is the s with the lowest mean FID on generated inputs,
-    chosen on the same seeds (as the paper picks s by FID); where it is the largest s swept, the
-    rising side of the U lies outside the sweep and is not compared."""
+    chosen on the same seeds (as the paper picks s by FID)."""
     s = results["config"]["s"]
     mean = lambda key: float(np.mean(per_seed(results, key)))
     best = best_s(results, s)
@@ -377,7 +376,7 @@ def findings(results):
     out = {"best_s": best, "best_s_truncated": best_t, "a": {
         **{name: paired(results, *pair) for name, pair in trio.items()},
         "no augmentation worse than augmentation at s = 0": paired(results, "none/generated", gen(0))},
-        "b": {f"s = 0 worse than s* = {best}": paired(results, gen(0), gen(best))},
+        "b": u_shape(results, s, best),
         "c": {f"s = {b} worse than s = {a} (ground-truth inputs)": paired(results, gt(b), gt(a))
               for a, b in zip(s, s[1:])},
         "d": {f"non-truncated worse than truncated at s = {v}": paired(results, gen(v), f"aug/truncated/{v}")
@@ -387,19 +386,37 @@ def findings(results):
         if all(key in row for row in results["seeds"].values()):
             out["a"][f"no augmentation worse than the {more}"] = paired(results, "none/generated", key)
             out["a"][f"{more} worse than augmentation at s* = {best}"] = paired(results, key, gen(best))
-    if best != s[-1]:         # the rising side of the U; untested where the sweep ends at s*
-        out["b"][f"s = {s[-1]} worse than s* = {best}"] = paired(results, gen(s[-1]), gen(best))
     out["c"][f"s = {s[-1]} worse than s = 0 (ground-truth inputs)"] = paired(results, gt(s[-1]), gt(0))
     out["a"]["ground-truth inputs: augmented stage at s = 0 worse than the unaugmented one"] = paired(
         results, gt(0), "none/ground_truth")
     # (a) again in class accuracy, the other metric the ablation is scored by: accuracy of the
     # setting the paper says is better minus the worse one (positive where its ordering holds)
     out["a_accuracy"] = {name: paired(results, d["better"], d["worse"], "accuracy") for name, d in out["a"].items()}
-    big = results.get("a_samples")    # --a_samples: the paper's three again, on more samples per seed
-    if big and len(big["seeds"]) == len(results["seeds"]) and all(
-            key in row for row in big["seeds"].values() for pair in trio.values() for key in pair):
-        out["a_samples"] = {name: paired(big, *pair) for name, pair in trio.items()}
-        out["a_samples_accuracy"] = {name: paired(big, b, w, "accuracy") for name, (w, b) in trio.items()}
+    big = results.get("a_samples")    # --a_samples: (a) and (b) again, on more samples per seed
+    complete = lambda keys: big and len(big["seeds"]) == len(results["seeds"]) and all(
+        key in row for row in big["seeds"].values() for key in keys)
+    if complete([key for pair in trio.values() for key in pair]):
+        pairs = {**trio, **({"no augmentation worse than augmentation at s = 0": ("none/generated", gen(0))}
+                            if complete([gen(0)]) else {})}
+        out["a_samples"] = {name: paired(big, *pair) for name, pair in pairs.items()}
+        out["a_samples_accuracy"] = {name: paired(big, b, w, "accuracy") for name, (w, b) in pairs.items()}
+    if complete([gen(v) for v in s]):   # s* stays the sweep's: chosen on other samples than these
+        out["b_samples"] = u_shape(big, s, best)
+        out["b_samples_accuracy"] = {name: paired(big, d["better"], d["worse"], "accuracy")
+                                     for name, d in out["b_samples"].items()}
+    return out
+
+
+def u_shape(results, s, best):
+    """Finding (b), FID against s U-shaped with generated inputs: both sides of the U at s*, each
+    'worse - better'. Where s* is an end of the sweep, that side of the U lies outside it and is
+    not compared."""
+    gen = lambda v: f"aug/generated/{v}"
+    out = {}
+    if best != s[0]:
+        out[f"s = {s[0]} worse than s* = {best}"] = paired(results, gen(s[0]), gen(best))
+    if best != s[-1]:
+        out[f"s = {s[-1]} worse than s* = {best}"] = paired(results, gen(s[-1]), gen(best))
     return out
 
 
@@ -422,10 +439,10 @@ def main(argv=None):
                    help="the study: also train the single model for F times its steps, for each F given "
                         "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
     p.add_argument("--a_samples", type=int, default=None,
-                   help="the study: also score finding (a)'s three settings (single model, cascade without "
-                        "augmentation, with it at s*) on N samples per training seed, a multiple of --n drawn "
-                        "in chunks (e.g. 4096: about 34 min per seed for --setting 8to32 on 2 cores); adds "
-                        "to an existing OUT")
+                   help="the study: also score every setting on generated inputs, findings (a) and (b) (single "
+                        "model, cascade without augmentation, with it at each s), on N samples per training "
+                        "seed, a multiple of --n drawn in chunks (e.g. 4096: about 55 min per seed for "
+                        "--setting 8to32 on 2 cores); adds to an existing OUT")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
     p.add_argument("--device", default="auto", help="the study's sampling: 'auto', 'cpu', 'cuda' "
@@ -864,18 +881,23 @@ def plot_study(results, figure, out, low, res):
     import matplotlib.pyplot as plt
     s, f = results["config"]["s"], results["findings"]
     k = len(results["seeds"])
-    stat = lambda key: (np.mean(per_seed(results, key)), np.std(per_seed(results, key), ddof=1) if k > 1 else 0)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
-    for ax, curves, title in [
-            (axes[0], [("aug/generated/{}", "augmented SR, generated z (non-truncated)", "o-"),
-                       ("aug/truncated/{}", "augmented SR, generated z (truncated)", "s--")],
-             f"{low}->{res} SR on the base's samples"),
-            (axes[1], [("aug/generated/{}", "augmented SR, generated z", "o-"),
-                       ("aug/ground_truth/{}", "augmented SR, ground-truth z", "^-")],
-             "generated vs ground-truth low-res inputs")]:
+    stat = lambda key, src=results: (np.mean(per_seed(src, key)),
+                                     np.std(per_seed(src, key), ddof=1) if k > 1 else 0)
+    big = results["a_samples"] if "b_samples" in f else None     # --a_samples: a third panel
+    fig, axes = plt.subplots(1, 3 if big else 2, figsize=(18 if big else 12, 4.3))
+    panels = [(axes[0], results, [("aug/generated/{}", "augmented SR, generated z (non-truncated)", "o-"),
+                                  ("aug/truncated/{}", "augmented SR, generated z (truncated)", "s--")],
+               f"{low}->{res} SR on the base's samples"),
+              (axes[1], results, [("aug/generated/{}", "augmented SR, generated z", "o-"),
+                                  ("aug/ground_truth/{}", "augmented SR, ground-truth z", "^-")],
+               "generated vs ground-truth low-res inputs")]
+    if big:
+        panels.append((axes[2], big, [("aug/generated/{}", "augmented SR, generated z (non-truncated)", "o-")],
+                       f"generated inputs, {big['n']} samples per training seed"))
+    for ax, src, curves, title in panels:
         for key, label, style in curves:
-            xs = [v for v in s if key.format(v) in results["seeds"]["0"]]
-            ms = [stat(key.format(v)) for v in xs]
+            xs = [v for v in s if key.format(v) in src["seeds"]["0"]]
+            ms = [stat(key.format(v), src) for v in xs]
             ax.errorbar(xs, [m for m, _ in ms], yerr=[e for _, e in ms], fmt=style, capsize=3, label=label)
         budgets = [(single_key(f), f"single {res}x{res} model, {f:g}x its steps", (0, (1, 1)))
                    for f in results["config"].get("single_budget", [])]
@@ -884,8 +906,9 @@ def plot_study(results, figure, out, low, res):
                                   ("none/ground_truth", "SR without augmentation, ground-truth z", "-.")):
             # the left panel: the cascade on generated inputs, against every alternative; the right:
             # generated against ground-truth inputs, with the models of the study itself
-            if key not in ({"none/ground_truth"} if ax is axes[0] else {b[0] for b in budgets}):
-                m, e = stat(key)
+            if key in src["seeds"]["0"] and key not in ({"none/ground_truth"} if ax is axes[0]
+                                                        else {b[0] for b in budgets}):
+                m, e = stat(key, src)
                 ax.axhline(m, ls=style, color={"single": "gray", "none/generated": "red",
                                                "none/ground_truth": "purple"}.get(key, "black"),
                            label=f"{label}: {m:.2f} ± {e:.2f}")
@@ -893,7 +916,8 @@ def plot_study(results, figure, out, low, res):
                title=title)
         ax.legend(fontsize=7)
     fig.suptitle(f"Conditioning augmentation in miniature: glyphs, {low}x{low} base -> {res}x{res}; "
-                 f"mean ± std over {k} training seeds, {results['config']['n']} samples each", fontsize=10)
+                 f"mean ± std over {k} training seeds, {results['config']['n']} samples each"
+                 + (f" ({big['n']} on the right)" if big else ""), fontsize=10)
     fig.tight_layout()
     safety.save_figure(fig, os.path.join(out, "fid_vs_s.png"), dpi=120)
     plt.close(fig)
@@ -951,18 +975,22 @@ def write_findings(results, out):
         lines.append(f"| {name} | {pts(d['runs'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {verdict(d)} |")
     if "a_samples" in f:
         big = results["a_samples"]
-        lines += ["", f"(a) once more on {big['n']} samples per training seed (--a_samples; chunks of {cfg['n']}, each "
-                  "with its own sampling seed, FID on all of them at once): a smaller sampling noise.", "",
+        both = "b_samples" in f
+        lines += ["", f"{'(a) and (b)' if both else '(a)'} once more on {big['n']} samples per training seed "
+                  f"(--a_samples; chunks of {cfg['n']}, each with its own sampling seed, FID on all of them at "
+                  f"once): a smaller sampling noise. s* = {f['best_s']} is the sweep's above.", "",
                   "| setting | FID per seed | FID mean ± std | accuracy |", "|---|---|---|---|"]
-        for key in ("single", "none/generated", f"aug/generated/{f['best_s']}"):
+        for key in ("single", "none/generated", *[f"aug/generated/{v}" for v in cfg["s"]]):
             v = per_seed(big, key)
-            lines.append(f"| {key} | {fmt(v)} | {ms(v)} | {np.mean(per_seed(big, key, 'accuracy')):.3f} |")
-        lines += ["", "| difference | FID per seed | FID mean ± std | reproduced | accuracy, points | reproduced |",
-                  "|---|---|---|---|---|---|"]
-        for name, d in f["a_samples"].items():
-            a = f["a_samples_accuracy"][name]
-            lines.append(f"| {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | {verdict(d)} | "
-                         f"{100 * a['mean']:+.1f} ± {100 * a['std']:.1f} | {verdict(a)} |")
+            if len(v) == len(results["seeds"]):
+                lines.append(f"| {key} | {fmt(v)} | {ms(v)} | {np.mean(per_seed(big, key, 'accuracy')):.3f} |")
+        lines += ["", "| finding | difference | FID per seed | FID mean ± std | reproduced | accuracy, points | "
+                  "reproduced |", "|---|---|---|---|---|---|---|"]
+        for part in "ab" if both else "a":
+            for name, d in f[f"{part}_samples"].items():
+                a = f[f"{part}_samples_accuracy"][name]
+                lines.append(f"| ({part}) | {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | "
+                             f"{verdict(d)} | {100 * a['mean']:+.1f} ± {100 * a['std']:.1f} | {verdict(a)} |")
     wall = results.get("wall", {})
     if wall:
         per = {name: np.mean([w[name] for w in wall.values()]) / 60 for name in next(iter(wall.values()))}

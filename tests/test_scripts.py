@@ -889,23 +889,28 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert a2["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single_x2"]["fid"]
                                         for _, row in sorted(res2["seeds"].items())])
     assert "single_x2" in open(os.path.join(out, "findings.md")).read()
-    # --a_samples scores (a)'s three settings again on 2 chunks of 42 per seed, pooled: nothing is
-    # trained and no earlier score changes; a chunk lost is redrawn alone, to the same samples
+    # --a_samples scores every setting on generated inputs ((a) and (b)) again on 2 chunks of 42 per
+    # seed, pooled: nothing is trained and no earlier score changes; a chunk lost is redrawn alone,
+    # to the same samples
     big = run("experiment.py", "--quick", "--a_samples", "84", "--out", out)
     assert "trained" not in big.stdout and big.stdout.count("chunk") == 4
     res3 = json.load(open(os.path.join(out, "study.json")))
     assert res3["seeds"] == res2["seeds"] and res3["a_samples"]["n"] == 84
-    trio = ("single", "none/generated", f"aug/generated/{res3['findings']['best_s']}")
+    keys = ("single", "none/generated", "aug/generated/0", "aug/generated/100")
     for k in ("0", "1"):
         chunks = [torch.load(os.path.join(out, "runs", f"seed{k}", "a_samples", f"{j}.pt")) for j in (0, 1)]
-        for key in trio:            # each chunk its own samples, 42 of them, as the scorer reads them
+        for key in keys:            # each chunk its own samples, 42 of them, as the scorer reads them
             assert chunks[0][key].dtype == torch.uint8 and len(chunks[0][key]) == 42
             assert not torch.equal(chunks[0][key], chunks[1][key])
-        assert set(res3["a_samples"]["seeds"][k]) == set(trio)
+        assert set(res3["a_samples"]["seeds"][k]) == set(keys)
+    rows = [row for _, row in sorted(res3["a_samples"]["seeds"].items())]
     d = res3["findings"]["a_samples"]["no augmentation worse than the single model"]
-    assert d["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single"]["fid"]
-                                       for _, row in sorted(res3["a_samples"]["seeds"].items())])
+    assert d["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single"]["fid"] for row in rows])
     assert set(res3["findings"]["a_samples_accuracy"]) == set(res3["findings"]["a_samples"])
+    # (b) on the same samples, both sides of the U at the sweep's s*: here one side, s = 0 or 100
+    (name, b), = res3["findings"]["b_samples"].items()
+    assert b["runs"] == pytest.approx([row[b["worse"]]["fid"] - row[b["better"]]["fid"] for row in rows])
+    assert {b["worse"], b["better"]} == set(keys[2:]) and b["better"].endswith(f"/{res3['findings']['best_s']}")
     assert "once more on 84 samples" in open(os.path.join(out, "findings.md")).read()
     os.remove(os.path.join(out, "runs", "seed1", "a_samples", "1.pt"))
     lost = json.load(open(os.path.join(out, "study.json")))
