@@ -90,15 +90,17 @@ FIGURE_PER_CLASS = 2   # base samples per class carried through both SR stages i
 
 
 def train(script, args, out, quick, log, budget=1):
-    """Run one of the training scripts (skipped if its checkpoint exists); returns its wall time.
-    --quick trains 10 steps, budget x 10 for a single model given budget x its steps."""
-    ckpt = os.path.join(out, "ckpt.pt")
-    if os.path.exists(ckpt):
-        return json.load(open(os.path.join(out, "wall.json")))["seconds"]
+    """Run one of the training scripts (skipped if it has finished: its checkpoint and wall.json,
+    written after it, are there); returns its wall time. --quick trains 10 steps, budget x 10 for a
+    single model given budget x its steps."""
+    wall = os.path.join(out, "wall.json")
+    if os.path.exists(wall) and os.path.exists(os.path.join(out, "ckpt.pt")):
+        return json.load(open(wall))["seconds"]
     extra = ["--steps", str(max(1, round(10 * budget))), "--n_train", "256", "--sample_steps", "4"] if quick else []
     t0 = time.time()
-    # --overwrite: a run killed before its checkpoint (none is there, or it would be reused above)
-    # left only its log and previews in `out`, this experiment's own folder
+    # --overwrite: a run stopped before it finished (no wall.json) left in `out`, this experiment's
+    # own folder, at most a checkpoint saved on the way, its log and previews; it is trained again
+    # from the start, so that its wall time is the whole run's
     cmd = [sys.executable, os.path.join(HERE, script), *args, *extra, "--out", out, "--no_progress",
            "--log_every", "100", "--overwrite"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)

@@ -916,8 +916,12 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     lost = json.load(open(os.path.join(out, "study.json")))
     del lost["a_samples"]["seeds"]["1"]
     safety.write_json(os.path.join(out, "study.json"), lost, allow_nan=True)
+    # a stage stopped after its checkpoint but before wall.json (a run killed as it finished) is
+    # trained again, alone, to the same weights: nothing measured changes
+    os.remove(os.path.join(out, "runs", "seed1", "sr_none", "wall.json"))
     redo = run("experiment.py", "--quick", "--out", out)        # --a_samples is kept by the study
     assert redo.stdout.count("chunk") == 1 and "chunk 2 of 2" in redo.stdout
+    assert redo.stdout.count("trained") == 1 and "seed1/sr_none in" in redo.stdout
     assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
     before = open(os.path.join(out, "study.json"), "rb").read()
     other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
