@@ -393,19 +393,20 @@ def findings(results):
         results, gt(0), "none/ground_truth")
     # (a) again in class accuracy, the other metric the ablation is scored by: accuracy of the
     # setting the paper says is better minus the worse one (positive where its ordering holds)
-    out["a_accuracy"] = {name: paired(results, d["better"], d["worse"], "accuracy") for name, d in out["a"].items()}
+    in_accuracy = lambda src, diffs: {name: paired(src, d["better"], d["worse"], "accuracy")
+                                      for name, d in diffs.items()}
+    out["a_accuracy"] = in_accuracy(results, out["a"])
     big = results.get("a_samples")    # --a_samples: (a) and (b) again, on more samples per seed
-    complete = lambda keys: big and len(big["seeds"]) == len(results["seeds"]) and all(
+    complete = lambda *keys: big and len(big["seeds"]) == len(results["seeds"]) and all(
         key in row for row in big["seeds"].values() for key in keys)
-    if complete([key for pair in trio.values() for key in pair]):
-        pairs = {**trio, **({"no augmentation worse than augmentation at s = 0": ("none/generated", gen(0))}
-                            if complete([gen(0)]) else {})}
-        out["a_samples"] = {name: paired(big, *pair) for name, pair in pairs.items()}
-        out["a_samples_accuracy"] = {name: paired(big, b, w, "accuracy") for name, (w, b) in pairs.items()}
-    if complete([gen(v) for v in s]):   # s* stays the sweep's: chosen on other samples than these
+    if complete(*[key for pair in trio.values() for key in pair]):
+        # every comparison of (a) whose two settings were drawn there: the paper's three, and s = 0
+        out["a_samples"] = {name: paired(big, d["worse"], d["better"]) for name, d in out["a"].items()
+                            if complete(d["worse"], d["better"])}
+        out["a_samples_accuracy"] = in_accuracy(big, out["a_samples"])
+    if complete(*[gen(v) for v in s]):   # s* stays the sweep's: chosen on other samples than these
         out["b_samples"] = u_shape(big, s, best)
-        out["b_samples_accuracy"] = {name: paired(big, d["better"], d["worse"], "accuracy")
-                                     for name, d in out["b_samples"].items()}
+        out["b_samples_accuracy"] = in_accuracy(big, out["b_samples"])
     return out
 
 
