@@ -604,8 +604,9 @@ def prepare_folder(root, resolutions, out, n=None, progress=True, workers=None, 
                           f"preparing {N} images at {','.join(map(str, resolutions))}")
     if not os.path.isdir(partial):
         check_room(safety.writable_folder(os.path.dirname(os.path.abspath(partial)), "--out"))
-    safety.prepare_output_folder(partial, "--out")    # writable, locked by this process
     try:
+        with safety.deferred_interrupts():            # a Ctrl-C while locking is raised here, where
+            safety.prepare_output_folder(partial, "--out")   # it is told what the folder keeps
         return _prepare_locked(items, classes, manifest, partial, out, check_room, progress, workers, chunk)
     except (KeyboardInterrupt, OSError) as e:           # say where the work so far is, and how much
         kept = sum(os.path.getsize(os.path.join(partial, f)) for f in safety.visible_entries(partial)

@@ -648,6 +648,16 @@ def test_ctrl_c_while_loading_or_preparing_is_one_line(tmp_path):
         assert err.strip().splitlines()[-1].startswith("interrupted"), err
         if args[0] == "prepare":             # where the work so far is kept, how much, what to do
             assert f"{tmp_path / 'p.partial'} keeps the" in err and "the same command resumes it" in err, err
+    # the same Ctrl-C, delivered at a known moment: while prepare is locking its folder (the lock
+    # file exists, nothing is kept yet). A signal sent on seeing the lock may land there.
+    hit = ("import os, signal, sys, data, safety\n"
+           "safety.remove_stale_temporaries = lambda folder: os.kill(os.getpid(), signal.SIGINT)\n"
+           "sys.argv = ['data.py', *sys.argv[1:]]\n"
+           "safety.run_script(data.main)\n")
+    p = subprocess.run([sys.executable, "-c", hit, "prepare", str(tmp_path / "src"), "--res", "8",
+                        "--out", str(tmp_path / "q")], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    assert f"{tmp_path / 'q.partial'} keeps the 0 bytes prepared so far" in p.stderr, p.stderr
 
 
 # --- images as a person sees them -------------------------------------------------------------
