@@ -86,9 +86,9 @@ STUDY32 = {
 }
 # --setting 8to32small: the same 4x study with the SR stages and the single model at half the
 # channels (--ch 16), about twice as cheap to train and to sample (about 53 min for 3 seeds on 2
-# cores); the single model's 1600 steps match base + SR's wall time. Measured: the half-width
-# augmented stage comes out well in some training seeds and badly in others, so this hour-long 4x
-# study does not settle finding (a) (docs/experiment.md, "settings tried", item 9).
+# cores); the single model's 1600 steps match base + SR's wall time. Measured: at 800 steps the
+# half-width augmented stage is undertrained in some training seeds (one of three), so this
+# hour-long 4x study does not settle finding (a) (docs/experiment.md, "settings tried", item 9).
 STUDY32_SMALL = {**STUDY32, "sr": [*STUDY32["sr"], "--ch", "16"],
                  "single": ["--ch", "16", "--mult", "1,1,2", "--attn", "8", "--lr", "2e-3", "--steps", "1600"]}
 SETTINGS = {"8to16": STUDY, "8to32": STUDY32, "8to32small": STUDY32_SMALL}
