@@ -27,7 +27,8 @@ standard deviations and every seed agrees). Outputs in --out: study.json (every 
 as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.png (the same base
 samples through both SR stages). --setting 8to32 runs the same study with an 8->32 SR stage and a
 single 32x32 model (STUDY32), into results/8to32/; --setting 8to32small the same at half the
-channels (about 53 min, into results/8to32small/: an hour-long 4x study, too noisy to settle (a)).
+channels (about 53 min, into results/8to32small/: too noisy to settle (a)); --setting 8to32hour that
+with its SR stages trained twice as long (70-80 min, into results/8to32hour/).
 --single_budget F adds to a study the single model trained for F times its steps, compared with
 both cascades: where it falls depends on its budget.
 --a_samples N scores every setting on generated inputs (findings (a) and (b)) once more on N
@@ -452,7 +453,8 @@ def main(argv=None):
     p.add_argument("--setting", default="8to16", choices=sorted(SETTINGS),
                    help="the study: 8x8 base -> 16x16 (default, about an hour on 2 cores) or -> 32x32, the "
                         "paper's 4x upsampling (about 2 h 20 min on 2 cores; 8to32small: at half the "
-                        "channels, about 53 min)")
+                        "channels, about 53 min; 8to32hour: that with SR stages trained twice as long, "
+                        "70-80 min)")
     p.add_argument("--single_budget", default=None,
                    help="the study: also train the single model for F times its steps, for each F given "
                         "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
