@@ -655,7 +655,8 @@ def test_ctrl_c_while_loading_or_preparing_is_one_line(tmp_path):
            "sys.argv = ['data.py', *sys.argv[1:]]\n"
            "safety.run_script(data.main)\n")
     p = subprocess.run([sys.executable, "-c", hit, "prepare", str(tmp_path / "src"), "--res", "8",
-                        "--out", str(tmp_path / "q")], cwd=HERE, capture_output=True, text=True, timeout=60)
+                        "--out", str(tmp_path / "q")], cwd=HERE, capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as above
     assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
     assert f"{tmp_path / 'q.partial'} keeps the 0 bytes prepared so far" in p.stderr, p.stderr
 
