@@ -610,13 +610,20 @@ def setup_distributed(device_name):
 @contextlib.contextmanager
 def distributed(device_name):
     """setup_distributed for the length of a `with` block; the process group is destroyed on every
-    way out of it (return, error, interrupt). Yields (rank, world_size, device)."""
+    way out of it (return, error, interrupt). Yields (rank, world_size, device).
+    On a normal return every process first waits at a barrier, so that none tears down its
+    connections while another still finishes its last collective: one 2-process gloo run in the
+    suite trained, agreed, and then aborted at exit ("terminate called without an active
+    exception"), which a teardown race of that kind explains (not reproduced in 22 further runs)."""
+    import torch.distributed as dist
     rank, world, device = setup_distributed(device_name)
+    grouped = lambda: dist.is_available() and dist.is_initialized()   # also with one process: torchrun made a group
     try:
         yield rank, world, device
+        if grouped():
+            dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
     finally:
-        import torch.distributed as dist    # also with one process: torchrun made a group
-        if dist.is_available() and dist.is_initialized():
+        if grouped():
             dist.destroy_process_group()
 
 
