@@ -4,6 +4,7 @@
   python experiment.py --quick          # the same pipeline at toy size (a minute or two; numbers are noise)
   python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
   python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed (~2 h 45 min)
+  python experiment.py --setting 8to32wide   # the 4x study at half width, SR over s <= 500 (~1.5 h)
   python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
@@ -28,12 +29,14 @@ as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.
 samples through both SR stages). --setting 8to32 runs the same study with an 8->32 SR stage and a
 single 32x32 model (STUDY32), into results/8to32/; --setting 8to32small the same at half the
 channels (about 53 min, into results/8to32small/: too noisy to settle (a)); --setting 8to32hour that
-with its SR stages trained twice as long (70-80 min, into results/8to32hour/).
+with its SR stages trained twice as long (70-80 min, into results/8to32hour/); --setting 8to32wide
+that with the augmented stage trained over s <= 500 and s = 500 in the sweep (about 1.5 h, into
+results/8to32wide/).
 --single_budget F adds to a study the single model trained for F times its steps, compared with
 both cascades: where it falls depends on its budget.
---a_samples N scores every setting on generated inputs (findings (a) and (b)) once more on N
-samples per training seed (in chunks of --n, resumable): 1024 samples leave a sampling noise as
-large as the differences at 4x.
+--a_samples N scores the settings on generated inputs that findings (a) and (b) compare once more
+on N samples per training seed (in chunks of --n, resumable): 1024 samples leave a sampling noise
+as large as the differences at 4x.
 docs/experiment.md gives the results of both and the settings tried.
 """
 import argparse
@@ -97,7 +100,15 @@ STUDY32_SMALL = {**STUDY32, "sr": [*STUDY32["sr"], "--ch", "16"],
 # wall time (docs/experiment.md, "settings tried", item 10).
 STUDY32_HOUR = {**STUDY32_SMALL, "sr": ["--preset", "demo32", "--steps", "1600", "--s_max", "250", "--ch", "16"],
                 "single": ["--ch", "16", "--mult", "1,1,2", "--attn", "8", "--lr", "2e-3", "--steps", "2400"]}
-SETTINGS = {"8to16": STUDY, "8to32": STUDY32, "8to32small": STUDY32_SMALL, "8to32hour": STUDY32_HOUR}
+# --setting 8to32wide: 8to32hour with the augmented stage trained over twice the range of s,
+# U{0..500}, and s = 500 added to the sweep: at s* = 250, the end of 8to32hour's sweep, FID was
+# still falling, so the U's rising side lay beyond it (docs/experiment.md, "settings tried", item 11).
+# Only the augmented stage differs: --s_max does not touch the unaugmented one (its weights are the
+# same bits with either value).
+STUDY32_WIDE = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "1600", "--s_max", "500", "--ch", "16"],
+                "s": [0, 100, 250, 500]}
+SETTINGS = {"8to16": STUDY, "8to32": STUDY32, "8to32small": STUDY32_SMALL, "8to32hour": STUDY32_HOUR,
+            "8to32wide": STUDY32_WIDE}
 s_max = lambda cfg: int(cfg["sr"][cfg["sr"].index("--s_max") + 1])
 STUDY_STAGES = ("base", "sr_aug", "sr_none", "single")
 single_key = lambda f: f"single_x{f:g}"   # --single_budget f: its run folder and its scores' key
@@ -228,12 +239,15 @@ def study(args):
 
     def generated(st, key, seed, z0):
         """n samples of a setting on the base's samples z0() (drawn with `seed`): 'single', the
-        unaugmented cascade 'none/generated' or the augmented one 'aug/generated/<s>'."""
+        unaugmented cascade 'none/generated', the augmented one 'aug/generated/<s>', or the
+        truncated one 'aug/truncated/<s>' (the base's chain, drawn with `seed`, stopped at s)."""
         if key == "single":
             return draw(st["single"], seed)
         if key == "none/generated":
             return draw(st["sr_none"], seed + 1, z=z0())
         s = int(key.rsplit("/", 1)[1])
+        if key.startswith("aug/truncated/"):
+            return draw(st["sr_aug"], seed + 1, s=s, z=draw(st["base"], seed, stop_at=s))
         return draw(st["sr_aug"], seed + 1, s=s, z=renoise(z0(), s, st["sr_aug"].config["augment"], seed))
 
     # a re-run redraws seed 0's samples for compounding.png (none is kept on disk); where the sweep is
@@ -293,14 +307,14 @@ def study(args):
             measure(f"aug/ground_truth/{s}", lambda: draw(st["sr_aug"], sample_seed + 1, s=s,
                                                           z=renoise(real_low, s, aug, sample_seed)))
             if s:
-                measure(f"aug/truncated/{s}", lambda: draw(st["sr_aug"], sample_seed + 1, s=s,
-                                                           z=draw(st["base"], sample_seed, stop_at=s)))
+                measure(f"aug/truncated/{s}", lambda: generated(st, f"aug/truncated/{s}", sample_seed, z0))
         if k == 0 and "base" not in figure and figure:
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
 
     # --a_samples N: findings (a) and (b) once more on N samples per training seed, where 1024 leave
     # too much sampling noise (docs/experiment.md). Every setting on generated inputs (the single
-    # model, the unaugmented cascade, the augmented one at each s of the sweep) is drawn in N / n
+    # model, the unaugmented cascade, the augmented one at each end of the sweep and at s*, the
+    # truncated one at its best s: big_keys) is drawn in N / n
     # chunks of n, each chunk with its own sampling seed and written to OUT/runs/seedK/a_samples/ as
     # soon as it is drawn (a re-run draws only what is missing); FID is then taken on all N at once.
     a_n = args.a_samples or results.get("a_samples", {}).get("n")
@@ -310,7 +324,7 @@ def study(args):
         cc = c.repeat(a_n // n)
         for k in range(args.seeds):
             row = big["seeds"].setdefault(str(k), {})
-            todo = [key for key in ("single", "none/generated", *swept) if key not in row]
+            todo = [key for key in big_keys(results, cfg["s"]) if key not in row]
             if not todo:
                 continue
             r = lambda name: os.path.join(args.out, "runs", f"seed{k}", name)
@@ -372,9 +386,19 @@ def paired(results, worse, better, metric="fid"):
             "opposite": bool(len(d) > 1 and (d < 0).all() and -np.mean(d) > 3 * sd)}
 
 
-def best_s(results, s):
-    """s*: the s of the sweep with the lowest mean FID on generated inputs (as the paper picks s by FID)."""
-    return min(s, key=lambda v: float(np.mean(per_seed(results, f"aug/generated/{v}"))))
+def best_s(results, s, kind="generated"):
+    """s*: the s of the sweep with the lowest mean FID on generated inputs (as the paper picks s by
+    FID); with kind="truncated", the truncated cascade's best s (s = 0 is no truncation)."""
+    return min((v for v in s if v or kind == "generated"),
+               key=lambda v: float(np.mean(per_seed(results, f"aug/{kind}/{v}"))))
+
+
+def big_keys(results, s):
+    """The settings --a_samples draws again, those findings (a) and (b) compare: the single model,
+    the unaugmented cascade, the augmented one at both ends of the sweep and at s*, and the
+    truncated one at its best s (both s chosen on the sweep's samples)."""
+    return ["single", "none/generated", *[f"aug/generated/{v}" for v in sorted({s[0], best_s(results, s), s[-1]})],
+            f"aug/truncated/{best_s(results, s, 'truncated')}"]
 
 
 def findings(results):
@@ -382,9 +406,8 @@ def findings(results):
     where the paper's ordering holds). s* is the s with the lowest mean FID on generated inputs,
     chosen on the same seeds (as the paper picks s by FID)."""
     s = results["config"]["s"]
-    mean = lambda key: float(np.mean(per_seed(results, key)))
     best = best_s(results, s)
-    best_t = min((v for v in s if v), key=lambda v: mean(f"aug/truncated/{v}"))
+    best_t = best_s(results, s, "truncated")
     gen = lambda v: f"aug/generated/{v}"
     gt = lambda v: f"aug/ground_truth/{v}"
     trio = {"no augmentation worse than the single model": ("none/generated", "single"),   # the paper's three
@@ -392,7 +415,10 @@ def findings(results):
             f"no augmentation worse than augmentation at s* = {best}": ("none/generated", gen(best))}
     out = {"best_s": best, "best_s_truncated": best_t, "a": {
         **{name: paired(results, *pair) for name, pair in trio.items()},
-        "no augmentation worse than augmentation at s = 0": paired(results, "none/generated", gen(0))},
+        "no augmentation worse than augmentation at s = 0": paired(results, "none/generated", gen(0)),
+        # truncation (CDM §3.2) is the paper's other form of noise augmentation: its best s too
+        f"single model worse than truncated augmentation at its best s = {best_t}": (
+            paired(results, "single", f"aug/truncated/{best_t}"))},
         "b": u_shape(results, s, best),
         "c": {f"s = {b} worse than s = {a} (ground-truth inputs)": paired(results, gt(b), gt(a))
               for a, b in zip(s, s[1:])},
@@ -419,7 +445,7 @@ def findings(results):
         out["a_samples"] = {name: paired(big, d["worse"], d["better"]) for name, d in out["a"].items()
                             if complete(d["worse"], d["better"])}
         out["a_samples_accuracy"] = in_accuracy(big, out["a_samples"])
-    if complete(*[gen(v) for v in s]):   # s* stays the sweep's: chosen on other samples than these
+    if complete(*big_keys(results, s)):   # s* stays the sweep's: chosen on other samples than these
         out["b_samples"] = u_shape(big, s, best)
         out["b_samples_accuracy"] = in_accuracy(big, out["b_samples"])
     return out
@@ -459,10 +485,10 @@ def main(argv=None):
                    help="the study: also train the single model for F times its steps, for each F given "
                         "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
     p.add_argument("--a_samples", type=int, default=None,
-                   help="the study: also score every setting on generated inputs, findings (a) and (b) (single "
-                        "model, cascade without augmentation, with it at each s), on N samples per training "
-                        "seed, a multiple of --n drawn in chunks (e.g. 4096: about 55 min per seed for "
-                        "--setting 8to32 on 2 cores); adds to an existing OUT")
+                   help="the study: also score the settings findings (a) and (b) compare (single model, "
+                        "cascade without augmentation, with it at s = 0, s* and the last s, truncated at its "
+                        "best s) on N samples per training seed, a multiple of --n drawn in chunks (e.g. "
+                        "4096: about 55 min per seed for --setting 8to32 on 2 cores); adds to an existing OUT")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
     p.add_argument("--device", default="auto", help="the study's sampling: 'auto', 'cpu', 'cuda' "
@@ -912,7 +938,8 @@ def plot_study(results, figure, out, low, res):
                                   ("aug/ground_truth/{}", "augmented SR, ground-truth z", "^-")],
                "generated vs ground-truth low-res inputs")]
     if big:
-        panels.append((axes[2], big, [("aug/generated/{}", "augmented SR, generated z (non-truncated)", "o-")],
+        panels.append((axes[2], big, [("aug/generated/{}", "augmented SR, generated z (non-truncated)", "o-"),
+                                      ("aug/truncated/{}", "augmented SR, generated z (truncated)", "s--")],
                        f"generated inputs, {big['n']} samples per training seed"))
     for ax, src, curves, title in panels:
         for key, label, style in curves:
@@ -1000,7 +1027,7 @@ def write_findings(results, out):
                   f"(--a_samples; chunks of {cfg['n']}, each with its own sampling seed, FID on all of them at "
                   f"once): a smaller sampling noise. s* = {f['best_s']} is the sweep's above.", "",
                   "| setting | FID per seed | FID mean ± std | accuracy |", "|---|---|---|---|"]
-        for key in ("single", "none/generated", *[f"aug/generated/{v}" for v in cfg["s"]]):
+        for key in big_keys(results, cfg["s"]):
             v = per_seed(big, key)
             if len(v) == len(results["seeds"]):
                 lines.append(f"| {key} | {fmt(v)} | {ms(v)} | {np.mean(per_seed(big, key, 'accuracy')):.3f} |")

@@ -849,6 +849,23 @@ def test_paired_differences_and_the_reproduced_rule():
     assert not other["reproduced"] and other["opposite"] and not d["opposite"] and not noisy["opposite"]
 
 
+def test_s_star_and_the_settings_drawn_again_on_more_samples():
+    """best_s picks the s of lowest mean FID over seeds (the truncated cascade's among s > 0), and
+    --a_samples draws again only what (a) and (b) compare: both ends of the sweep and s*, the
+    truncated cascade at its best s, the single model and the unaugmented cascade."""
+    import experiment
+    gen = {0: (3.0, 3.2), 100: (2.0, 2.6), 250: (2.5, 1.9), 500: (2.4, 2.9)}   # means 3.1, 2.3, 2.2, 2.65
+    trunc = {100: (2.0, 2.0), 250: (2.2, 2.1), 500: (1.5, 2.4)}                # means 2.0, 2.15, 1.95
+    seeds = {str(k): {**{f"aug/generated/{v}": {"fid": f[k]} for v, f in gen.items()},
+                      **{f"aug/truncated/{v}": {"fid": f[k]} for v, f in trunc.items()}} for k in (0, 1)}
+    r, s = {"seeds": seeds}, [0, 100, 250, 500]
+    assert experiment.best_s(r, s) == 250 and experiment.best_s(r, s, "truncated") == 500
+    assert experiment.big_keys(r, s) == ["single", "none/generated", "aug/generated/0", "aug/generated/250",
+                                         "aug/generated/500", "aug/truncated/500"]
+    seeds["1"]["aug/generated/100"]["fid"] = 2.2           # now s* = 100: s = 250 is not drawn again
+    assert experiment.big_keys(r, s)[2:5] == ["aug/generated/0", "aug/generated/100", "aug/generated/500"]
+
+
 def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     """`experiment.py --quick` (the study's pipeline at toy size: 2 training seeds, 42 samples)
     writes its results, figures and findings; a second run trains nothing and measures nothing
@@ -866,6 +883,9 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
         assert row["real"]["accuracy"] > 0.8
     a = res["findings"]["a"]["no augmentation worse than the single model"]
     assert a["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single"]["fid"]
+                                       for _, row in sorted(res["seeds"].items())])
+    t = res["findings"]["a"]["single model worse than truncated augmentation at its best s = 100"]
+    assert t["runs"] == pytest.approx([row["single"]["fid"] - row["aug/truncated/100"]["fid"]
                                        for _, row in sorted(res["seeds"].items())])
     for name in ("findings.md", "fid_vs_s.png", "compounding.png"):
         assert os.path.getsize(os.path.join(out, name)) > 500
@@ -889,14 +909,15 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert a2["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single_x2"]["fid"]
                                         for _, row in sorted(res2["seeds"].items())])
     assert "single_x2" in open(os.path.join(out, "findings.md")).read()
-    # --a_samples scores every setting on generated inputs ((a) and (b)) again on 2 chunks of 42 per
+    # --a_samples scores the settings on generated inputs that (a) and (b) compare (here every one:
+    # the sweep is s = 0, 100, and the truncated cascade's only s is 100) again on 2 chunks of 42 per
     # seed, pooled: nothing is trained and no earlier score changes; a chunk lost is redrawn alone,
     # to the same samples
     big = run("experiment.py", "--quick", "--a_samples", "84", "--out", out)
     assert "trained" not in big.stdout and big.stdout.count("chunk") == 4
     res3 = json.load(open(os.path.join(out, "study.json")))
     assert res3["seeds"] == res2["seeds"] and res3["a_samples"]["n"] == 84
-    keys = ("single", "none/generated", "aug/generated/0", "aug/generated/100")
+    keys = ("single", "none/generated", "aug/generated/0", "aug/generated/100", "aug/truncated/100")
     for k in ("0", "1"):
         chunks = [torch.load(os.path.join(out, "runs", f"seed{k}", "a_samples", f"{j}.pt")) for j in (0, 1)]
         for key in keys:            # each chunk its own samples, 42 of them, as the scorer reads them
@@ -906,11 +927,13 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     rows = [row for _, row in sorted(res3["a_samples"]["seeds"].items())]
     d = res3["findings"]["a_samples"]["no augmentation worse than the single model"]
     assert d["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single"]["fid"] for row in rows])
+    t = res3["findings"]["a_samples"]["single model worse than truncated augmentation at its best s = 100"]
+    assert t["runs"] == pytest.approx([row["single"]["fid"] - row["aug/truncated/100"]["fid"] for row in rows])
     assert set(res3["findings"]["a_samples_accuracy"]) == set(res3["findings"]["a_samples"])
     # (b) on the same samples, both sides of the U at the sweep's s*: here one side, s = 0 or 100
     (name, b), = res3["findings"]["b_samples"].items()
     assert b["runs"] == pytest.approx([row[b["worse"]]["fid"] - row[b["better"]]["fid"] for row in rows])
-    assert {b["worse"], b["better"]} == set(keys[2:]) and b["better"].endswith(f"/{res3['findings']['best_s']}")
+    assert {b["worse"], b["better"]} == set(keys[2:4]) and b["better"].endswith(f"/{res3['findings']['best_s']}")
     assert "once more on 84 samples" in open(os.path.join(out, "findings.md")).read()
     os.remove(os.path.join(out, "runs", "seed1", "a_samples", "1.pt"))
     lost = json.load(open(os.path.join(out, "study.json")))
