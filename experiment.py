@@ -548,6 +548,8 @@ def main(argv=None):
         top = s_max(SETTINGS[args.setting])
         if min(values) < 0 or max(values) > top:
             raise SystemExit(f"error: --s {args.s}: the SR stage is trained on s in 0..{top}; sweep inside it")
+        if max(values) == 0:     # s* and the truncated cascade need an s > 0 to compare with s = 0
+            raise SystemExit(f"error: --s {args.s}: give at least one s > 0 (s = 0 is always swept)")
     return study(args)
 
 
