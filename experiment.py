@@ -312,11 +312,11 @@ def study(args):
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
 
     # --a_samples N: findings (a) and (b) once more on N samples per training seed, where 1024 leave
-    # too much sampling noise (docs/experiment.md). Every setting on generated inputs (the single
+    # too much sampling noise (docs/experiment.md). The settings they compare (big_keys: the single
     # model, the unaugmented cascade, the augmented one at each end of the sweep and at s*, the
-    # truncated one at its best s: big_keys) is drawn in N / n
-    # chunks of n, each chunk with its own sampling seed and written to OUT/runs/seedK/a_samples/ as
-    # soon as it is drawn (a re-run draws only what is missing); FID is then taken on all N at once.
+    # truncated one at its best s) are drawn in N / n chunks of n, each chunk with its own sampling
+    # seed and written to OUT/runs/seedK/a_samples/ as soon as it is drawn (a re-run draws only what
+    # is missing); FID is then taken on all N at once.
     a_n = args.a_samples or results.get("a_samples", {}).get("n")
     if a_n:
         old = results.get("a_samples", {})       # scores on another N are taken again, from the chunks

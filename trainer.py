@@ -621,7 +621,7 @@ def distributed(device_name):
     try:
         yield rank, world, device
         if grouped():
-            dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+            dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     finally:
         if grouped():
             dist.destroy_process_group()

@@ -953,7 +953,8 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert odd.returncode and "multiple" in odd.stderr and len(odd.stderr.strip().splitlines()) == 1
     assert open(os.path.join(out, "study.json"), "rb").read() == before
     for flags, says in ((["--seeds", "1"], "--seeds 1"), (["--s", "0,5000"], "trained on s in 0.."),
-                        (["--s", "a,b"], "comma-separated"), (["--s", "0"], "at least one s > 0"), (["--steps_scale", "0"], "--steps_scale"),
+                        (["--s", "a,b"], "comma-separated"), (["--s", "0"], "at least one s > 0"),
+                        (["--steps_scale", "0"], "--steps_scale"),
                         (["--device", "tpu"], "--device 'tpu'"),
                         (["--setting", "8to32", "--s", "0,300"], "trained on s in 0..250"),
                         (["--setting", "8to32", "--solvers"], "leave it out"),
