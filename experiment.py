@@ -26,7 +26,9 @@ SR stage's speckle shows). Every comparison is a paired difference over the trai
 (findings(): the paper's orderings are "reproduced" only where the mean difference exceeds three
 standard deviations and every seed agrees). Outputs in --out: study.json (every number, written
 as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.png (the same base
-samples through both SR stages). --setting 8to32 runs the same study with an 8->32 SR stage and a
+samples through both SR stages). study.json also records a fingerprint of every model its scores
+were measured with (MEASURED_WITH): a re-run keeps only the scores of the models it has, so in a
+fresh clone the committed scores are measured again, with the models trained there. --setting 8to32 runs the same study with an 8->32 SR stage and a
 single 32x32 model (STUDY32), into results/8to32/; --setting 8to32small the same at half the
 channels (about 53 min, into results/8to32small/: too noisy to settle (a)); --setting 8to32hour that
 with its SR stages trained twice as long (70-80 min, into results/8to32hour/); --setting 8to32wide
@@ -40,6 +42,7 @@ as large as the differences at 4x.
 docs/experiment.md gives the results of both and the settings tried.
 """
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -209,6 +212,8 @@ def study(args):
     half = rank % 2 == 0                     # every other image of each class: the FID reference
     score = Scorer(paths["train"], res, os.path.join(args.out, f"classifier_glyphs{res}.pt"), num_classes,
                    test.x[half], seed=0)
+    now = {"classifier": fingerprint(score.clf)}
+    record = results.setdefault(MEASURED_WITH, {})
     pool = [torch.nonzero((test.y == j) & ~half)[:, 0].tolist() for j in range(num_classes)]
     c = torch.arange(n) % num_classes
     take = [pool[j][i // num_classes % len(pool[j])] for i, j in enumerate(c.tolist())]
@@ -274,6 +279,13 @@ def study(args):
         st = {name: safety.load_stage(os.path.join(r(name), "ckpt.pt"), device) for name in wall}
         aug = st["sr_aug"].config["augment"]
         row = results.setdefault("seeds", {}).setdefault(str(k), {})
+        # scores of this seed measured with other models (MEASURED_WITH) are measured again
+        now.update({f"seed{k}/{name}": fingerprint(stage.model) for name, stage in st.items()})
+        stale = forget_stale([row, results.get("a_samples", {}).get("seeds", {}).get(str(k), {})],
+                             lambda key: ["classifier", *[f"seed{k}/{m}" for m in study_uses(key)]], now, record)
+        if stale:
+            log(f"seed {k}: {len(stale)} scores in {path} were measured with other models than those in "
+                f"{os.path.join(args.out, 'runs')} (or another classifier): measuring them again")
         sample_seed = 1000 * (k + 1)             # fresh sampling noise for every training seed
         base_z0 = {}
 
@@ -296,6 +308,8 @@ def study(args):
                 log(f"seed {k}, {key}: FID {row[key]['fid']:.2f}, accuracy {row[key]['accuracy']:.3f}, "
                     f"border {row[key]['border']:.1f} ({time.time() - t0:.0f} s)")
 
+        if k == 0:
+            seed0 = (st, sample_seed)
         measure("real", lambda: real)            # the floor: real images that are not the reference
         measure("single", lambda: generated(st, "single", sample_seed, z0))
         for f in budgets:
@@ -334,6 +348,9 @@ def study(args):
             for j in range(a_n // n):
                 t0, file = time.time(), os.path.join(r("a_samples"), f"{j}.pt")
                 have = torch.load(file, weights_only=True) if os.path.exists(file) else {}
+                models = {name: now[f"seed{k}/{name}"] for name in st}   # what this chunk is drawn with
+                forget_stale([have], study_uses, models,
+                             have.setdefault(MEASURED_WITH, {}))
                 seed = 1_000_000 * (k + 1) + 1000 * j   # apart from every seed the sweep above uses
                 missing = [key for key in todo if key not in have]
 
@@ -359,6 +376,11 @@ def study(args):
                            "a_samples": a_n}, seconds=spent + time.time() - t_start)
     results["findings"] = findings(results)
     safety.write_json(path, results, allow_nan=True)
+    best = f"aug/generated/{results['findings']['best_s']}"
+    if figure and best not in figure:           # s* moved, its scores measured again: draw its row
+        (st, seed), z = seed0, {}
+        figure[best] = generated(st, best, seed, lambda: z.setdefault(0, draw(st["base"], seed)))[
+            figure_index(c, num_classes)]
     plot_study(results, figure, args.out, low, res)
     write_findings(results, args.out)
     log(f"done: {results['seconds'] / 60:.1f} min in all; wrote {path}, findings.md, fid_vs_s.png"
@@ -368,6 +390,18 @@ def study(args):
 def figure_index(c, num_classes):
     """Indices of the first FIGURE_PER_CLASS samples of each class, class by class."""
     return torch.tensor([i for j in range(num_classes) for i in torch.nonzero(c == j)[:FIGURE_PER_CLASS, 0].tolist()])
+
+
+def study_uses(key):
+    """The stages a study's score was measured with (besides the classifier): the real images none,
+    the single models themselves, a cascade on ground-truth inputs its SR stage, and on generated
+    inputs the base too; the base alone (its samples, kept with --a_samples chunks) for 'z0'."""
+    if key == "real":
+        return []
+    if key.startswith("single") or key == "z0":
+        return [key if key != "z0" else "base"]
+    stage = "sr_none" if key.startswith("none/") else "sr_aug"
+    return [stage] if "/ground_truth" in key else ["base", stage]
 
 
 def per_seed(results, key, metric="fid"):
@@ -570,6 +604,56 @@ SOLVER_GRID = {
 }
 
 
+# --- Which models a score was measured with --------------------------------------------------
+# Every results file here records beside its scores a fingerprint of each model they were measured
+# with (MEASURED_WITH: the stages, and the classifier whose features FID reads). A re-run keeps a
+# score only where those models are still the same bits; every other score is dropped and measured
+# again with the models that are here. So a fresh clone, whose results/ hold the scores committed
+# with the repository while its models are trained anew, reports its own measurements, never ours;
+# and so does a study after a stage was trained again to other weights or a checkpoint replaced. A
+# stage trained again to the same bits (the same seed on the same machine) keeps its scores.
+MEASURED_WITH = "measured_with"
+
+
+def fingerprint(net):
+    """A short hash of a network's weights (each tensor's name and bytes, in order): the same
+    weights give the same string, on any device."""
+    h = hashlib.sha256()
+    for name, w in net.state_dict().items():
+        h.update(name.encode())
+        h.update(w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def forget_stale(tables, uses, now, record):
+    """Drop from each of `tables` (key -> scores) every score not measured with the models here now:
+    uses(key) names the models a score was measured with, now[name] is each one's fingerprint now
+    and record[name] its fingerprint when the file's scores were measured (missing from record:
+    not recorded, as in a file written elsewhere or before fingerprints were; missing from now:
+    not here). Then records `now`. Returns the keys dropped."""
+    dropped = []
+    for table in tables:
+        for key in [k for k in table if k != MEASURED_WITH]:
+            if any(m not in now or record.get(m) != now[m] for m in uses(key)):
+                del table[key]
+                dropped.append(key)
+    record.update(now)
+    return dropped
+
+
+def stale_scores(results, uses, now, path, runs, log):
+    """forget_stale for a flat results file (key -> scores, and its MEASURED_WITH record), saying so."""
+    stale = forget_stale([results], uses, now, results.setdefault(MEASURED_WITH, {}))
+    if stale:
+        log(f"{len(stale)} scores in {path} were measured with other models than those in {runs} "
+            "(or another classifier): measuring them again")
+
+
+def scores_only(results):
+    """The (key, scores) of a flat results file, without its MEASURED_WITH record."""
+    return [(key, r) for key, r in results.items() if key != MEASURED_WITH]
+
+
 def resumable(out, name):
     """A study's results file OUT/name and what it holds already (a re-run skips the rows done),
     and a log function stamping each line with the minutes since this call."""
@@ -595,6 +679,12 @@ def solvers(args):
     pool = data.load_dataset("shapes", 32, "test", n=4 * N, seed=args.seed + 1)
     by_class = [torch.nonzero(pool.y == k)[:, 0].tolist() for k in range(8)]
     log("classifiers ready")
+    now = {**{name: fingerprint(st.model) for name, st in stages.items()},
+           **{f"classifier{res}": fingerprint(sc.clf) for res, sc in score.items()}}
+    name_of = lambda key: key.split("/")[0]      # a stage's real images use its resolution's classifier only
+    stale_scores(results, lambda key: [f"classifier{stages[name_of(key)].resolution}"] + (
+                 [] if "/real/" in key else [name_of(key)]) if name_of(key) in stages else [key], now, path,
+                 args.runs, log)
     for name, grid in (json.loads(args.grid) if args.grid else SOLVER_GRID).items():
         st = stages[name]
         for k in range(max(seeds for _, seeds in grid.values())):
@@ -660,6 +750,16 @@ def distilled(args):
     figure = os.path.join(args.out, "distilled_samples")
     os.makedirs(figure, exist_ok=True)
     log("classifier ready")
+    round_path = lambda n, nfe: os.path.join(args.runs, f"{n}_pd", f"steps{nfe}", "ckpt.pt")
+    load_round = lambda nfe: rounds.setdefault(nfe, [safety.load_stage(round_path(n, nfe)) for n in names])
+    for nfe in PD_NFE:                            # the distilled rounds there are, to fingerprint
+        if all(os.path.exists(round_path(n, nfe)) for n in names):
+            load_round(nfe)
+    now = {"classifier": fingerprint(score.clf), **{n: fingerprint(st.model) for n, st in zip(names, plain)},
+           **{f"{n}_pd/steps{nfe}": fingerprint(st.model) for nfe, r in rounds.items() for n, st in zip(names, r)}}
+    uses = lambda key: ["classifier"] + ([] if key.startswith("real/") else list(names) if not key.startswith(
+        "distilled/") else [f"{n}_pd/steps{key.split('/')[1]}" for n in names])
+    stale_scores(results, uses, now, path, args.runs, log)
     for k in range(args.seeds):
         seed_k = args.seed + 1000 * k
         if f"real/{k}" not in results:
@@ -671,10 +771,7 @@ def distilled(args):
             if key in results:
                 continue
             if sampler == "distilled":
-                if nfe not in rounds:
-                    rounds[nfe] = [safety.load_stage(os.path.join(args.runs, f"{n}_pd", f"steps{nfe}", "ckpt.pt"))
-                                   for n in names]
-                stages = rounds[nfe]
+                stages = rounds[nfe] if nfe in rounds else load_round(nfe)   # a round not there: its error
                 steps, how = [nfe] * 3, "ddim"
             else:
                 stages, how = plain, sampler
@@ -700,7 +797,7 @@ def distilled(args):
 def distilled_rows(results):
     """{sampler: [(nfe, fid mean, fid std, accuracy mean, accuracy std, seeds)]} from distilled.json."""
     table = {}
-    for key, r in results.items():
+    for key, r in scores_only(results):
         sampler, nfe, _ = key.split("/") if key.count("/") == 2 else (key.split("/")[0], 0, 0)
         table.setdefault(sampler, {}).setdefault(int(nfe), []).append(r)
     sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
@@ -790,6 +887,11 @@ def guidance(args):
     N = 64 if quick else args.n
     score = Scorer.shapes(32, args.out, args.seed, 2048)
     log("classifier ready")
+    now = {"classifier": fingerprint(score.clf),
+           **{f"{name}/{k}": fingerprint(st.model) for name, stages in cascades.items()
+              for k, st in zip(("base", "sr16", "sr32"), stages)}}
+    stale_scores(results, lambda key: ["classifier", *[f"{key.split('/')[0]}/{k}" for k in ("base", "sr16", "sr32")]],
+                 now, path, runs, log)
     c = torch.arange(N) % 8
     settings = [("plain", "none", 0.0)] + [("cfg", "none", 0.0)] + [
         ("cfg", mode, w) for mode in ("base", "all") for w in GUIDANCE_W if w]
@@ -822,7 +924,7 @@ def guidance_rows(results):
     """{(cascade, mode, w): {metric: [per-seed values]}}; w = 0 of the guided cascade belongs to
     both of its modes."""
     table = {}
-    for key, r in results.items():
+    for key, r in scores_only(results):
         name, mode, w, _ = key.split("/")
         for m in (("base", "all") if mode == "none" and name == "cfg" else (mode,)):
             row = table.setdefault((name, m, float(w)), {})
@@ -880,7 +982,7 @@ def renoise(z0, s, aug, seed):
 def solver_rows(results):
     """{stage: {sampler: [(nfe, fid mean, fid std, accuracy mean, seeds)]}} from solvers.json."""
     table = {}
-    for key, r in results.items():
+    for key, r in scores_only(results):
         if "/real/" in key:
             continue
         stage, sampler, nfe, _ = key.split("/")
@@ -908,7 +1010,7 @@ def plot_solvers(results, out, n):
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=sampler)
             lines += [f"| {sampler} | {p[0]} | {p[1]:.2f}" + (f" ± {p[2]:.2f}" if not np.isnan(p[2]) else "")
                       + f" | {p[3]:.3f} | {p[4]} |" for p in pts]
-        real = [r["fid"] for key, r in results.items() if key.startswith(f"{stage}/real/")]
+        real = [r["fid"] for key, r in scores_only(results) if key.startswith(f"{stage}/real/")]
         ax.axhline(np.mean(real), color="gray", ls="--", label="real held-out images")
         lines += [f"| real held-out images | — | {np.mean(real):.2f} | — | {len(real)} |", ""]
         ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample (NFE)",

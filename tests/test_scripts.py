@@ -866,6 +866,33 @@ def test_s_star_and_the_settings_drawn_again_on_more_samples():
     assert experiment.big_keys(r, s)[2:5] == ["aug/generated/0", "aug/generated/100", "aug/generated/500"]
 
 
+def test_scores_are_kept_only_with_the_models_they_were_measured_with():
+    """fingerprint is the same for the same weights on a copy and changes with one weight;
+    forget_stale keeps a score only where every model it names is here with the fingerprint
+    recorded when it was measured (no record: a file from elsewhere or older, so measured again),
+    and records the models here. study_uses names the stages behind each key of the study."""
+    import copy
+    import experiment
+    net = torch.nn.Linear(3, 2)
+    other = copy.deepcopy(net)
+    assert experiment.fingerprint(net) == experiment.fingerprint(other)
+    with torch.no_grad():
+        other.bias[0] += 1e-6
+    assert experiment.fingerprint(net) != experiment.fingerprint(other)
+    rows = {"a": 1, "b": 2, "c": 3, "d": 4, experiment.MEASURED_WITH: "kept"}
+    uses = {"a": ["x"], "b": ["x", "y"], "c": ["z"], "d": []}
+    record = {"x": "1", "y": "2", "z": "3"}
+    dropped = experiment.forget_stale([rows], uses.get, {"x": "1", "y": "9"}, record)
+    assert sorted(dropped) == ["b", "c"]            # y changed, z is not here
+    assert rows == {"a": 1, "d": 4, experiment.MEASURED_WITH: "kept"} and record == {"x": "1", "y": "9", "z": "3"}
+    assert experiment.forget_stale([rows], uses.get, {"x": "1"}, {}) == ["a"]    # nothing recorded
+    assert [experiment.study_uses(k) for k in ("real", "single", "single_x2", "z0", "none/generated",
+                                               "none/ground_truth", "aug/generated/0", "aug/truncated/250",
+                                               "aug/ground_truth/500")] == [
+        [], ["single"], ["single_x2"], ["base"], ["base", "sr_none"], ["sr_none"], ["base", "sr_aug"],
+        ["base", "sr_aug"], ["sr_aug"]]
+
+
 def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     """`experiment.py --quick` (the study's pipeline at toy size: 2 training seeds, 42 samples)
     writes its results, figures and findings; a second run trains nothing and measures nothing
@@ -946,6 +973,25 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert redo.stdout.count("chunk") == 1 and "chunk 2 of 2" in redo.stdout
     assert redo.stdout.count("trained") == 1 and "seed1/sr_none in" in redo.stdout
     assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
+    # scores measured with other models than those here are measured again, and only those: here
+    # study.json's record of seed 1's unaugmented stage says another model (as a study.json from
+    # elsewhere would), and so does seed 1's first --a_samples chunk, which is drawn again
+    res4 = json.load(open(os.path.join(out, "study.json")))
+    moved = json.loads(json.dumps(res4))
+    moved["measured_with"]["seed1/sr_none"] = "0" * 16
+    safety.write_json(os.path.join(out, "study.json"), moved, allow_nan=True)
+    chunk_file = os.path.join(out, "runs", "seed1", "a_samples", "0.pt")
+    chunk = torch.load(chunk_file)
+    chunk["measured_with"]["sr_none"] = "0" * 16
+    safety.save_checkpoint(chunk, chunk_file)
+    anew = run("experiment.py", "--quick", "--out", out)
+    assert "seed 1: 3 scores in" in anew.stdout and "measuring them again" in anew.stdout
+    assert "trained" not in anew.stdout and anew.stdout.split("done")[0].count("FID") == 3
+    assert anew.stdout.count("chunk") == 1 and "chunk 1 of 2" in anew.stdout
+    res5 = json.load(open(os.path.join(out, "study.json")))     # the same models: the same scores
+    assert res5["seeds"] == res4["seeds"] and res5["a_samples"] == res4["a_samples"]
+    assert res5["measured_with"] == res4["measured_with"] and len(res4["measured_with"]) == 1 + 2 * 5
+    assert torch.load(chunk_file)["measured_with"] == torch.load(chunk_file.replace("0.pt", "1.pt"))["measured_with"]
     before = open(os.path.join(out, "study.json"), "rb").read()
     other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
     assert other.returncode and "other settings (n)" in other.stderr
