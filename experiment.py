@@ -5,6 +5,7 @@
   python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
   python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed (~2 h 45 min)
   python experiment.py --setting 8to32wide   # the 4x study at half width, SR over s <= 500 (~1.5 h)
+  python experiment.py --setting 8to32wide1000   # that with the augmented SR over every s, swept to 750
   python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
@@ -28,12 +29,14 @@ standard deviations and every seed agrees). Outputs in --out: study.json (every 
 as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.png (the same base
 samples through both SR stages). study.json also records a fingerprint of every model its scores
 were measured with (MEASURED_WITH): a re-run keeps only the scores of the models it has, so in a
-fresh clone the committed scores are measured again, with the models trained there. --setting 8to32 runs the same study with an 8->32 SR stage and a
-single 32x32 model (STUDY32), into results/8to32/; --setting 8to32small the same at half the
-channels (about 53 min, into results/8to32small/: too noisy to settle (a)); --setting 8to32hour that
-with its SR stages trained twice as long (70-80 min, into results/8to32hour/); --setting 8to32wide
-that with the augmented stage trained over s <= 500 and s = 500 in the sweep (about 1.5 h, into
-results/8to32wide/).
+fresh clone the committed scores are measured again, with the models trained there.
+--setting 8to32 runs the same study with an 8->32 SR stage and a single 32x32 model (STUDY32),
+into results/8to32/; --setting 8to32small the same at half the channels (about 53 min, into
+results/8to32small/: too noisy to settle (a)); --setting 8to32hour that with its SR stages trained
+twice as long (70-80 min, into results/8to32hour/); --setting 8to32wide that with the augmented
+stage trained over s <= 500 and s = 500 in the sweep (about 1.5 h, into results/8to32wide/);
+--setting 8to32wide1000 that with it trained over every s <= 1000 and s = 750 in the sweep (into
+results/8to32wide1000/).
 --single_budget F adds to a study the single model trained for F times its steps, compared with
 both cascades: where it falls depends on its budget.
 --a_samples N scores the settings on generated inputs that findings (a) and (b) compare once more
@@ -110,8 +113,13 @@ STUDY32_HOUR = {**STUDY32_SMALL, "sr": ["--preset", "demo32", "--steps", "1600",
 # same bits with either value).
 STUDY32_WIDE = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "1600", "--s_max", "500", "--ch", "16"],
                 "s": [0, 100, 250, 500]}
+# --setting 8to32wide1000: 8to32wide with the augmented stage trained over the whole range of s,
+# U{0..1000}, and s = 750 added to the sweep: at s = 500, the end of 8to32wide's sweep, FID had risen
+# from s* = 250 in every seed but inside the spread (docs/experiment.md, "settings tried", item 12).
+STUDY32_WIDE1000 = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "1600", "--s_max", "1000", "--ch", "16"],
+                    "s": [0, 100, 250, 500, 750]}
 SETTINGS = {"8to16": STUDY, "8to32": STUDY32, "8to32small": STUDY32_SMALL, "8to32hour": STUDY32_HOUR,
-            "8to32wide": STUDY32_WIDE}
+            "8to32wide": STUDY32_WIDE, "8to32wide1000": STUDY32_WIDE1000}
 s_max = lambda cfg: int(cfg["sr"][cfg["sr"].index("--s_max") + 1])
 STUDY_STAGES = ("base", "sr_aug", "sr_none", "single")
 single_key = lambda f: f"single_x{f:g}"   # --single_budget f: its run folder and its scores' key
@@ -349,8 +357,7 @@ def study(args):
                 t0, file = time.time(), os.path.join(r("a_samples"), f"{j}.pt")
                 have = torch.load(file, weights_only=True) if os.path.exists(file) else {}
                 models = {name: now[f"seed{k}/{name}"] for name in st}   # what this chunk is drawn with
-                forget_stale([have], study_uses, models,
-                             have.setdefault(MEASURED_WITH, {}))
+                forget_stale([have], study_uses, models, have.setdefault(MEASURED_WITH, {}))
                 seed = 1_000_000 * (k + 1) + 1000 * j   # apart from every seed the sweep above uses
                 missing = [key for key in todo if key not in have]
 
@@ -378,9 +385,9 @@ def study(args):
     safety.write_json(path, results, allow_nan=True)
     best = f"aug/generated/{results['findings']['best_s']}"
     if figure and best not in figure:           # s* moved, its scores measured again: draw its row
-        (st, seed), z = seed0, {}
-        figure[best] = generated(st, best, seed, lambda: z.setdefault(0, draw(st["base"], seed)))[
-            figure_index(c, num_classes)]
+        st, seed = seed0
+        z = draw(st["base"], seed)
+        figure[best] = generated(st, best, seed, lambda: z)[figure_index(c, num_classes)]
     plot_study(results, figure, args.out, low, res)
     write_findings(results, args.out)
     log(f"done: {results['seconds'] / 60:.1f} min in all; wrote {path}, findings.md, fid_vs_s.png"
@@ -398,8 +405,10 @@ def study_uses(key):
     inputs the base too; the base alone (its samples, kept with --a_samples chunks) for 'z0'."""
     if key == "real":
         return []
-    if key.startswith("single") or key == "z0":
-        return [key if key != "z0" else "base"]
+    if key == "z0":
+        return ["base"]
+    if key.startswith("single"):
+        return [key]
     stage = "sr_none" if key.startswith("none/") else "sr_aug"
     return [stage] if "/ground_truth" in key else ["base", stage]
 
@@ -681,10 +690,13 @@ def solvers(args):
     log("classifiers ready")
     now = {**{name: fingerprint(st.model) for name, st in stages.items()},
            **{f"classifier{res}": fingerprint(sc.clf) for res, sc in score.items()}}
-    name_of = lambda key: key.split("/")[0]      # a stage's real images use its resolution's classifier only
-    stale_scores(results, lambda key: [f"classifier{stages[name_of(key)].resolution}"] + (
-                 [] if "/real/" in key else [name_of(key)]) if name_of(key) in stages else [key], now, path,
-                 args.runs, log)
+
+    def uses(key):      # a stage's real images: only its resolution's classifier
+        name = key.split("/")[0]
+        if name not in stages:
+            return [key]                          # no such stage here: measured again (and refused there)
+        return [f"classifier{stages[name].resolution}"] + ([] if "/real/" in key else [name])
+    stale_scores(results, uses, now, path, args.runs, log)
     for name, grid in (json.loads(args.grid) if args.grid else SOLVER_GRID).items():
         st = stages[name]
         for k in range(max(seeds for _, seeds in grid.values())):
@@ -757,8 +769,13 @@ def distilled(args):
             load_round(nfe)
     now = {"classifier": fingerprint(score.clf), **{n: fingerprint(st.model) for n, st in zip(names, plain)},
            **{f"{n}_pd/steps{nfe}": fingerprint(st.model) for nfe, r in rounds.items() for n, st in zip(names, r)}}
-    uses = lambda key: ["classifier"] + ([] if key.startswith("real/") else list(names) if not key.startswith(
-        "distilled/") else [f"{n}_pd/steps{key.split('/')[1]}" for n in names])
+
+    def uses(key):      # the real images, the undistilled cascade, or a distilled round
+        if key.startswith("real/"):
+            return ["classifier"]
+        if key.startswith("distilled/"):
+            return ["classifier", *[f"{n}_pd/steps{key.split('/')[1]}" for n in names]]
+        return ["classifier", *names]
     stale_scores(results, uses, now, path, args.runs, log)
     for k in range(args.seeds):
         seed_k = args.seed + 1000 * k
