@@ -974,22 +974,28 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert redo.stdout.count("trained") == 1 and "seed1/sr_none in" in redo.stdout
     assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
     # scores measured with other models than those here are measured again, and only those: here
-    # study.json's record of seed 1's unaugmented stage says another model (as a study.json from
-    # elsewhere would), and so does seed 1's first --a_samples chunk, which is drawn again
+    # study.json's record of seed 1's SR stages says other models (as a study.json from elsewhere
+    # would), and so does seed 1's first --a_samples chunk for its unaugmented stage, which is drawn
+    # again. Seed 1's score at s* is made the worst, so s* moves once it is measured again: the
+    # figure, removed, is drawn again all the same, at the s* of the scores measured
     res4 = json.load(open(os.path.join(out, "study.json")))
     moved = json.loads(json.dumps(res4))
-    moved["measured_with"]["seed1/sr_none"] = "0" * 16
+    moved["measured_with"].update({"seed1/sr_none": "0" * 16, "seed1/sr_aug": "0" * 16})
+    moved["seeds"]["1"][f"aug/generated/{res4['findings']['best_s']}"]["fid"] = 1e9
     safety.write_json(os.path.join(out, "study.json"), moved, allow_nan=True)
     chunk_file = os.path.join(out, "runs", "seed1", "a_samples", "0.pt")
     chunk = torch.load(chunk_file)
     chunk["measured_with"]["sr_none"] = "0" * 16
     safety.save_checkpoint(chunk, chunk_file)
+    os.remove(os.path.join(out, "compounding.png"))
     anew = run("experiment.py", "--quick", "--out", out)
-    assert "seed 1: 3 scores in" in anew.stdout and "measuring them again" in anew.stdout
-    assert "trained" not in anew.stdout and anew.stdout.split("done")[0].count("FID") == 3
+    # seed 1's 7 scores of its SR stages, 4 of them again on 84 samples (aug/* from the chunks kept)
+    assert "seed 1: 11 scores in" in anew.stdout and "measuring them again" in anew.stdout
+    assert "trained" not in anew.stdout and anew.stdout.split("done")[0].count("FID") == 11
     assert anew.stdout.count("chunk") == 1 and "chunk 1 of 2" in anew.stdout
     res5 = json.load(open(os.path.join(out, "study.json")))     # the same models: the same scores
     assert res5["seeds"] == res4["seeds"] and res5["a_samples"] == res4["a_samples"]
+    assert open(os.path.join(out, "compounding.png"), "rb").read() == figure
     assert res5["measured_with"] == res4["measured_with"] and len(res4["measured_with"]) == 1 + 2 * 5
     assert torch.load(chunk_file)["measured_with"] == torch.load(chunk_file.replace("0.pt", "1.pt"))["measured_with"]
     before = open(os.path.join(out, "study.json"), "rb").read()
