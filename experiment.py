@@ -127,13 +127,18 @@ FIGURE_PER_CLASS = 2   # base samples per class carried through both SR stages i
 
 
 def train(script, args, out, quick, log, budget=1):
-    """Run one of the training scripts (skipped if it has finished: its checkpoint and wall.json,
-    written after it, are there); returns its wall time. --quick trains 10 steps, budget x 10 for a
-    single model given budget x its steps."""
+    """Run one of the training scripts (skipped if it has finished with the same flags: its
+    checkpoint and wall.json, written after it with the flags, are there); returns its wall time.
+    --quick trains 10 steps, budget x 10 for a single model given budget x its steps."""
     wall = os.path.join(out, "wall.json")
-    if os.path.exists(wall) and os.path.exists(os.path.join(out, "ckpt.pt")):
-        return json.load(open(wall))["seconds"]
     extra = ["--steps", str(max(1, round(10 * budget))), "--n_train", "256", "--sample_steps", "4"] if quick else []
+    # the flags it is trained with, the data file by its name (rendered the same in any folder)
+    flags = [os.path.basename(v) if k and args[k - 1] == "--data" else v for k, v in enumerate(args)] + extra
+    if os.path.exists(wall) and os.path.exists(os.path.join(out, "ckpt.pt")):
+        done = json.load(open(wall))
+        if done.get("flags", flags) == flags:     # a wall.json without flags is older: taken as it is
+            return done["seconds"]
+        log(f"{os.path.relpath(out)} was trained with other flags ({' '.join(done['flags'])}): training it again")
     t0 = time.time()
     # --overwrite: a run stopped before it finished (no wall.json) left in `out`, this experiment's
     # own folder, at most a checkpoint saved on the way, its log and previews; it is trained again
@@ -144,7 +149,7 @@ def train(script, args, out, quick, log, budget=1):
     if p.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
     seconds = time.time() - t0
-    safety.write_json(os.path.join(out, "wall.json"), {"seconds": seconds})
+    safety.write_json(os.path.join(out, "wall.json"), {"seconds": seconds, "flags": flags})
     log(f"trained {os.path.relpath(out)} in {seconds / 60:.1f} min")
     return seconds
 

@@ -998,6 +998,18 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert open(os.path.join(out, "compounding.png"), "rb").read() == figure
     assert res5["measured_with"] == res4["measured_with"] and len(res4["measured_with"]) == 1 + 2 * 5
     assert torch.load(chunk_file)["measured_with"] == torch.load(chunk_file.replace("0.pt", "1.pt"))["measured_with"]
+    # a finished stage whose wall.json names other flags (another study's run left in the folder) is
+    # trained again with the study's own: here to the same bits, so every score is kept
+    wall_file = os.path.join(out, "runs", "seed0", "single", "wall.json")
+    wall = json.load(open(wall_file))
+    assert wall["flags"][-6:-4] == ["--steps", "10"]      # --quick's steps, after the study's own
+    wall["flags"][-5] = "11"
+    safety.write_json(wall_file, wall)
+    other_flags = run("experiment.py", "--quick", "--out", out)
+    assert "seed0/single was trained with other flags" in other_flags.stdout and "seed0/single in" in other_flags.stdout
+    assert "FID" not in other_flags.stdout.split("done")[0]
+    assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res4["seeds"]
+    assert json.load(open(wall_file))["flags"] != wall["flags"]
     before = open(os.path.join(out, "study.json"), "rb").read()
     other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
     assert other.returncode and "other settings (n)" in other.stderr
