@@ -5,7 +5,7 @@
   python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
   python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed (~2 h 45 min)
   python experiment.py --setting 8to32wide   # the 4x study at half width, SR over s <= 500 (~1.5 h)
-  python experiment.py --setting 8to32wide1000   # that with the augmented SR over every s, swept to 750
+  python experiment.py --setting 8to32wide1000   # that with the augmented SR over every s (~80 min; worse)
   python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
@@ -35,8 +35,8 @@ into results/8to32/; --setting 8to32small the same at half the channels (about 5
 results/8to32small/: too noisy to settle (a)); --setting 8to32hour that with its SR stages trained
 twice as long (70-80 min, into results/8to32hour/); --setting 8to32wide that with the augmented
 stage trained over s <= 500 and s = 500 in the sweep (about 1.5 h, into results/8to32wide/);
---setting 8to32wide1000 that with it trained over every s <= 1000 and s = 750 in the sweep (into
-results/8to32wide1000/).
+--setting 8to32wide1000 that with it trained over every s <= 1000 and s = 750 in the sweep (about
+80 min, into results/8to32wide1000/: the stage came out worse at every s).
 --single_budget F adds to a study the single model trained for F times its steps, compared with
 both cascades: where it falls depends on its budget.
 --a_samples N scores the settings on generated inputs that findings (a) and (b) compare once more
@@ -115,7 +115,8 @@ STUDY32_WIDE = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "1600", 
                 "s": [0, 100, 250, 500]}
 # --setting 8to32wide1000: 8to32wide with the augmented stage trained over the whole range of s,
 # U{0..1000}, and s = 750 added to the sweep: at s = 500, the end of 8to32wide's sweep, FID had risen
-# from s* = 250 in every seed but inside the spread (docs/experiment.md, "settings tried", item 12).
+# from s* = 250 in every seed but inside the spread. Measured: the whole range costs the half-width
+# stage at every s, and the single model beats it (docs/experiment.md, "settings tried", item 12).
 STUDY32_WIDE1000 = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "1600", "--s_max", "1000", "--ch", "16"],
                     "s": [0, 100, 250, 500, 750]}
 SETTINGS = {"8to16": STUDY, "8to32": STUDY32, "8to32small": STUDY32_SMALL, "8to32hour": STUDY32_HOUR,

@@ -896,7 +896,9 @@ def test_scores_are_kept_only_with_the_models_they_were_measured_with():
 def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     """`experiment.py --quick` (the study's pipeline at toy size: 2 training seeds, 42 samples)
     writes its results, figures and findings; a second run trains nothing and measures nothing
-    again; real held-out images score far better than the toy models; bad flags are one line."""
+    again, but scores recorded as measured with other models are measured again and a stage
+    recorded with other flags is trained again; real held-out images score far better than the toy
+    models; bad flags are one line."""
     import experiment
     out = str(tmp_path / "study")
     r = run("experiment.py", "--quick", "--out", out)
