@@ -893,6 +893,21 @@ def test_scores_are_kept_only_with_the_models_they_were_measured_with():
         ["base", "sr_aug"], ["sr_aug"]]
 
 
+def test_quick_runs_never_write_into_the_committed_results(monkeypatch):
+    """--quick's toy numbers go under runs/quick/ (not committed) by default, for the study and
+    for --guidance: results/ holds the committed study, which would refuse them or take them in.
+    Without --quick each writes where the docs say."""
+    import experiment
+    seen = []
+    for name in ("study", "guidance"):
+        monkeypatch.setattr(experiment, name, lambda args: seen.append(args.out))
+    for argv in (["--quick"], ["--quick", "--setting", "8to32wide"], ["--quick", "--guidance"], [],
+                 ["--setting", "8to32wide"], ["--guidance"], ["--quick", "--out", "x"]):
+        experiment.main(argv)
+    assert seen == [os.path.join("runs", "quick", "8to16"), os.path.join("runs", "quick", "8to32wide"),
+                    os.path.join("runs", "quick", "guidance"), "results", "results/8to32wide", "results", "x"]
+
+
 def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     """`experiment.py --quick` (the study's pipeline at toy size: 2 training seeds, 42 samples)
     writes its results, figures and findings; a second run trains nothing and measures nothing
