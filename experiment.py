@@ -295,11 +295,9 @@ def study(args):
         row = results.setdefault("seeds", {}).setdefault(str(k), {})
         # scores of this seed measured with other models (MEASURED_WITH) are measured again
         now.update({f"seed{k}/{name}": fingerprint(stage.model) for name, stage in st.items()})
-        stale = forget_stale([row, results.get("a_samples", {}).get("seeds", {}).get(str(k), {})],
-                             lambda key: ["classifier", *[f"seed{k}/{m}" for m in study_uses(key)]], now, record)
-        if stale:
-            log(f"seed {k}: {len(stale)} scores in {path} were measured with other models than those in "
-                f"{os.path.join(args.out, 'runs')} (or another classifier): measuring them again")
+        stale_scores([row, results.get("a_samples", {}).get("seeds", {}).get(str(k), {})],
+                     lambda key: ["classifier", *[f"seed{k}/{m}" for m in study_uses(key)]], now, record,
+                     path, os.path.join(args.out, "runs"), log, f"seed {k}: ")
         sample_seed = 1000 * (k + 1)             # fresh sampling noise for every training seed
         base_z0 = {}
 
@@ -664,11 +662,11 @@ def forget_stale(tables, uses, now, record):
     return dropped
 
 
-def stale_scores(results, uses, now, path, runs, log):
-    """forget_stale for a flat results file (key -> scores, and its MEASURED_WITH record), saying so."""
-    stale = forget_stale([results], uses, now, results.setdefault(MEASURED_WITH, {}))
+def stale_scores(tables, uses, now, record, path, runs, log, prefix=""):
+    """forget_stale on the scores of the results file at `path`, saying how many it dropped."""
+    stale = forget_stale(tables, uses, now, record)
     if stale:
-        log(f"{len(stale)} scores in {path} were measured with other models than those in {runs} "
+        log(f"{prefix}{len(stale)} scores in {path} were measured with other models than those in {runs} "
             "(or another classifier): measuring them again")
 
 
@@ -710,7 +708,7 @@ def solvers(args):
         if name not in stages:
             return [key]                          # no such stage here: measured again (and refused there)
         return [f"classifier{stages[name].resolution}"] + ([] if "/real/" in key else [name])
-    stale_scores(results, uses, now, path, args.runs, log)
+    stale_scores([results], uses, now, results.setdefault(MEASURED_WITH, {}), path, args.runs, log)
     for name, grid in (json.loads(args.grid) if args.grid else SOLVER_GRID).items():
         st = stages[name]
         for k in range(max(seeds for _, seeds in grid.values())):
@@ -777,7 +775,11 @@ def distilled(args):
     os.makedirs(figure, exist_ok=True)
     log("classifier ready")
     round_path = lambda n, nfe: os.path.join(args.runs, f"{n}_pd", f"steps{nfe}", "ckpt.pt")
-    load_round = lambda nfe: rounds.setdefault(nfe, [safety.load_stage(round_path(n, nfe)) for n in names])
+
+    def load_round(nfe):      # read once; a round that is not there: load_stage's error
+        if nfe not in rounds:
+            rounds[nfe] = [safety.load_stage(round_path(n, nfe)) for n in names]
+        return rounds[nfe]
     for nfe in PD_NFE:                            # the distilled rounds there are, to fingerprint
         if all(os.path.exists(round_path(n, nfe)) for n in names):
             load_round(nfe)
@@ -790,7 +792,7 @@ def distilled(args):
         if key.startswith("distilled/"):
             return ["classifier", *[f"{n}_pd/steps{key.split('/')[1]}" for n in names]]
         return ["classifier", *names]
-    stale_scores(results, uses, now, path, args.runs, log)
+    stale_scores([results], uses, now, results.setdefault(MEASURED_WITH, {}), path, args.runs, log)
     for k in range(args.seeds):
         seed_k = args.seed + 1000 * k
         if f"real/{k}" not in results:
@@ -802,7 +804,7 @@ def distilled(args):
             if key in results:
                 continue
             if sampler == "distilled":
-                stages = rounds[nfe] if nfe in rounds else load_round(nfe)   # a round not there: its error
+                stages = load_round(nfe)
                 steps, how = [nfe] * 3, "ddim"
             else:
                 stages, how = plain, sampler
@@ -921,8 +923,8 @@ def guidance(args):
     now = {"classifier": fingerprint(score.clf),
            **{f"{name}/{k}": fingerprint(st.model) for name, stages in cascades.items()
               for k, st in zip(("base", "sr16", "sr32"), stages)}}
-    stale_scores(results, lambda key: ["classifier", *[f"{key.split('/')[0]}/{k}" for k in ("base", "sr16", "sr32")]],
-                 now, path, runs, log)
+    stale_scores([results], lambda key: ["classifier", *[f"{key.split('/')[0]}/{k}" for k in ("base", "sr16", "sr32")]],
+                 now, results.setdefault(MEASURED_WITH, {}), path, runs, log)
     c = torch.arange(N) % 8
     settings = [("plain", "none", 0.0)] + [("cfg", "none", 0.0)] + [
         ("cfg", mode, w) for mode in ("base", "all") for w in GUIDANCE_W if w]
