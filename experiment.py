@@ -1,48 +1,50 @@
 """experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3), in miniature.
 
-  python experiment.py                  # the study: ~1 hour on 2 CPU cores, resumable; writes results/
+  python experiment.py                  # the study (8to32wide): ~2 h on 2 CPU cores, resumable; results/8to32wide/
   python experiment.py --quick          # the same pipeline at toy size, into runs/quick/ (numbers are noise)
-  python experiment.py --setting 8to32  # the same study with the paper's 4x upsampling, 8x8 -> 32x32 (~2.3 h)
-  python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed (~2 h 45 min)
-  python experiment.py --setting 8to32wide   # the 4x study at half width, SR over s <= 500 (~1.5 h)
-  python experiment.py --setting 8to32wide1000   # that with the augmented SR over every s (~80 min; worse)
+  python experiment.py --setting 8to16  # the 2x study, 8x8 -> 16x16 (~1 hour), into results/
+  python experiment.py --setting 8to32  # the 4x study at full width (~2.3 h)
+  python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed
+  python experiment.py --a_samples 4096 # the study with (a), (b) on 4096 samples a seed, not 8192 (~1.5 h)
+  python experiment.py --setting 8to32wide1000   # the augmented SR trained over every s (~80 min; worse)
   python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
   python experiment.py --distilled      # distilled stages (distill.py) against the solvers, per NFE
 
-The study renders the glyphs (digits and b/d/p/q, data.make_glyphs) at 16x16 and, for each of
---seeds independent training seeds, trains with the repository's own scripts:
+The study renders the glyphs (digits and b/d/p/q, data.make_glyphs) at the final resolution and,
+for each of --seeds independent training seeds, trains with the repository's own scripts:
   base      an 8x8 class-conditional base model (train_base.py, the demo preset)
-  sr_aug    an 8->16 SR stage with Gaussian noise augmentation over s ~ U{0..S_MAX} (train_sr.py)
+  sr_aug    an SR stage to the final resolution with Gaussian noise augmentation over s ~ U{0..s_max}
+            (train_sr.py)
   sr_none   the same SR stage without augmentation (--aug none)
-  single    one non-cascaded 16x16 model, trained for about the wall time of base + sr_aug
-It then samples --n images per setting, with fresh sampling noise per training seed: the single
-model; the unaugmented cascade; the augmented cascade at every s of the sweep, non-truncated (the
-base's finished z0, re-noised to z_s) and truncated (the base chain stopped at s); and both SR
-stages fed ground-truth low-res images of held-out glyphs. Each is scored by FID on the features
-of a classifier trained on real glyphs (evaluate.py; not comparable with Inception FID) against
-held-out real glyphs, by class accuracy, and by the brightness of the background border (where an
-SR stage's speckle shows). Every comparison is a paired difference over the training seeds
-(findings(): the paper's orderings are "reproduced" only where the mean difference exceeds three
-standard deviations and every seed agrees). Outputs in --out: study.json (every number, written
-as it is measured: a re-run resumes), findings.md, fid_vs_s.png and compounding.png (the same base
-samples through both SR stages). study.json also records a fingerprint of every model its scores
-were measured with (MEASURED_WITH): a re-run keeps only the scores of the models it has, so in a
-fresh clone the committed scores are measured again, with the models trained there.
---setting 8to32 runs the same study with an 8->32 SR stage and a single 32x32 model (STUDY32),
-into results/8to32/; --setting 8to32small the same at half the channels (about 53 min, into
-results/8to32small/: too noisy to settle (a)); --setting 8to32hour that with its SR stages trained
-twice as long (70-80 min, into results/8to32hour/); --setting 8to32wide that with the augmented
-stage trained over s <= 500 and s = 500 in the sweep (about 1.5 h, into results/8to32wide/);
---setting 8to32wide1000 that with it trained over every s <= 1000 and s = 750 in the sweep (about
-80 min, into results/8to32wide1000/: the stage came out worse at every s).
+  single    one non-cascaded model at the final resolution, trained for about the wall time of
+            base + sr_aug
+The default setting, 8to32wide, is the paper's 4x upsampling (8x8 -> 32x32, the SR stages and the
+single model at half width, sr_aug over s <= 500; STUDY32_WIDE). It then samples --n images per
+setting, with fresh sampling noise per training seed: the single model; the unaugmented cascade;
+the augmented cascade at every s of the sweep, non-truncated (the base's finished z0, re-noised to
+z_s) and truncated (the base chain stopped at s); and both SR stages fed ground-truth low-res
+images of held-out glyphs. Each is scored by FID on the features of a classifier trained on real
+glyphs (evaluate.py; not comparable with Inception FID) against held-out real glyphs, by class
+accuracy, and by the brightness of the background border (where an SR stage's speckle shows).
+Findings (a) and (b) are then scored once more on more samples per seed (--a_samples, by default
+8192 for 8to32wide: 1024, even 4096, leave a sampling noise as large as the differences at 4x),
+drawn in chunks of --n with other sampling seeds. Every comparison is a paired difference over the
+training seeds (findings(): the paper's orderings are "reproduced" only where the mean difference
+exceeds three standard deviations and every seed agrees). Outputs in --out: study.json (every
+number, written as it is measured: a re-run resumes), findings.md, fid_vs_s.png and
+compounding.png (the same base samples through both SR stages). study.json also records a
+fingerprint of every model its scores were measured with, and how they were sampled
+(MEASURED_WITH): a re-run keeps only the scores of the models it has, so in a fresh clone the
+committed scores are measured again, with the models trained there.
+The other --settings, each into results/SETTING/ (8to16 into results/): 8to16 the 2x study (8x8
+-> 16x16, STUDY); 8to32 the 4x study at full width; 8to32small at half width with SR stages
+trained 800 steps (too noisy to settle (a)); 8to32hour those trained twice as long over s <= 250;
+8to32wide1000 the default with sr_aug trained over every s <= 1000 (the stage came out worse).
 --single_budget F adds to a study the single model trained for F times its steps, compared with
 both cascades: where it falls depends on its budget.
---a_samples N scores the settings on generated inputs that findings (a) and (b) compare once more
-on N samples per training seed (in chunks of --n, resumable): 1024 samples leave a sampling noise
-as large as the differences at 4x.
-docs/experiment.md gives the results of both and the settings tried.
+docs/experiment.md gives the results of each and the settings tried.
 """
 import argparse
 import hashlib
@@ -59,6 +61,7 @@ import cdm
 import data
 import evaluate
 import safety
+import sample
 import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,9 +113,11 @@ STUDY32_HOUR = {**STUDY32_SMALL, "sr": ["--preset", "demo32", "--steps", "1600",
 # U{0..500}, and s = 500 added to the sweep: at s* = 250, the end of 8to32hour's sweep, FID was
 # still falling, so the U's rising side lay beyond it (docs/experiment.md, "settings tried", item 11).
 # Only the augmented stage differs: --s_max does not touch the unaugmented one (its weights are the
-# same bits with either value).
+# same bits with either value). The study (docs/experiment.md): `python experiment.py` runs it,
+# findings (a) and (b) included on 8 x n samples per seed (a_chunks: the default --a_samples, in
+# chunks of n; 4096 samples left about 0.3 FID of sampling noise in the single model's values).
 STUDY32_WIDE = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "1600", "--s_max", "500", "--ch", "16"],
-                "s": [0, 100, 250, 500]}
+                "s": [0, 100, 250, 500], "a_chunks": 8}
 # --setting 8to32wide1000: 8to32wide with the augmented stage trained over the whole range of s,
 # U{0..1000}, and s = 750 added to the sweep: at s = 500, the end of 8to32wide's sweep, FID had risen
 # from s* = 250 in every seed but inside the spread. Measured: the whole range costs the half-width
@@ -121,10 +126,16 @@ STUDY32_WIDE1000 = {**STUDY32_HOUR, "sr": ["--preset", "demo32", "--steps", "160
                     "s": [0, 100, 250, 500, 750]}
 SETTINGS = {"8to16": STUDY, "8to32": STUDY32, "8to32small": STUDY32_SMALL, "8to32hour": STUDY32_HOUR,
             "8to32wide": STUDY32_WIDE, "8to32wide1000": STUDY32_WIDE1000}
+DEFAULT_SETTING = "8to32wide"
 s_max = lambda cfg: int(cfg["sr"][cfg["sr"].index("--s_max") + 1])
 STUDY_STAGES = ("base", "sr_aug", "sr_none", "single")
 single_key = lambda f: f"single_x{f:g}"   # --single_budget f: its run folder and its scores' key
 FIGURE_PER_CLASS = 2   # base samples per class carried through both SR stages in the figure
+# Samples drawn at once. On 2 CPU cores a 32x32 stage samples 1024 images twice as fast in chunks
+# of 64 as in one batch (the activations of a chunk stay in cache; docs/speed.md). Each chunk has
+# its own noise, so the chunk size is part of how a score was measured (SAMPLING, recorded).
+SAMPLE_BATCH = 64
+SAMPLING = f"chunks of {SAMPLE_BATCH}, sample.chunk_generator"
 
 
 def train(script, args, out, quick, log, budget=1):
@@ -200,7 +211,7 @@ def study(args):
     --seeds or other --s values add to it)."""
     cfg = dict(SETTINGS[args.setting])
     if args.quick:
-        cfg.update(s=[0, 100], n=42)
+        cfg.update(s=[0, 100], n=42, a_chunks=min(cfg.get("a_chunks", 0), 2))   # 2 chunks: the same code
     if args.s:
         cfg["s"] = sorted({int(v) for v in args.s.split(",")} | {0})
     n = args.n or cfg["n"]
@@ -211,7 +222,7 @@ def study(args):
     device = trainer.pick_device(args.device)     # a bad --device is refused before OUT is made
     path, results, log = resumable(args.out, "study.json")
     made = {k: v for k, v in {**cfg, "n": n, "steps_scale": args.steps_scale, "quick": args.quick}.items()
-            if k not in ("s", "seeds")}
+            if k not in ("s", "seeds", "a_chunks")}
     if results.setdefault("made_with", made) != made:
         differ = ", ".join(k for k in made if results["made_with"].get(k) != made[k])
         raise SystemExit(f"error: {path} was measured with other settings ({differ}); give another --out, "
@@ -226,8 +237,14 @@ def study(args):
     half = rank % 2 == 0                     # every other image of each class: the FID reference
     score = Scorer(paths["train"], res, os.path.join(args.out, f"classifier_glyphs{res}.pt"), num_classes,
                    test.x[half], seed=0)
-    now = {"classifier": fingerprint(score.clf)}
+    now = {"classifier": fingerprint(score.clf), "sampling": SAMPLING}
+    sampled = lambda key: ["sampling"] if study_uses(key) else []   # every score but the real images
     record = results.setdefault(MEASURED_WITH, {})
+    # the classifier and the way of sampling are every seed's, so they are checked for all seeds at
+    # once (checked with each seed's models, the first seed would record them and the others' scores
+    # measured otherwise would be kept); each seed's models are checked below, once it has them
+    stale_scores([*results.get("seeds", {}).values(), *results.get("a_samples", {}).get("seeds", {}).values()],
+                 lambda key: ["classifier", *sampled(key)], now, record, path, os.path.join(args.out, "runs"), log)
     pool = [torch.nonzero((test.y == j) & ~half)[:, 0].tolist() for j in range(num_classes)]
     c = torch.arange(n) % num_classes
     take = [pool[j][i // num_classes % len(pool[j])] for i, j in enumerate(c.tolist())]
@@ -242,19 +259,23 @@ def study(args):
 
     def draw(stage, seed, z=None, s=None, stop_at=0):
         """n samples of one stage with its checkpoint's sampler and steps, stopped at step stop_at
-        of the base chain (truncated) or run to x0."""
-        kwargs = {"c": c.to(device)}
-        if z is not None:
-            kwargs["z"] = z.to(device)
-        if s is not None:
-            kwargs["s"] = torch.full((n,), s, dtype=torch.long, device=device)
+        of the base chain (truncated) or run to x0; drawn in chunks of SAMPLE_BATCH, chunk j with
+        its own noise (sample.chunk_generator(seed, j), as sample.py draws its chunks)."""
         sampler = stage.config.get("sampler", "ancestral")
         chain = stage.diffusion.sampling_chain(sampler, stage.config["sample_steps"], stop_at)
-        shape = (n, stage.channels, stage.resolution, stage.resolution)
-        with torch.no_grad():
-            x = chain.sample(stage.model, shape, kwargs, sampler=sampler, stop_at=stop_at,
-                             generator=torch.Generator(device).manual_seed(seed), progress=False)
-        return x.float().cpu()
+        xs = []
+        for j, i in enumerate(range(0, n, SAMPLE_BATCH)):
+            part = slice(i, i + SAMPLE_BATCH)
+            kwargs = {"c": c[part].to(device)}
+            if z is not None:
+                kwargs["z"] = z[part].to(device)
+            if s is not None:
+                kwargs["s"] = torch.full((len(kwargs["c"]),), s, dtype=torch.long, device=device)
+            shape = (len(kwargs["c"]), stage.channels, stage.resolution, stage.resolution)
+            with torch.no_grad():
+                xs.append(chain.sample(stage.model, shape, kwargs, sampler=sampler, stop_at=stop_at,
+                                       generator=sample.chunk_generator(seed, j, device)).float().cpu())
+        return torch.cat(xs)
 
     def generated(st, key, seed, z0):
         """n samples of a setting on the base's samples z0() (drawn with `seed`): 'single', the
@@ -294,10 +315,11 @@ def study(args):
         aug = st["sr_aug"].config["augment"]
         row = results.setdefault("seeds", {}).setdefault(str(k), {})
         # scores of this seed measured with other models (MEASURED_WITH) are measured again
-        now.update({f"seed{k}/{name}": fingerprint(stage.model) for name, stage in st.items()})
+        models = {f"seed{k}/{name}": fingerprint(stage.model) for name, stage in st.items()}
+        now.update(models)
         stale_scores([row, results.get("a_samples", {}).get("seeds", {}).get(str(k), {})],
-                     lambda key: ["classifier", *[f"seed{k}/{m}" for m in study_uses(key)]], now, record,
-                     path, os.path.join(args.out, "runs"), log, f"seed {k}: ")
+                     lambda key: [f"seed{k}/{m}" for m in study_uses(key)], models, record, path,
+                     os.path.join(args.out, "runs"), log, f"seed {k}: ")
         sample_seed = 1000 * (k + 1)             # fresh sampling noise for every training seed
         base_z0 = {}
 
@@ -343,7 +365,7 @@ def study(args):
     # truncated one at its best s) are drawn in N / n chunks of n, each chunk with its own sampling
     # seed and written to OUT/runs/seedK/a_samples/ as soon as it is drawn (a re-run draws only what
     # is missing); FID is then taken on all N at once.
-    a_n = args.a_samples or results.get("a_samples", {}).get("n")
+    a_n = args.a_samples or results.get("a_samples", {}).get("n") or cfg.get("a_chunks", 0) * n
     if a_n:
         old = results.get("a_samples", {})       # scores on another N are taken again, from the chunks
         big = results["a_samples"] = {"n": a_n, "seeds": old["seeds"] if old.get("n") == a_n else {}}
@@ -361,7 +383,8 @@ def study(args):
                 t0, file = time.time(), os.path.join(r("a_samples"), f"{j}.pt")
                 have = torch.load(file, weights_only=True) if os.path.exists(file) else {}
                 models = {name: now[f"seed{k}/{name}"] for name in st}   # what this chunk is drawn with
-                forget_stale([have], study_uses, models, have.setdefault(MEASURED_WITH, {}))
+                forget_stale([have], lambda key: [*study_uses(key), *sampled(key)], {**models, "sampling": SAMPLING},
+                             have.setdefault(MEASURED_WITH, {}))
                 seed = 1_000_000 * (k + 1) + 1000 * j   # apart from every seed the sweep above uses
                 missing = [key for key in todo if key not in have]
 
@@ -522,22 +545,23 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=None,
                    help=f"samples per setting (default {STUDY['n']} for the study, 512 for --solvers/--guidance)")
     p.add_argument("--s", default=None, help="the study: augmentation times to sweep (default "
-                   + ",".join(map(str, STUDY["s"])) + "; 0 is always included)")
-    p.add_argument("--setting", default="8to16", choices=sorted(SETTINGS),
-                   help="the study: 8x8 base -> 16x16 (default, about an hour on 2 cores) or -> 32x32, the "
-                        "paper's 4x upsampling (about 2 h 20 min on 2 cores; 8to32small: at half the "
-                        "channels, about 53 min; 8to32hour: that with SR stages trained twice as long, "
-                        "70-80 min; 8to32wide: that with the augmented stage trained over s <= 500, about "
-                        "1.5 h, the study that settles (a) with --a_samples 4096; 8to32wide1000: over every "
-                        "s, about 80 min)")
+                   + ",".join(map(str, SETTINGS[DEFAULT_SETTING]["s"])) + "; 0 is always included)")
+    p.add_argument("--setting", default=None, choices=sorted(SETTINGS),
+                   help=f"the study (default {DEFAULT_SETTING}): 8to32wide, the paper's 4x upsampling, 8x8 "
+                        "base -> 32x32 at half width with the augmented stage trained over s <= 500, (a) and "
+                        "(b) on 8 x --n samples a seed (about 2 h on 2 cores, into results/8to32wide/); 8to16: "
+                        "8x8 -> 16x16 (about an hour, into results/); 8to32: 4x at full width (about 2 h 20 "
+                        "min); 8to32small: at half width (53 min); 8to32hour: that with SR stages trained "
+                        "twice as long (70-80 min); 8to32wide1000: the augmented stage over every s (80 min)")
     p.add_argument("--single_budget", default=None,
                    help="the study: also train the single model for F times its steps, for each F given "
                         "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
     p.add_argument("--a_samples", type=int, default=None,
                    help="the study: also score the settings findings (a) and (b) compare (single model, "
                         "cascade without augmentation, with it at s = 0, s* and the last s, truncated at its "
-                        "best s) on N samples per training seed, a multiple of --n drawn in chunks (e.g. "
-                        "4096: about 55 min per seed for --setting 8to32 on 2 cores); adds to an existing OUT")
+                        "best s) on N samples per training seed, a multiple of --n drawn in chunks (default "
+                        "8 x --n for 8to32wide, about 17 min per seed on 2 cores; none for the other settings); "
+                        "adds to an existing OUT")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
     p.add_argument("--device", default="auto", help="the study's sampling: 'auto', 'cpu', 'cuda' "
@@ -559,6 +583,7 @@ def main(argv=None):
                    help="instead: FID and accuracy against network evaluations for each sampler, per "
                         "stage of the demo cascade in runs/ (writes OUT/solvers.json, fid_vs_nfe.png)")
     args = p.parse_args(argv)
+    setting_given, args.setting = args.setting is not None, args.setting or DEFAULT_SETTING
     # --quick writes beside the trained models (runs/ is not committed), never into the results/
     # folders that hold the committed study: its toy numbers would be refused there, or mixed in
     mode = "guidance" if args.guidance else "solvers" if args.solvers else "distilled" if args.distilled else None
@@ -571,7 +596,7 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} {v}: give at least 2 (a spread needs two values)")
     if args.steps_scale <= 0:
         raise SystemExit(f"error: --steps_scale {args.steps_scale}: give a positive factor")
-    study_only = [f for f, given in (("--setting", args.setting != "8to16"),
+    study_only = [f for f, given in (("--setting", setting_given),
                                      ("--single_budget", args.single_budget is not None),
                                      ("--a_samples", args.a_samples is not None)) if given]
     if study_only and (args.solvers or args.guidance or args.distilled):
@@ -667,7 +692,7 @@ def stale_scores(tables, uses, now, record, path, runs, log, prefix=""):
     stale = forget_stale(tables, uses, now, record)
     if stale:
         log(f"{prefix}{len(stale)} scores in {path} were measured with other models than those in {runs} "
-            "(or another classifier): measuring them again")
+            "(or another classifier, or sampled otherwise): measuring them again")
 
 
 def scores_only(results):

@@ -901,22 +901,26 @@ def test_quick_runs_never_write_into_the_committed_results(monkeypatch):
     seen = []
     for name in ("study", "guidance"):
         monkeypatch.setattr(experiment, name, lambda args: seen.append(args.out))
-    for argv in (["--quick"], ["--quick", "--setting", "8to32wide"], ["--quick", "--guidance"], [],
-                 ["--setting", "8to32wide"], ["--guidance"], ["--quick", "--out", "x"]):
+    for argv in (["--quick"], ["--quick", "--setting", "8to16"], ["--quick", "--guidance"], [],
+                 ["--setting", "8to16"], ["--setting", "8to32"], ["--guidance"], ["--quick", "--out", "x"]):
         experiment.main(argv)
-    assert seen == [os.path.join("runs", "quick", "8to16"), os.path.join("runs", "quick", "8to32wide"),
-                    os.path.join("runs", "quick", "guidance"), "results", "results/8to32wide", "results", "x"]
+    assert seen == [os.path.join("runs", "quick", "8to32wide"), os.path.join("runs", "quick", "8to16"),
+                    os.path.join("runs", "quick", "guidance"), "results/8to32wide", "results", "results/8to32",
+                    "results", "x"]
+    # the default study is the 4x one, with (a) and (b) on 8x its samples per seed
+    assert experiment.DEFAULT_SETTING == "8to32wide" and experiment.SETTINGS["8to32wide"]["a_chunks"] == 8
 
 
 def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
-    """`experiment.py --quick` (the study's pipeline at toy size: 2 training seeds, 42 samples)
-    writes its results, figures and findings; a second run trains nothing and measures nothing
-    again, but scores recorded as measured with other models are measured again and a stage
+    """`experiment.py --quick --setting 8to16` (the study's pipeline at toy size: 2 training seeds,
+    42 samples; the default 8to32wide runs the same code at 32x32, slower) writes its results,
+    figures and findings; a second run trains nothing and measures nothing again, but scores
+    recorded as measured with other models (or sampled otherwise) are measured again and a stage
     recorded with other flags is trained again; real held-out images score far better than the toy
     models; bad flags are one line."""
     import experiment
     out = str(tmp_path / "study")
-    r = run("experiment.py", "--quick", "--out", out)
+    r = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.load(open(os.path.join(out, "study.json")))
     keys = {"real", "single", "none/generated", "none/ground_truth", "aug/generated/0", "aug/generated/100",
@@ -936,14 +940,14 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     walls = {p: os.path.getmtime(p) for p in
              [os.path.join(out, "runs", f"seed{k}", n, "ckpt.pt") for k in (0, 1) for n in experiment.STUDY_STAGES]}
     figure = open(os.path.join(out, "compounding.png"), "rb").read()
-    again = run("experiment.py", "--quick", "--out", out)
+    again = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
     assert again.returncode == 0 and "trained" not in again.stdout and "FID" not in again.stdout.split("done")[0]
     assert all(os.path.getmtime(p) == t for p, t in walls.items())
     assert open(os.path.join(out, "compounding.png"), "rb").read() == figure   # redrawn from the same seeds
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res["seeds"]
     # --single_budget adds a single model given 2x its steps to the same study: only it is trained
     # and sampled, every earlier score is kept, and (a) compares it with both cascades, paired
-    more = run("experiment.py", "--quick", "--single_budget", "2", "--out", out)
+    more = run("experiment.py", "--quick", "--setting", "8to16", "--single_budget", "2", "--out", out)
     assert more.stdout.count("trained") == 2 and "single_x2 in" in more.stdout
     assert all(os.path.getmtime(p) == t for p, t in walls.items())
     res2 = json.load(open(os.path.join(out, "study.json")))
@@ -957,7 +961,7 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     # the sweep is s = 0, 100, and the truncated cascade's only s is 100) again on 2 chunks of 42 per
     # seed, pooled: nothing is trained and no earlier score changes; a chunk lost is redrawn alone,
     # to the same samples
-    big = run("experiment.py", "--quick", "--a_samples", "84", "--out", out)
+    big = run("experiment.py", "--quick", "--setting", "8to16", "--a_samples", "84", "--out", out)
     assert "trained" not in big.stdout and big.stdout.count("chunk") == 4
     res3 = json.load(open(os.path.join(out, "study.json")))
     assert res3["seeds"] == res2["seeds"] and res3["a_samples"]["n"] == 84
@@ -986,7 +990,7 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     # a stage stopped after its checkpoint but before wall.json (a run killed as it finished) is
     # trained again, alone, to the same weights: nothing measured changes
     os.remove(os.path.join(out, "runs", "seed1", "sr_none", "wall.json"))
-    redo = run("experiment.py", "--quick", "--out", out)        # --a_samples is kept by the study
+    redo = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)        # --a_samples is kept by the study
     assert redo.stdout.count("chunk") == 1 and "chunk 2 of 2" in redo.stdout
     assert redo.stdout.count("trained") == 1 and "seed1/sr_none in" in redo.stdout
     assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
@@ -1005,7 +1009,7 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     chunk["measured_with"]["sr_none"] = "0" * 16
     safety.save_checkpoint(chunk, chunk_file)
     os.remove(os.path.join(out, "compounding.png"))
-    anew = run("experiment.py", "--quick", "--out", out)
+    anew = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
     # seed 1's 7 scores of its SR stages, 4 of them again on 84 samples (aug/* from the chunks kept)
     assert "seed 1: 11 scores in" in anew.stdout and "measuring them again" in anew.stdout
     assert "trained" not in anew.stdout and anew.stdout.split("done")[0].count("FID") == 11
@@ -1013,8 +1017,19 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     res5 = json.load(open(os.path.join(out, "study.json")))     # the same models: the same scores
     assert res5["seeds"] == res4["seeds"] and res5["a_samples"] == res4["a_samples"]
     assert open(os.path.join(out, "compounding.png"), "rb").read() == figure
-    assert res5["measured_with"] == res4["measured_with"] and len(res4["measured_with"]) == 1 + 2 * 5
+    assert res5["measured_with"] == res4["measured_with"] and len(res4["measured_with"]) == 2 + 2 * 5
     assert torch.load(chunk_file)["measured_with"] == torch.load(chunk_file.replace("0.pt", "1.pt"))["measured_with"]
+    # what every seed shares, the classifier and the way of sampling: a record naming another way
+    # re-measures every sampled score of *every* seed (9 each with single_x2, and 5 each on 84
+    # samples, from the chunks, which carry their own record), not only the first seed's; the real
+    # images' are kept
+    other_way = json.loads(json.dumps(res5))
+    other_way["measured_with"]["sampling"] = "one batch"
+    safety.write_json(os.path.join(out, "study.json"), other_way, allow_nan=True)
+    shared = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
+    assert "28 scores in" in shared.stdout and shared.stdout.split("done")[0].count("FID") == 28
+    assert "chunk" not in shared.stdout and "trained" not in shared.stdout
+    assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res5["seeds"]
     # a finished stage whose wall.json names other flags (another study's run left in the folder) is
     # trained again with the study's own: here to the same bits, so every score is kept
     wall_file = os.path.join(out, "runs", "seed0", "single", "wall.json")
@@ -1022,15 +1037,15 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert wall["flags"][-6:-4] == ["--steps", "10"]      # --quick's steps, after the study's own
     wall["flags"][-5] = "11"
     safety.write_json(wall_file, wall)
-    other_flags = run("experiment.py", "--quick", "--out", out)
+    other_flags = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
     assert "seed0/single was trained with other flags" in other_flags.stdout and "seed0/single in" in other_flags.stdout
     assert "FID" not in other_flags.stdout.split("done")[0]
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res4["seeds"]
     assert json.load(open(wall_file))["flags"] != wall["flags"]
     before = open(os.path.join(out, "study.json"), "rb").read()
-    other = run("experiment.py", "--quick", "--n", "50", "--out", out, ok=False)   # not mixed into it
+    other = run("experiment.py", "--quick", "--setting", "8to16", "--n", "50", "--out", out, ok=False)   # not mixed in
     assert other.returncode and "other settings (n)" in other.stderr
-    odd = run("experiment.py", "--quick", "--a_samples", "100", "--out", out, ok=False)
+    odd = run("experiment.py", "--quick", "--setting", "8to16", "--a_samples", "100", "--out", out, ok=False)
     assert odd.returncode and "multiple" in odd.stderr and len(odd.stderr.strip().splitlines()) == 1
     assert open(os.path.join(out, "study.json"), "rb").read() == before
     for flags, says in ((["--seeds", "1"], "--seeds 1"), (["--s", "0,5000"], "trained on s in 0.."),
