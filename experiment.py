@@ -240,6 +240,7 @@ def study(args):
     now = {"classifier": fingerprint(score.clf), "sampling": SAMPLING}
     sampled = lambda key: ["sampling"] if study_uses(key) else []   # every score but the real images
     record = results.setdefault(MEASURED_WITH, {})
+    keep_extra_seeds(results, args, now, record, device, log)
     # the classifier and the way of sampling are every seed's, so they are checked for all seeds at
     # once (checked with each seed's models, the first seed would record them and the others' scores
     # measured otherwise would be kept); each seed's models are checked below, once it has them
@@ -370,7 +371,7 @@ def study(args):
         old = results.get("a_samples", {})       # scores on another N are taken again, from the chunks
         big = results["a_samples"] = {"n": a_n, "seeds": old["seeds"] if old.get("n") == a_n else {}}
         cc = c.repeat(a_n // n)
-        for k in range(args.seeds):
+        for k in sorted(map(int, results["seeds"])):     # the seeds asked for, and those kept beyond them
             row = big["seeds"].setdefault(str(k), {})
             todo = [key for key in big_keys(results, cfg["s"]) if key not in row]
             if not todo:
@@ -406,7 +407,7 @@ def study(args):
                 safety.write_json(path, results, allow_nan=True)
                 log(f"seed {k}, {key} on {a_n} samples: FID {row[key]['fid']:.2f}, "
                     f"accuracy {row[key]['accuracy']:.3f}")
-    results.update(config={**made, "s": cfg["s"], "seeds": args.seeds, "single_budget": budgets,
+    results.update(config={**made, "s": cfg["s"], "seeds": len(results["seeds"]), "single_budget": budgets,
                            "a_samples": a_n}, seconds=spent + time.time() - t_start)
     results["findings"] = findings(results)
     safety.write_json(path, results, allow_nan=True)
@@ -438,6 +439,35 @@ def study_uses(key):
         return [key]
     stage = "sr_none" if key.startswith("none/") else "sr_aug"
     return [stage] if "/ground_truth" in key else ["base", stage]
+
+
+def keep_extra_seeds(results, args, now, record, device, log):
+    """Seeds measured before but beyond --seeds now (a study run with more seeds, as the committed
+    one): this run neither trains nor measures them, so their scores are kept only where all their
+    models are in OUT/runs and every score was measured with those models, this classifier and this
+    way of sampling; otherwise the seed is dropped whole (findings pair the seeds setting by setting,
+    so a seed is all in or all out). In a fresh clone the committed study's extra seeds are dropped:
+    never mixed with this run's. Their models' fingerprints go into `now`."""
+    asked = {str(k) for k in range(args.seeds)}
+    big = results.get("a_samples", {}).get("seeds", {})
+    for key in sorted(set(results.get("seeds", {})) - asked, key=int):
+        files = {name: os.path.join(args.out, "runs", f"seed{key}", name, "ckpt.pt")
+                 for name in results.get("wall", {}).get(key, {})}
+        models = {}
+        if files and all(os.path.exists(f) for f in files.values()):
+            models = {f"seed{key}/{name}": fingerprint(safety.load_stage(f, device).model) for name, f in files.items()}
+        here = {**now, **models}
+        uses = lambda score: ["classifier", *([] if score == "real" else ["sampling"]),
+                              *[f"seed{key}/{m}" for m in study_uses(score)]]
+        rows = [results["seeds"][key], big.get(key, {})]
+        if models and all(m in here and record.get(m) == here[m] for row in rows for score in row
+                          if score != MEASURED_WITH for m in uses(score)):
+            now.update(models)
+            continue
+        for table in (results["seeds"], big, results.get("wall", {})):
+            table.pop(key, None)
+        log(f"seed {key} (beyond --seeds {args.seeds}): its models are not in {os.path.join(args.out, 'runs')}, "
+            f"or its scores were measured otherwise: its scores are dropped (--seeds {int(key) + 1} measures them)")
 
 
 def per_seed(results, key, metric="fid"):

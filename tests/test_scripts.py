@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1042,6 +1043,35 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert "FID" not in other_flags.stdout.split("done")[0]
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res4["seeds"]
     assert json.load(open(wall_file))["flags"] != wall["flags"]
+    # a seed beyond --seeds (the committed study was run with more): kept, whole, where its models
+    # are here and measured its scores; here a seed 2 that is seed 1 copied, models and all, so the
+    # findings pair three seeds, the third equal to the second
+    cur = json.load(open(os.path.join(out, "study.json")))
+    extra = json.loads(json.dumps(cur))
+    for table in (extra["seeds"], extra["a_samples"]["seeds"], extra["wall"]):
+        table["2"] = table["1"]
+    extra["measured_with"].update({m.replace("seed1/", "seed2/"): v for m, v in cur["measured_with"].items()
+                                   if m.startswith("seed1/")})
+    safety.write_json(os.path.join(out, "study.json"), extra, allow_nan=True)
+    shutil.copytree(os.path.join(out, "runs", "seed1"), os.path.join(out, "runs", "seed2"))
+    kept = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
+    assert "FID" not in kept.stdout.split("done")[0] and "trained" not in kept.stdout and "dropped" not in kept.stdout
+    res6 = json.load(open(os.path.join(out, "study.json")))
+    assert res6["seeds"] == extra["seeds"] and res6["a_samples"] == extra["a_samples"]
+    for part in ("a", "a_samples"):
+        runs = res6["findings"][part]["no augmentation worse than the single model"]["runs"]
+        assert len(runs) == 3 and runs[2] == runs[1]
+    assert res6["config"]["seeds"] == 3
+    # without its models (a fresh clone of a study run with more seeds): dropped whole, with a line
+    # saying so, and the findings are the two seeds of this run's, never mixed with scores of models
+    # it does not have
+    shutil.rmtree(os.path.join(out, "runs", "seed2"))
+    gone = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
+    assert "seed 2 (beyond --seeds 2)" in gone.stdout and "dropped" in gone.stdout
+    assert "FID" not in gone.stdout.split("done")[0] and "trained" not in gone.stdout
+    res7 = json.load(open(os.path.join(out, "study.json")))
+    assert res7["seeds"] == cur["seeds"] and res7["a_samples"] == cur["a_samples"] and set(res7["wall"]) == {"0", "1"}
+    assert res7["findings"] == cur["findings"] and res7["config"]["seeds"] == 2
     before = open(os.path.join(out, "study.json"), "rb").read()
     other = run("experiment.py", "--quick", "--setting", "8to16", "--n", "50", "--out", out, ok=False)   # not mixed in
     assert other.returncode and "other settings (n)" in other.stderr
