@@ -1,13 +1,14 @@
 """experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3), in miniature.
 
   python experiment.py                  # the study (8to32wide): ~2 h on 2 CPU cores, resumable; results/8to32wide/
+  python experiment.py --seeds 5        # the study as committed: 5 training seeds (~3 h 20 min)
   python experiment.py --quick          # the same pipeline at toy size, into runs/quick/ (numbers are noise)
   python experiment.py --setting 8to16  # the 2x study, 8x8 -> 16x16 (~1 hour), into results/
   python experiment.py --setting 8to32  # the 4x study at full width (~2.3 h)
   python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed
   python experiment.py --a_samples 4096 # the study with (a), (b) on 4096 samples a seed, not 8192 (~1.5 h)
   python experiment.py --setting 8to32wide1000   # the augmented SR trained over every s (~80 min; worse)
-  python experiment.py --n 4096 --seeds 5 --out results_gpu   # more samples and seeds, on a GPU
+  python experiment.py --n 4096 --seeds 10 --out results_gpu  # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
   python experiment.py --guidance       # classifier-free guidance on top of a cascade (~20 min)
   python experiment.py --distilled      # distilled stages (distill.py) against the solvers, per NFE
@@ -570,7 +571,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder (trained models go to OUT/runs); default "
                    "results/, results/SETTING/ for another --setting, and runs/quick/ with --quick")
     p.add_argument("--seeds", type=int, default=None,
-                   help="the study: independent training seeds, each with its own sampling noise (default 3); "
+                   help="the study: independent training seeds, each with its own sampling noise (default 3; "
+                        "the committed 8to32wide study has 5: seeds beyond --seeds are kept where their "
+                        "models are in OUT/runs); "
                         "--solvers/--guidance: sampling seeds (default 2)")
     p.add_argument("--n", type=int, default=None,
                    help=f"samples per setting (default {STUDY['n']} for the study, 512 for --solvers/--guidance)")
