@@ -241,7 +241,10 @@ def study(args):
     now = {"classifier": fingerprint(score.clf), "sampling": SAMPLING}
     sampled = lambda key: ["sampling"] if study_uses(key) else []   # every score but the real images
     record = results.setdefault(MEASURED_WITH, {})
-    keep_extra_seeds(results, args, now, record, device, log)
+    # single models with other budgets: those asked for and those this study has already (a re-run,
+    # e.g. with more --seeds, gives the new seeds them too)
+    budgets = sorted(set(args.single_budget) | set(results.get("config", {}).get("single_budget", [])))
+    keep_extra_seeds(results, args, sweep_keys(cfg["s"], budgets), now, record, device, log)
     # the classifier and the way of sampling are every seed's, so they are checked for all seeds at
     # once (checked with each seed's models, the first seed would record them and the others' scores
     # measured otherwise would be kept); each seed's models are checked below, once it has them
@@ -254,9 +257,6 @@ def study(args):
     real_low = cdm.downsample(real, low)              # their ground-truth low-res z0
     scale = lambda flags, f=1: [str(round(int(v) * args.steps_scale * f)) if k and flags[k - 1] == "--steps" else v
                                 for k, v in enumerate(flags)]
-    # single models with other budgets: those asked for and those this study has already (a re-run,
-    # e.g. with more --seeds, gives the new seeds them too)
-    budgets = sorted(set(args.single_budget) | set(results.get("config", {}).get("single_budget", [])))
     log(f"data and classifier ready; {args.seeds} training seeds, {n} samples per setting, s in {cfg['s']}")
 
     def draw(stage, seed, z=None, s=None, stop_at=0):
@@ -442,12 +442,22 @@ def study_uses(key):
     return [stage] if "/ground_truth" in key else ["base", stage]
 
 
-def keep_extra_seeds(results, args, now, record, device, log):
+def sweep_keys(s, budgets):
+    """The settings the study scores on every training seed (study(), measure()): the real images,
+    the single models, the unaugmented stage on generated and ground-truth inputs, and the augmented
+    one at each s of the sweep on generated, ground-truth and (s > 0) truncated inputs."""
+    return {"real", "single", *map(single_key, budgets), "none/generated", "none/ground_truth",
+            *[f"aug/{kind}/{v}" for v in s for kind in ("generated", "ground_truth", "truncated")
+              if v or kind != "truncated"]}
+
+
+def keep_extra_seeds(results, args, keys, now, record, device, log):
     """Seeds measured before but beyond --seeds now (a study run with more seeds, as the committed
     one): this run neither trains nor measures them, so their scores are kept only where all their
-    models are in OUT/runs and every score was measured with those models, this classifier and this
-    way of sampling; otherwise the seed is dropped whole (findings pair the seeds setting by setting,
-    so a seed is all in or all out). In a fresh clone the committed study's extra seeds are dropped:
+    models are in OUT/runs, every score was measured with those models, this classifier and this
+    way of sampling, and the seed has a score for every one of `keys` (the sweep of this run: a seed
+    stopped half-way, or swept over other s, has not); otherwise the seed is dropped whole (findings
+    pair the seeds setting by setting, so a seed is all in or all out). In a fresh clone the committed study's extra seeds are dropped:
     never mixed with this run's. Their models' fingerprints go into `now`."""
     asked = {str(k) for k in range(args.seeds)}
     big = results.get("a_samples", {}).get("seeds", {})
@@ -461,14 +471,15 @@ def keep_extra_seeds(results, args, now, record, device, log):
         uses = lambda score: ["classifier", *([] if score == "real" else ["sampling"]),
                               *[f"seed{key}/{m}" for m in study_uses(score)]]
         rows = [results["seeds"][key], big.get(key, {})]
-        if models and all(m in here and record.get(m) == here[m] for row in rows for score in row
-                          if score != MEASURED_WITH for m in uses(score)):
+        if models and keys <= set(rows[0]) and all(m in here and record.get(m) == here[m] for row in rows
+                                                   for score in row if score != MEASURED_WITH for m in uses(score)):
             now.update(models)
             continue
         for table in (results["seeds"], big, results.get("wall", {})):
             table.pop(key, None)
         log(f"seed {key} (beyond --seeds {args.seeds}): its models are not in {os.path.join(args.out, 'runs')}, "
-            f"or its scores were measured otherwise: its scores are dropped (--seeds {int(key) + 1} measures them)")
+            f"its scores were measured otherwise, or some are missing: its scores are dropped "
+            f"(--seeds {int(key) + 1} measures them)")
 
 
 def per_seed(results, key, metric="fid"):
