@@ -239,7 +239,6 @@ def study(args):
     score = Scorer(paths["train"], res, os.path.join(args.out, f"classifier_glyphs{res}.pt"), num_classes,
                    test.x[half], seed=0)
     now = {"classifier": fingerprint(score.clf), "sampling": SAMPLING}
-    sampled = lambda key: ["sampling"] if study_uses(key) else []   # every score but the real images
     record = results.setdefault(MEASURED_WITH, {})
     # single models with other budgets: those asked for and those this study has already (a re-run,
     # e.g. with more --seeds, gives the new seeds them too)
@@ -442,6 +441,12 @@ def study_uses(key):
     return [stage] if "/ground_truth" in key else ["base", stage]
 
 
+def sampled(key):
+    """'sampling' for every score of the study drawn by a model (all but the real images): how its
+    samples were drawn (SAMPLING) is part of how it was measured."""
+    return ["sampling"] if study_uses(key) else []
+
+
 def sweep_keys(s, budgets):
     """The settings the study scores on every training seed (study(), measure()): the real images,
     the single models, the unaugmented stage on generated and ground-truth inputs, and the augmented
@@ -457,8 +462,9 @@ def keep_extra_seeds(results, args, keys, now, record, device, log):
     models are in OUT/runs, every score was measured with those models, this classifier and this
     way of sampling, and the seed has a score for every one of `keys` (the sweep of this run: a seed
     stopped half-way, or swept over other s, has not); otherwise the seed is dropped whole (findings
-    pair the seeds setting by setting, so a seed is all in or all out). In a fresh clone the committed study's extra seeds are dropped:
-    never mixed with this run's. Their models' fingerprints go into `now`."""
+    pair the seeds setting by setting, so a seed is all in or all out). In a fresh clone the
+    committed study's extra seeds are dropped: never mixed with this run's. Their models'
+    fingerprints go into `now`."""
     asked = {str(k) for k in range(args.seeds)}
     big = results.get("a_samples", {}).get("seeds", {})
     for key in sorted(set(results.get("seeds", {})) - asked, key=int):
@@ -467,12 +473,10 @@ def keep_extra_seeds(results, args, keys, now, record, device, log):
         models = {}
         if files and all(os.path.exists(f) for f in files.values()):
             models = {f"seed{key}/{name}": fingerprint(safety.load_stage(f, device).model) for name, f in files.items()}
-        here = {**now, **models}
-        uses = lambda score: ["classifier", *([] if score == "real" else ["sampling"]),
-                              *[f"seed{key}/{m}" for m in study_uses(score)]]
+        uses = lambda score: ["classifier", *sampled(score), *[f"seed{key}/{m}" for m in study_uses(score)]]
         rows = [results["seeds"][key], big.get(key, {})]
-        if models and keys <= set(rows[0]) and all(m in here and record.get(m) == here[m] for row in rows
-                                                   for score in row if score != MEASURED_WITH for m in uses(score)):
+        if models and keys <= set(rows[0]) and all(measured_with(uses(score), {**now, **models}, record)
+                                                   for row in rows for score in row if score != MEASURED_WITH):
             now.update(models)
             continue
         for table in (results["seeds"], big, results.get("wall", {})):
@@ -715,6 +719,12 @@ def fingerprint(net):
     return h.hexdigest()[:16]
 
 
+def measured_with(models, now, record):
+    """Whether a score measured with `models` (names) was measured with the ones here now: each is
+    here (in `now`, name -> fingerprint) and `record` gives it the same fingerprint."""
+    return all(m in now and record.get(m) == now[m] for m in models)
+
+
 def forget_stale(tables, uses, now, record):
     """Drop from each of `tables` (key -> scores) every score not measured with the models here now:
     uses(key) names the models a score was measured with, now[name] is each one's fingerprint now
@@ -724,7 +734,7 @@ def forget_stale(tables, uses, now, record):
     dropped = []
     for table in tables:
         for key in [k for k in table if k != MEASURED_WITH]:
-            if any(m not in now or record.get(m) != now[m] for m in uses(key)):
+            if not measured_with(uses(key), now, record):
                 del table[key]
                 dropped.append(key)
     record.update(now)
