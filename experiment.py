@@ -31,11 +31,12 @@ glyphs (evaluate.py; not comparable with Inception FID) against held-out real gl
 accuracy, and by the brightness of the background border (where an SR stage's speckle shows).
 Findings (a) and (b) are then scored once more on more samples per seed (--a_samples, by default
 8192 for 8to32wide: 1024, even 4096, leave a sampling noise as large as the differences at 4x),
-drawn in chunks of --n with other sampling seeds. Every comparison is a paired difference over the
-training seeds (findings(): the paper's orderings are "reproduced" only where the mean difference
-exceeds three standard deviations and every seed agrees). Outputs in --out: study.json (every
-number, written as it is measured: a re-run resumes), findings.md, fid_vs_s.png and
-compounding.png (the same base samples through both SR stages). study.json also records a
+drawn in chunks of --n with other sampling seeds; FID on each half of them too gives each
+difference's sampling noise, beside its spread over seeds. Every comparison is a paired
+difference over the training seeds (findings(): the paper's orderings are "reproduced" only where
+the mean difference exceeds three standard deviations and every seed agrees). Outputs in --out:
+study.json (every number, written as it is measured: a re-run resumes), findings.md, fid_vs_s.png
+and compounding.png (the same base samples through both SR stages). study.json also records a
 fingerprint of every model its scores were measured with, and how they were sampled
 (MEASURED_WITH): a re-run keeps only the scores of the models it has, so in a fresh clone the
 committed scores are measured again, with the models trained there.
@@ -176,12 +177,18 @@ class Scorer:
         self.real_feats = evaluate.embed_and_probs(self.clf, data.to_rgb(real_x))[0]
         self.width = max(1, res // 8)
 
-    def __call__(self, x_float, labels):
+    def __call__(self, x_float, labels, halves=False):
+        """The scores of samples x_float; with halves=True also "fid_halves", FID on the first and
+        on the second half of them (sampling_noise reads them)."""
         u8 = data.to_rgb(data.to_uint8(x_float))      # the classifier reads 3 channels
         feats = evaluate.embed_and_probs(self.clf, u8)[0]
-        return {"fid": evaluate.fid(feats, self.real_feats),
-                "accuracy": (evaluate.predict(self.clf, u8) == labels).float().mean().item(),
-                "border": evaluate.border_mean(u8, self.width)}
+        out = {"fid": evaluate.fid(feats, self.real_feats),
+               "accuracy": (evaluate.predict(self.clf, u8) == labels).float().mean().item(),
+               "border": evaluate.border_mean(u8, self.width)}
+        if halves:
+            h = len(feats) // 2
+            out["fid_halves"] = [evaluate.fid(feats[:h], self.real_feats), evaluate.fid(feats[h:], self.real_feats)]
+        return out
 
     @classmethod
     def shapes(cls, res, out, seed, n_real):
@@ -373,7 +380,8 @@ def study(args):
         cc = c.repeat(a_n // n)
         for k in sorted(map(int, results["seeds"])):     # the seeds asked for, and those kept beyond them
             row = big["seeds"].setdefault(str(k), {})
-            todo = [key for key in big_keys(results, cfg["s"]) if key not in row]
+            # a score without its halves (measured before they were taken) is taken again from its chunks
+            todo = [key for key in big_keys(results, cfg["s"]) if "fid_halves" not in row.get(key, {})]
             if not todo:
                 continue
             r = lambda name: os.path.join(args.out, "runs", f"seed{k}", name)
@@ -402,7 +410,7 @@ def study(args):
                 for key in todo:
                     chunks[key].append(have[key])
             for key in todo:
-                row[key] = score(data.to_float(torch.cat(chunks[key])), cc)
+                row[key] = score(data.to_float(torch.cat(chunks[key])), cc, halves=True)
                 results["seconds"] = spent + time.time() - t_start
                 safety.write_json(path, results, allow_nan=True)
                 log(f"seed {k}, {key} on {a_n} samples: FID {row[key]['fid']:.2f}, "
@@ -502,6 +510,24 @@ def paired(results, worse, better, metric="fid"):
             "opposite": bool(len(d) > 1 and (d < 0).all() and -np.mean(d) > 3 * sd)}
 
 
+def sampling_noise(results, worse, better=None):
+    """How much of a spread over training seeds the draw of samples alone would give: the standard
+    deviation of FID(worse) - FID(better) (of FID(worse) alone where better is None) over redraws
+    of the n samples from the same models, estimated from FID on each half of every seed's samples
+    ("fid_halves"). The halves are two independent draws of n/2, so the difference D1 - D2 of
+    their values has variance 2 sigma_{n/2}^2, and FID's bias, the same in both, cancels. FID's
+    sampling variance falls as 1/n at leading order, so
+        sigma_n^2 = sigma_{n/2}^2 / 2 = E[(D1 - D2)^2] / 4,
+    the expectation taken as the mean over the seeds. Settings drawn on the same base samples
+    (both cascades) share part of their noise; the halves of their difference count only what
+    they do not share. None where a seed has no halves."""
+    rows = [row for _, row in sorted(results["seeds"].items())]
+    if not rows or any("fid_halves" not in row.get(key, {}) for row in rows for key in (worse, better) if key):
+        return None
+    halves = lambda row: np.subtract(row[worse]["fid_halves"], row[better]["fid_halves"] if better else 0.0)
+    return float(np.sqrt(np.mean([np.diff(halves(row))[0] ** 2 for row in rows])) / 2)
+
+
 def best_s(results, s, kind="generated"):
     """s*: the s of the sweep with the lowest mean FID on generated inputs (as the paper picks s by
     FID); with kind="truncated", the truncated cascade's best s (s = 0 is no truncation)."""
@@ -560,9 +586,13 @@ def findings(results):
         # every comparison of (a) whose two settings were drawn there: the paper's three, and s = 0
         out["a_samples"] = {name: paired(big, d["worse"], d["better"]) for name, d in out["a"].items()
                             if complete(d["worse"], d["better"])}
+        for d in out["a_samples"].values():      # what of its spread the draw alone would give
+            d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
         out["a_samples_accuracy"] = in_accuracy(big, out["a_samples"])
     if complete(*big_keys(results, s)):   # s* stays the sweep's: chosen on other samples than these
         out["b_samples"] = u_shape(big, s, best)
+        for d in out["b_samples"].values():
+            d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
         out["b_samples_accuracy"] = in_accuracy(big, out["b_samples"])
     return out
 
@@ -1241,19 +1271,25 @@ def write_findings(results, out):
         both = "b_samples" in f
         lines += ["", f"{'(a) and (b)' if both else '(a)'} once more on {big['n']} samples per training seed "
                   f"(--a_samples; chunks of {cfg['n']}, each with its own sampling seed, FID on all of them at "
-                  f"once): a smaller sampling noise. s* = {f['best_s']} is the sweep's above.", "",
-                  "| setting | FID per seed | FID mean ± std | accuracy |", "|---|---|---|---|"]
+                  f"once): a smaller sampling noise. s* = {f['best_s']} is the sweep's above. *Sampling noise*: "
+                  "the standard deviation that redrawing the samples from the same models alone would give an FID "
+                  "or a difference, estimated from FID on the two halves of each seed's samples (sampling_noise); "
+                  "where it is well below the std over seeds, that spread is the trained models' own.", "",
+                  "| setting | FID per seed | FID mean ± std | sampling noise | accuracy |", "|---|---|---|---|---|"]
+        noise = lambda v: "–" if v is None else f"{v:.2f}"
         for key in big_keys(results, cfg["s"]):
             v = per_seed(big, key)
             if len(v) == len(results["seeds"]):
-                lines.append(f"| {key} | {fmt(v)} | {ms(v)} | {np.mean(per_seed(big, key, 'accuracy')):.3f} |")
-        lines += ["", "| finding | difference | FID per seed | FID mean ± std | reproduced | accuracy, points | "
-                  "reproduced |", "|---|---|---|---|---|---|---|"]
+                lines.append(f"| {key} | {fmt(v)} | {ms(v)} | {noise(sampling_noise(big, key))} | "
+                             f"{np.mean(per_seed(big, key, 'accuracy')):.3f} |")
+        lines += ["", "| finding | difference | FID per seed | FID mean ± std | sampling noise | reproduced | "
+                  "accuracy, points | reproduced |", "|---|---|---|---|---|---|---|---|"]
         for part in "ab" if both else "a":
             for name, d in f[f"{part}_samples"].items():
                 a = f[f"{part}_samples_accuracy"][name]
                 lines.append(f"| ({part}) | {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | "
-                             f"{verdict(d)} | {100 * a['mean']:+.1f} ± {100 * a['std']:.1f} | {verdict(a)} |")
+                             f"{noise(d.get('sampling_noise'))} | {verdict(d)} | "
+                             f"{100 * a['mean']:+.1f} ± {100 * a['std']:.1f} | {verdict(a)} |")
     wall = results.get("wall", {})
     if wall:
         per = {name: np.mean([w[name] for w in wall.values()]) / 60 for name in next(iter(wall.values()))}

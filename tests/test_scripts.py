@@ -850,6 +850,39 @@ def test_paired_differences_and_the_reproduced_rule():
     assert not other["reproduced"] and other["opposite"] and not d["opposite"] and not noisy["opposite"]
 
 
+def test_sampling_noise_from_halves_matches_redrawing():
+    """sampling_noise, from FID on the two halves of each seed's n samples, estimates the standard
+    deviation that redrawing all n would give an FID and a paired difference: checked against 400
+    actual redraws of Gaussian 'features' whose FID is known to be off the reference (in mean and
+    scale), for independent settings and for two settings drawn on the same samples (as both
+    cascades share the base's), whose shared noise cancels in the difference."""
+    import evaluate
+    import experiment
+    g = np.random.default_rng(0)
+    d, n, m = 8, 400, 400
+    ref = g.standard_normal((2000, d))
+    fid = lambda f: evaluate.fid(f, ref)
+    worse = lambda x: x * 1.1 + 0.25                 # FID about 0.6 on 400 samples
+    better = lambda x: x + 0.1
+    draw = lambda: g.standard_normal((n, d))
+    spread = {}
+    for shared in (False, True):
+        def pair():
+            x = draw()
+            return worse(x), better(x if shared else draw())
+        redrawn = [pair() for _ in range(m)]
+        true_one = np.std([fid(a) for a, _ in redrawn])
+        true_diff = spread[shared] = np.std([fid(a) - fid(b) for a, b in redrawn])
+        halves = lambda f: [fid(f[:n // 2]), fid(f[n // 2:])]
+        seeds = {str(k): dict(zip("ab", ({"fid_halves": halves(f)} for f in pair()))) for k in range(m)}
+        r = {"seeds": seeds}
+        assert experiment.sampling_noise(r, "a") == pytest.approx(true_one, rel=0.2)
+        assert experiment.sampling_noise(r, "a", "b") == pytest.approx(true_diff, rel=0.2)
+    assert spread[True] < 0.7 * spread[False]        # shared samples: much of the noise cancels
+    del seeds["3"]["b"]["fid_halves"]                  # a seed without halves: no estimate
+    assert experiment.sampling_noise(r, "a", "b") is None and experiment.sampling_noise(r, "a") is not None
+
+
 def test_s_star_and_the_settings_drawn_again_on_more_samples():
     """best_s picks the s of lowest mean FID over seeds (the truncated cascade's among s > 0), and
     --a_samples draws again only what (a) and (b) compare: both ends of the sweep and s*, the
@@ -984,6 +1017,20 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert b["runs"] == pytest.approx([row[b["worse"]]["fid"] - row[b["better"]]["fid"] for row in rows])
     assert {b["worse"], b["better"]} == set(keys[2:4]) and b["better"].endswith(f"/{res3['findings']['best_s']}")
     assert "once more on 84 samples" in open(os.path.join(out, "findings.md")).read()
+    # each pooled score has FID on either half (here: either chunk), and each difference on the
+    # pooled samples its sampling noise from them; a study.json from before the halves were taken
+    # gets them from the chunks on disk, drawing nothing, and no score changes
+    assert all(len(v["fid_halves"]) == 2 for row in rows for v in row.values())
+    assert all(d["sampling_noise"] > 0 for part in ("a_samples", "b_samples") for d in res3["findings"][part].values())
+    older = json.load(open(os.path.join(out, "study.json")))
+    for row in older["a_samples"]["seeds"].values():
+        for v in row.values():
+            del v["fid_halves"]
+    safety.write_json(os.path.join(out, "study.json"), older, allow_nan=True)
+    again = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
+    assert "chunk" not in again.stdout and "trained" not in again.stdout
+    assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
+    assert "| sampling noise |" in open(os.path.join(out, "findings.md")).read()
     os.remove(os.path.join(out, "runs", "seed1", "a_samples", "1.pt"))
     lost = json.load(open(os.path.join(out, "study.json")))
     del lost["a_samples"]["seeds"]["1"]
