@@ -29,17 +29,17 @@ z_s) and truncated (the base chain stopped at s); and both SR stages fed ground-
 images of held-out glyphs. Each is scored by FID on the features of a classifier trained on real
 glyphs (evaluate.py; not comparable with Inception FID) against held-out real glyphs, by class
 accuracy, and by the brightness of the background border (where an SR stage's speckle shows).
-Findings (a) and (b) are then scored once more on more samples per seed (--a_samples, by default
-8192 for 8to32wide: 1024, even 4096, leave a sampling noise as large as the differences at 4x),
-drawn in chunks of --n with other sampling seeds; FID on each half of them too gives each
-difference's sampling noise, beside its spread over seeds. Every comparison is a paired
-difference over the training seeds (findings(): the paper's orderings are "reproduced" only where
-the mean difference exceeds three standard deviations and every seed agrees). Outputs in --out:
-study.json (every number, written as it is measured: a re-run resumes), findings.md, fid_vs_s.png
-and compounding.png (the same base samples through both SR stages). study.json also records a
-fingerprint of every model its scores were measured with, and how they were sampled
-(MEASURED_WITH): a re-run keeps only the scores of the models it has, so in a fresh clone the
-committed scores are measured again, with the models trained there.
+Findings (a), (b) and (c)'s ends are then scored once more on more samples per seed (--a_samples,
+by default 8192 for 8to32wide: 1024, even 4096, leave a sampling noise as large as the differences
+at 4x), drawn in chunks of --n with other sampling seeds (and other held-out images); FID on
+each half of them too gives each difference's sampling noise, beside its spread over seeds. Every
+comparison is a paired difference over the training seeds (findings(): the paper's orderings are
+"reproduced" only where the mean difference exceeds three standard deviations and every seed
+agrees). Outputs in --out: study.json (every number, written as it is measured: a re-run
+resumes), findings.md, fid_vs_s.png and compounding.png (the same base samples through both SR
+stages). study.json also records a fingerprint of every model its scores were measured with,
+and how they were sampled (MEASURED_WITH): a re-run keeps only the scores of the models it has,
+so in a fresh clone the committed scores are measured again, with the models trained there.
 The other --settings, each into results/SETTING/ (8to16 into results/): 8to16 the 2x study (8x8
 -> 16x16, STUDY); 8to32 the 4x study at full width; 8to32small at half width with SR stages
 trained 800 steps (too noisy to settle (a)); 8to32hour those trained twice as long over s <= 250;
@@ -258,8 +258,8 @@ def study(args):
                  lambda key: ["classifier", *sampled(key)], now, record, path, os.path.join(args.out, "runs"), log)
     pool = [torch.nonzero((test.y == j) & ~half)[:, 0].tolist() for j in range(num_classes)]
     c = torch.arange(n) % num_classes
-    take = [pool[j][i // num_classes % len(pool[j])] for i, j in enumerate(c.tolist())]
-    real = data.to_float(test.x[take])                 # held-out images of the classes c, not the reference
+    held_out = lambda j=0: data.to_float(test.x[held_out_index(pool, c, j)])
+    real = held_out()
     real_low = cdm.downsample(real, low)              # their ground-truth low-res z0
     scale = lambda flags, f=1: [str(round(int(v) * args.steps_scale * f)) if k and flags[k - 1] == "--steps" else v
                                 for k, v in enumerate(flags)]
@@ -285,18 +285,21 @@ def study(args):
                                        generator=sample.chunk_generator(seed, j, device)).float().cpu())
         return torch.cat(xs)
 
-    def generated(st, key, seed, z0):
-        """n samples of a setting on the base's samples z0() (drawn with `seed`): 'single', the
-        unaugmented cascade 'none/generated', the augmented one 'aug/generated/<s>', or the
-        truncated one 'aug/truncated/<s>' (the base's chain, drawn with `seed`, stopped at s)."""
-        if key == "single":
-            return draw(st["single"], seed)
-        if key == "none/generated":
-            return draw(st["sr_none"], seed + 1, z=z0())
-        s = int(key.rsplit("/", 1)[1])
+    def generated(st, key, seed, z0, z_real=None):
+        """n samples of a setting, drawn with `seed`: a single model ('single', 'single_x<f>'); the
+        unaugmented cascade on the base's samples z0() 'none/generated', the augmented one
+        'aug/generated/<s>', or the truncated one 'aug/truncated/<s>' (the base's chain stopped at
+        s); or an SR stage given the ground-truth low-res images z_real, 'none/ground_truth' or
+        'aug/ground_truth/<s>'."""
+        if key.startswith("single"):
+            return draw(st[key], seed)
+        if key.startswith("none/"):
+            return draw(st["sr_none"], seed + 1, z=z_real if key.endswith("/ground_truth") else z0())
+        s, aug = int(key.rsplit("/", 1)[1]), st["sr_aug"].config["augment"]
         if key.startswith("aug/truncated/"):
             return draw(st["sr_aug"], seed + 1, s=s, z=draw(st["base"], seed, stop_at=s))
-        return draw(st["sr_aug"], seed + 1, s=s, z=renoise(z0(), s, st["sr_aug"].config["augment"], seed))
+        return draw(st["sr_aug"], seed + 1, s=s,
+                    z=renoise(z_real if key.startswith("aug/ground_truth/") else z0(), s, aug, seed))
 
     # a re-run redraws seed 0's samples for compounding.png (none is kept on disk); where the sweep is
     # complete, s* is known and only its samples and the unaugmented stage's are drawn again
@@ -320,7 +323,6 @@ def study(args):
                                         r(single_key(f)), args.quick, log, budget=f)
         results.setdefault("wall", {})[str(k)] = wall
         st = {name: safety.load_stage(os.path.join(r(name), "ckpt.pt"), device) for name in wall}
-        aug = st["sr_aug"].config["augment"]
         row = results.setdefault("seeds", {}).setdefault(str(k), {})
         # scores of this seed measured with other models (MEASURED_WITH) are measured again
         models = {f"seed{k}/{name}": fingerprint(stage.model) for name, stage in st.items()}
@@ -355,24 +357,25 @@ def study(args):
         measure("real", lambda: real)            # the floor: real images that are not the reference
         measure("single", lambda: generated(st, "single", sample_seed, z0))
         for f in budgets:
-            measure(single_key(f), lambda: draw(st[single_key(f)], sample_seed))
+            measure(single_key(f), lambda: generated(st, single_key(f), sample_seed, z0))
         measure("none/generated", lambda: generated(st, "none/generated", sample_seed, z0), keep=True)
-        measure("none/ground_truth", lambda: draw(st["sr_none"], sample_seed + 1, z=real_low))
+        measure("none/ground_truth", lambda: generated(st, "none/ground_truth", sample_seed, z0, real_low))
         for s in cfg["s"]:
             measure(f"aug/generated/{s}", lambda: generated(st, f"aug/generated/{s}", sample_seed, z0), keep=True)
-            measure(f"aug/ground_truth/{s}", lambda: draw(st["sr_aug"], sample_seed + 1, s=s,
-                                                          z=renoise(real_low, s, aug, sample_seed)))
+            measure(f"aug/ground_truth/{s}", lambda: generated(st, f"aug/ground_truth/{s}", sample_seed, z0,
+                                                               real_low))
             if s:
                 measure(f"aug/truncated/{s}", lambda: generated(st, f"aug/truncated/{s}", sample_seed, z0))
         if k == 0 and "base" not in figure and figure:
             figure["base"] = torch.nn.functional.interpolate(z0(), scale_factor=res // low)[figure_index(c, num_classes)]
 
-    # --a_samples N: findings (a) and (b) once more on N samples per training seed, where 1024 leave
-    # too much sampling noise (docs/experiment.md). The settings they compare (big_keys: the single
-    # model, the unaugmented cascade, the augmented one at each end of the sweep and at s*, the
-    # truncated one at its best s) are drawn in N / n chunks of n, each chunk with its own sampling
-    # seed and written to OUT/runs/seedK/a_samples/ as soon as it is drawn (a re-run draws only what
-    # is missing); FID is then taken on all N at once.
+    # --a_samples N: findings (a), (b) and (c)'s ends once more on N samples per training seed, where
+    # 1024 leave too much sampling noise (docs/experiment.md). The settings they compare (big_keys:
+    # the single model, the unaugmented cascade, the augmented one at each end of the sweep and at
+    # s*, the truncated one at its best s, and the augmented stage on ground-truth inputs at both
+    # ends) are drawn in N / n chunks of n, each chunk with its own sampling seed and held-out
+    # images, and written to OUT/runs/seedK/a_samples/ as soon as it is drawn (a re-run draws only
+    # what is missing); FID is then taken on all N at once, and on each half (sampling_noise).
     a_n = args.a_samples or results.get("a_samples", {}).get("n") or cfg.get("a_chunks", 0) * n
     if a_n:
         old = results.get("a_samples", {})       # scores on another N are taken again, from the chunks
@@ -401,11 +404,13 @@ def study(args):
                     if "z0" not in have:
                         have["z0"] = draw(st["base"], seed)
                     return have["z0"]
+                # ground-truth inputs: this chunk's own held-out images (chunk 0's are the sweep's)
+                z_real = cdm.downsample(held_out(j), low) if any("/ground_truth" in key for key in missing) else None
                 for key in missing:   # uint8: all the scorer reads of a sample
-                    have[key] = data.to_uint8(generated(st, key, seed, z0))
+                    have[key] = data.to_uint8(generated(st, key, seed, z0, z_real))
                 if missing:
                     safety.save_checkpoint(have, file)
-                    log(f"seed {k}, (a) and (b) on {a_n} samples: chunk {j + 1} of {a_n // n} drawn "
+                    log(f"seed {k}, (a)-(c) on {a_n} samples: chunk {j + 1} of {a_n // n} drawn "
                         f"({time.time() - t0:.0f} s)")
                 for key in todo:
                     chunks[key].append(have[key])
@@ -428,6 +433,19 @@ def study(args):
     write_findings(results, args.out)
     log(f"done: {results['seconds'] / 60:.1f} min in all; wrote {path}, findings.md, fid_vs_s.png"
         + (", compounding.png" if figure else ""))
+
+
+def held_out_index(pool, c, j=0):
+    """Which held-out images are the ground-truth inputs for the classes c: the sweep's (j = 0) and
+    chunk j's of --a_samples. pool[y] lists the held-out images of class y that are not the FID
+    reference; chunk j takes the next ones of each class after chunk j - 1's, cycling through the
+    pool once it is used up, so the chunks' inputs differ as long as the pool lasts."""
+    per_chunk = int(torch.bincount(c).max())        # images of a class a chunk takes (at most)
+    seen, take = [0] * len(pool), []
+    for y in c.tolist():
+        take.append(pool[y][(j * per_chunk + seen[y]) % len(pool[y])])
+        seen[y] += 1
+    return take
 
 
 def figure_index(c, num_classes):
@@ -536,11 +554,12 @@ def best_s(results, s, kind="generated"):
 
 
 def big_keys(results, s):
-    """The settings --a_samples draws again, those findings (a) and (b) compare: the single model,
-    the unaugmented cascade, the augmented one at both ends of the sweep and at s*, and the
-    truncated one at its best s (both s chosen on the sweep's samples)."""
+    """The settings --a_samples draws again, those findings (a), (b) and (c) compare: the single
+    model, the unaugmented cascade, the augmented one at both ends of the sweep and at s*, the
+    truncated one at its best s (both s chosen on the sweep's samples), and the augmented stage
+    on ground-truth inputs at both ends of the sweep (the rise of (c), end to end)."""
     return ["single", "none/generated", *[f"aug/generated/{v}" for v in sorted({s[0], best_s(results, s), s[-1]})],
-            f"aug/truncated/{best_s(results, s, 'truncated')}"]
+            f"aug/truncated/{best_s(results, s, 'truncated')}", f"aug/ground_truth/{s[0]}", f"aug/ground_truth/{s[-1]}"]
 
 
 def findings(results):
@@ -589,11 +608,16 @@ def findings(results):
         for d in out["a_samples"].values():      # what of its spread the draw alone would give
             d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
         out["a_samples_accuracy"] = in_accuracy(big, out["a_samples"])
-    if complete(*big_keys(results, s)):   # s* stays the sweep's: chosen on other samples than these
+    if complete(gen(s[0]), gen(best), gen(s[-1])):   # s* stays the sweep's: chosen on other samples
         out["b_samples"] = u_shape(big, s, best)
-        for d in out["b_samples"].values():
+    if complete(gt(s[0]), gt(s[-1])):                 # (c): the rise with s, end to end
+        name = f"s = {s[-1]} worse than s = {s[0]} (ground-truth inputs)"
+        out["c_samples"] = {name: paired(big, gt(s[-1]), gt(s[0]))}
+    for part in ("b_samples", "c_samples"):
+        for d in out.get(part, {}).values():
             d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
-        out["b_samples_accuracy"] = in_accuracy(big, out["b_samples"])
+        if part in out:
+            out[f"{part}_accuracy"] = in_accuracy(big, out[part])
     return out
 
 
@@ -1185,8 +1209,9 @@ def plot_study(results, figure, out, low, res):
                "generated vs ground-truth low-res inputs")]
     if big:
         panels.append((axes[2], big, [("aug/generated/{}", "augmented SR, generated z (non-truncated)", "o-"),
-                                      ("aug/truncated/{}", "augmented SR, generated z (truncated)", "s--")],
-                       f"generated inputs, {big['n']} samples per training seed"))
+                                      ("aug/truncated/{}", "augmented SR, generated z (truncated)", "s--"),
+                                      ("aug/ground_truth/{}", "augmented SR, ground-truth z", "^-")],
+                       f"{big['n']} samples per training seed"))
     for ax, src, curves, title in panels:
         for key, label, style in curves:
             xs = [v for v in s if key.format(v) in src["seeds"]["0"]]
@@ -1268,8 +1293,9 @@ def write_findings(results, out):
         lines.append(f"| {name} | {pts(d['runs'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {verdict(d)} |")
     if "a_samples" in f:
         big = results["a_samples"]
-        both = "b_samples" in f
-        lines += ["", f"{'(a) and (b)' if both else '(a)'} once more on {big['n']} samples per training seed "
+        parts = [p for p in "abc" if f"{p}_samples" in f]
+        which = ", ".join(f"({p})" for p in parts[:-1]) + (" and " if len(parts) > 1 else "") + f"({parts[-1]})"
+        lines += ["", f"{which} once more on {big['n']} samples per training seed "
                   f"(--a_samples; chunks of {cfg['n']}, each with its own sampling seed, FID on all of them at "
                   f"once): a smaller sampling noise. s* = {f['best_s']} is the sweep's above. *Sampling noise*: "
                   "the standard deviation that redrawing the samples from the same models alone would give an FID "
@@ -1284,7 +1310,7 @@ def write_findings(results, out):
                              f"{np.mean(per_seed(big, key, 'accuracy')):.3f} |")
         lines += ["", "| finding | difference | FID per seed | FID mean ± std | sampling noise | reproduced | "
                   "accuracy, points | reproduced |", "|---|---|---|---|---|---|---|---|"]
-        for part in "ab" if both else "a":
+        for part in parts:
             for name, d in f[f"{part}_samples"].items():
                 a = f[f"{part}_samples_accuracy"][name]
                 lines.append(f"| ({part}) | {name} | {fmt(d['runs'])} | {d['mean']:.2f} ± {d['std']:.2f} | "

@@ -885,8 +885,9 @@ def test_sampling_noise_from_halves_matches_redrawing():
 
 def test_s_star_and_the_settings_drawn_again_on_more_samples():
     """best_s picks the s of lowest mean FID over seeds (the truncated cascade's among s > 0), and
-    --a_samples draws again only what (a) and (b) compare: both ends of the sweep and s*, the
-    truncated cascade at its best s, the single model and the unaugmented cascade."""
+    --a_samples draws again only what (a), (b) and (c) compare: both ends of the sweep and s*, the
+    truncated cascade at its best s, the single model and the unaugmented cascade, and the
+    augmented stage on ground-truth inputs at both ends of the sweep."""
     import experiment
     gen = {0: (3.0, 3.2), 100: (2.0, 2.6), 250: (2.5, 1.9), 500: (2.4, 2.9)}   # means 3.1, 2.3, 2.2, 2.65
     trunc = {100: (2.0, 2.0), 250: (2.2, 2.1), 500: (1.5, 2.4)}                # means 2.0, 2.15, 1.95
@@ -895,9 +896,27 @@ def test_s_star_and_the_settings_drawn_again_on_more_samples():
     r, s = {"seeds": seeds}, [0, 100, 250, 500]
     assert experiment.best_s(r, s) == 250 and experiment.best_s(r, s, "truncated") == 500
     assert experiment.big_keys(r, s) == ["single", "none/generated", "aug/generated/0", "aug/generated/250",
-                                         "aug/generated/500", "aug/truncated/500"]
+                                         "aug/generated/500", "aug/truncated/500", "aug/ground_truth/0",
+                                         "aug/ground_truth/500"]
     seeds["1"]["aug/generated/100"]["fid"] = 2.2           # now s* = 100: s = 250 is not drawn again
     assert experiment.big_keys(r, s)[2:5] == ["aug/generated/0", "aug/generated/100", "aug/generated/500"]
+
+
+def test_ground_truth_inputs_of_each_chunk_are_the_next_held_out_images():
+    """held_out_index: the sweep's inputs (chunk 0) are the first images of each class's pool, in
+    the classes' order; each --a_samples chunk takes the next ones, so chunks share no image until
+    the pool is used up, and then it cycles."""
+    import experiment
+    pool = [[10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25, 26]]
+    c = torch.tensor([0, 1, 0, 1, 0])                 # class 0 three times a chunk, class 1 twice
+    assert experiment.held_out_index(pool, c) == [10, 20, 11, 21, 12]
+    assert experiment.held_out_index(pool, c, 1) == [13, 23, 14, 24, 15]
+    assert experiment.held_out_index(pool, c, 2) == [16, 26, 10, 20, 11]    # used up: cycles
+    study_c = torch.arange(1024) % 14                 # the study's classes: chunk 0 and 1 share nothing
+    big = [list(range(1000 * y, 1000 * y + 150)) for y in range(14)]
+    first, second = experiment.held_out_index(big, study_c), experiment.held_out_index(big, study_c, 1)
+    assert len(set(first)) == 1024 and not set(first) & set(second)
+    assert all(v // 1000 == y for v, y in zip(first, study_c.tolist()))     # each of its own class
 
 
 def test_scores_are_kept_only_with_the_models_they_were_measured_with():
@@ -991,15 +1010,16 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert a2["runs"] == pytest.approx([row["none/generated"]["fid"] - row["single_x2"]["fid"]
                                         for _, row in sorted(res2["seeds"].items())])
     assert "single_x2" in open(os.path.join(out, "findings.md")).read()
-    # --a_samples scores the settings on generated inputs that (a) and (b) compare (here every one:
-    # the sweep is s = 0, 100, and the truncated cascade's only s is 100) again on 2 chunks of 42 per
-    # seed, pooled: nothing is trained and no earlier score changes; a chunk lost is redrawn alone,
-    # to the same samples
+    # --a_samples scores the settings that (a), (b) and (c) compare (here every one on generated
+    # inputs: the sweep is s = 0, 100, and the truncated cascade's only s is 100; and the augmented
+    # stage on ground-truth inputs at both ends) again on 2 chunks of 42 per seed, pooled: nothing is
+    # trained and no earlier score changes; a chunk lost is redrawn alone, to the same samples
     big = run("experiment.py", "--quick", "--setting", "8to16", "--a_samples", "84", "--out", out)
     assert "trained" not in big.stdout and big.stdout.count("chunk") == 4
     res3 = json.load(open(os.path.join(out, "study.json")))
     assert res3["seeds"] == res2["seeds"] and res3["a_samples"]["n"] == 84
-    keys = ("single", "none/generated", "aug/generated/0", "aug/generated/100", "aug/truncated/100")
+    keys = ("single", "none/generated", "aug/generated/0", "aug/generated/100", "aug/truncated/100",
+            "aug/ground_truth/0", "aug/ground_truth/100")
     for k in ("0", "1"):
         chunks = [torch.load(os.path.join(out, "runs", f"seed{k}", "a_samples", f"{j}.pt")) for j in (0, 1)]
         for key in keys:            # each chunk its own samples, 42 of them, as the scorer reads them
@@ -1016,24 +1036,24 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     (name, b), = res3["findings"]["b_samples"].items()
     assert b["runs"] == pytest.approx([row[b["worse"]]["fid"] - row[b["better"]]["fid"] for row in rows])
     assert {b["worse"], b["better"]} == set(keys[2:4]) and b["better"].endswith(f"/{res3['findings']['best_s']}")
+    # (c) end to end on them
+    (name, cc), = res3["findings"]["c_samples"].items()
+    assert (cc["worse"], cc["better"]) == ("aug/ground_truth/100", "aug/ground_truth/0")
+    assert cc["runs"] == pytest.approx([row[cc["worse"]]["fid"] - row[cc["better"]]["fid"] for row in rows])
     assert "once more on 84 samples" in open(os.path.join(out, "findings.md")).read()
     # each pooled score has FID on either half (here: either chunk), and each difference on the
-    # pooled samples its sampling noise from them; a study.json from before the halves were taken
-    # gets them from the chunks on disk, drawing nothing, and no score changes
+    # pooled samples its sampling noise from them
     assert all(len(v["fid_halves"]) == 2 for row in rows for v in row.values())
-    assert all(d["sampling_noise"] > 0 for part in ("a_samples", "b_samples") for d in res3["findings"][part].values())
-    older = json.load(open(os.path.join(out, "study.json")))
-    for row in older["a_samples"]["seeds"].values():
-        for v in row.values():
-            del v["fid_halves"]
-    safety.write_json(os.path.join(out, "study.json"), older, allow_nan=True)
-    again = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
-    assert "chunk" not in again.stdout and "trained" not in again.stdout
-    assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
+    parts = ("a_samples", "b_samples", "c_samples")
+    assert all(d["sampling_noise"] > 0 for part in parts for d in res3["findings"][part].values())
     assert "| sampling noise |" in open(os.path.join(out, "findings.md")).read()
+    # below, seed 1's second chunk is lost, and seed 0's scores are as a study.json from before
+    # the halves were taken has them: seed 0's are taken again from its chunks, drawing nothing
     os.remove(os.path.join(out, "runs", "seed1", "a_samples", "1.pt"))
     lost = json.load(open(os.path.join(out, "study.json")))
     del lost["a_samples"]["seeds"]["1"]
+    for v in lost["a_samples"]["seeds"]["0"].values():
+        del v["fid_halves"]
     safety.write_json(os.path.join(out, "study.json"), lost, allow_nan=True)
     # a stage stopped after its checkpoint but before wall.json (a run killed as it finished) is
     # trained again, alone, to the same weights: nothing measured changes
@@ -1041,6 +1061,7 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     redo = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)        # --a_samples is kept by the study
     assert redo.stdout.count("chunk") == 1 and "chunk 2 of 2" in redo.stdout
     assert redo.stdout.count("trained") == 1 and "seed1/sr_none in" in redo.stdout
+    assert "seed 0, single on 84 samples" in redo.stdout        # seed 0's halves, from its chunks
     assert json.load(open(os.path.join(out, "study.json")))["a_samples"] == res3["a_samples"]
     # scores measured with other models than those here are measured again, and only those: here
     # study.json's record of seed 1's SR stages says other models (as a study.json from elsewhere
@@ -1058,9 +1079,9 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     safety.save_checkpoint(chunk, chunk_file)
     os.remove(os.path.join(out, "compounding.png"))
     anew = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
-    # seed 1's 7 scores of its SR stages, 4 of them again on 84 samples (aug/* from the chunks kept)
-    assert "seed 1: 11 scores in" in anew.stdout and "measuring them again" in anew.stdout
-    assert "trained" not in anew.stdout and anew.stdout.split("done")[0].count("FID") == 11
+    # seed 1's 7 scores of its SR stages, 6 of them again on 84 samples (aug/* from the chunks kept)
+    assert "seed 1: 13 scores in" in anew.stdout and "measuring them again" in anew.stdout
+    assert "trained" not in anew.stdout and anew.stdout.split("done")[0].count("FID") == 13
     assert anew.stdout.count("chunk") == 1 and "chunk 1 of 2" in anew.stdout
     res5 = json.load(open(os.path.join(out, "study.json")))     # the same models: the same scores
     assert res5["seeds"] == res4["seeds"] and res5["a_samples"] == res4["a_samples"]
@@ -1068,14 +1089,14 @@ def test_experiment_quick_runs_resumes_and_refuses_bad_flags(tmp_path):
     assert res5["measured_with"] == res4["measured_with"] and len(res4["measured_with"]) == 2 + 2 * 5
     assert torch.load(chunk_file)["measured_with"] == torch.load(chunk_file.replace("0.pt", "1.pt"))["measured_with"]
     # what every seed shares, the classifier and the way of sampling: a record naming another way
-    # re-measures every sampled score of *every* seed (9 each with single_x2, and 5 each on 84
+    # re-measures every sampled score of *every* seed (9 each with single_x2, and 7 each on 84
     # samples, from the chunks, which carry their own record), not only the first seed's; the real
     # images' are kept
     other_way = json.loads(json.dumps(res5))
     other_way["measured_with"]["sampling"] = "one batch"
     safety.write_json(os.path.join(out, "study.json"), other_way, allow_nan=True)
     shared = run("experiment.py", "--quick", "--setting", "8to16", "--out", out)
-    assert "28 scores in" in shared.stdout and shared.stdout.split("done")[0].count("FID") == 28
+    assert "32 scores in" in shared.stdout and shared.stdout.split("done")[0].count("FID") == 32
     assert "chunk" not in shared.stdout and "trained" not in shared.stdout
     assert json.load(open(os.path.join(out, "study.json")))["seeds"] == res5["seeds"]
     # a finished stage whose wall.json names other flags (another study's run left in the folder) is
