@@ -1,12 +1,12 @@
 """experiment.py -- the paper's conditioning-augmentation findings (CDM §4.3), in miniature.
 
-  python experiment.py                  # the study (8to32wide): ~2 h on 2 CPU cores, resumable; results/8to32wide/
-  python experiment.py --seeds 5        # the study as committed: 5 training seeds (~3 h 20 min)
+  python experiment.py                  # the study (8to32wide): ~2 h 20 min on 2 CPU cores, resumable; results/8to32wide/
+  python experiment.py --seeds 5        # the study as committed: 5 training seeds (~4 h)
   python experiment.py --quick          # the same pipeline at toy size, into runs/quick/ (numbers are noise)
   python experiment.py --setting 8to16  # the 2x study, 8x8 -> 16x16 (~1 hour), into results/
   python experiment.py --setting 8to32  # the 4x study at full width (~2.3 h)
   python experiment.py --setting 8to32 --a_samples 4096   # then (a), (b) again on 4096 samples a seed
-  python experiment.py --a_samples 4096 # the study with (a), (b) on 4096 samples a seed, not 8192 (~1.5 h)
+  python experiment.py --a_samples 4096 # the study with (a)-(c) on 4096 samples a seed, not 8192 (~1 h 40 min)
   python experiment.py --setting 8to32wide1000   # the augmented SR trained over every s (~80 min; worse)
   python experiment.py --n 4096 --seeds 10 --out results_gpu  # more samples and seeds, on a GPU
   python experiment.py --solvers        # time-to-quality of the samplers on the demo cascade in runs/
@@ -650,8 +650,8 @@ def main(argv=None):
                    + ",".join(map(str, SETTINGS[DEFAULT_SETTING]["s"])) + "; 0 is always included)")
     p.add_argument("--setting", default=None, choices=sorted(SETTINGS),
                    help=f"the study (default {DEFAULT_SETTING}): 8to32wide, the paper's 4x upsampling, 8x8 "
-                        "base -> 32x32 at half width with the augmented stage trained over s <= 500, (a) and "
-                        "(b) on 8 x --n samples a seed (about 2 h on 2 cores, into results/8to32wide/); 8to16: "
+                        "base -> 32x32 at half width with the augmented stage trained over s <= 500, (a)-(c) "
+                        "on 8 x --n samples a seed (about 2 h 20 min on 2 cores, into results/8to32wide/); 8to16: "
                         "8x8 -> 16x16 (about an hour, into results/); 8to32: 4x at full width (about 2 h 20 "
                         "min); 8to32small: at half width (53 min); 8to32hour: that with SR stages trained "
                         "twice as long (70-80 min); 8to32wide1000: the augmented stage over every s (80 min)")
@@ -659,10 +659,11 @@ def main(argv=None):
                    help="the study: also train the single model for F times its steps, for each F given "
                         "(e.g. 2 or 0.5,2), and compare it with both cascades; adds to an existing OUT")
     p.add_argument("--a_samples", type=int, default=None,
-                   help="the study: also score the settings findings (a) and (b) compare (single model, "
+                   help="the study: also score the settings findings (a)-(c) compare (single model, "
                         "cascade without augmentation, with it at s = 0, s* and the last s, truncated at its "
-                        "best s) on N samples per training seed, a multiple of --n drawn in chunks (default "
-                        "8 x --n for 8to32wide, about 17 min per seed on 2 cores; none for the other settings); "
+                        "best s, the augmented stage on ground-truth inputs at the first and last s) on N "
+                        "samples per training seed, a multiple of --n drawn in chunks (default 8 x --n for "
+                        "8to32wide, about 25 min per seed on 2 cores; none for the other settings); "
                         "adds to an existing OUT")
     p.add_argument("--steps_scale", type=float, default=1.0,
                    help="the study: multiply every stage's training steps (e.g. 10 on a GPU)")
