@@ -536,9 +536,10 @@ def sampling_noise(results, worse, better=None):
     their values has variance 2 sigma_{n/2}^2, and FID's bias, the same in both, cancels. FID's
     sampling variance falls as 1/n at leading order, so
         sigma_n^2 = sigma_{n/2}^2 / 2 = E[(D1 - D2)^2] / 4,
-    the expectation taken as the mean over the seeds. Settings drawn on the same base samples
-    (both cascades) share part of their noise; the halves of their difference count only what
-    they do not share. None where a seed has no halves."""
+    the expectation taken as the mean over the seeds. Near FID 0, where the noise falls as 1/n
+    rather than 1/sqrt(n), this overstates sigma_n, by up to sqrt(2). Settings drawn on the same
+    base samples (both cascades) share part of their noise; the halves of their difference count
+    only what they do not share. None where a seed has no halves."""
     rows = [row for _, row in sorted(results["seeds"].items())]
     if not rows or any("fid_halves" not in row.get(key, {}) for row in rows for key in (worse, better) if key):
         return None
