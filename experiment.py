@@ -591,7 +591,8 @@ def findings(results):
         if all(key in row for row in results["seeds"].values()):
             out["a"][f"no augmentation worse than the {more}"] = paired(results, "none/generated", key)
             out["a"][f"{more} worse than augmentation at s* = {best}"] = paired(results, key, gen(best))
-    out["c"][f"s = {s[-1]} worse than s = 0 (ground-truth inputs)"] = paired(results, gt(s[-1]), gt(0))
+    rise = f"s = {s[-1]} worse than s = {s[0]} (ground-truth inputs)"      # (c) end to end
+    out["c"][rise] = paired(results, gt(s[-1]), gt(s[0]))
     out["a"]["ground-truth inputs: augmented stage at s = 0 worse than the unaugmented one"] = paired(
         results, gt(0), "none/ground_truth")
     # (a) again in class accuracy, the other metric the ablation is scored by: accuracy of the
@@ -599,25 +600,21 @@ def findings(results):
     in_accuracy = lambda src, diffs: {name: paired(src, d["better"], d["worse"], "accuracy")
                                       for name, d in diffs.items()}
     out["a_accuracy"] = in_accuracy(results, out["a"])
-    big = results.get("a_samples")    # --a_samples: (a) and (b) again, on more samples per seed
+    big = results.get("a_samples")    # --a_samples: (a)-(c) again, on more samples per seed
     complete = lambda *keys: big and len(big["seeds"]) == len(results["seeds"]) and all(
         key in row for row in big["seeds"].values() for key in keys)
     if complete(*[key for pair in trio.values() for key in pair]):
         # every comparison of (a) whose two settings were drawn there: the paper's three, and s = 0
         out["a_samples"] = {name: paired(big, d["worse"], d["better"]) for name, d in out["a"].items()
                             if complete(d["worse"], d["better"])}
-        for d in out["a_samples"].values():      # what of its spread the draw alone would give
-            d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
-        out["a_samples_accuracy"] = in_accuracy(big, out["a_samples"])
     if complete(gen(s[0]), gen(best), gen(s[-1])):   # s* stays the sweep's: chosen on other samples
         out["b_samples"] = u_shape(big, s, best)
-    if complete(gt(s[0]), gt(s[-1])):                 # (c): the rise with s, end to end
-        name = f"s = {s[-1]} worse than s = {s[0]} (ground-truth inputs)"
-        out["c_samples"] = {name: paired(big, gt(s[-1]), gt(s[0]))}
-    for part in ("b_samples", "c_samples"):
-        for d in out.get(part, {}).values():
-            d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
+    if complete(gt(s[0]), gt(s[-1])):
+        out["c_samples"] = {rise: paired(big, gt(s[-1]), gt(s[0]))}
+    for part in ("a_samples", "b_samples", "c_samples"):
         if part in out:
+            for d in out[part].values():             # what of its spread the draw alone would give
+                d["sampling_noise"] = sampling_noise(big, d["worse"], d["better"])
             out[f"{part}_accuracy"] = in_accuracy(big, out[part])
     return out
 
